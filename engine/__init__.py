@@ -1,0 +1,1 @@
+"""parity's own diffusion engine. Importing it changes nothing global."""

@@ -1,0 +1,35 @@
+"""Attention backends, chosen by name. Models call `self.attention(q, k, v)` on (B, S, H, D) tensors; the
+backend is an attribute of the model, so sequence parallelism (or a faster kernel) is swapped in after the
+model is built without touching model code."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's fused scaled-dot-product attention; (B, S, H, D) in and out."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Explicit softmax(QK^T/sqrt(d))V with the softmax in float32: the slow, obviously-right twin."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float())
+    return out.to(q.dtype)
+
+
+BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "math": math_attention}
+
+
+def attention_backend(name: str) -> AttentionFn:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(BACKENDS)}") from None

@@ -1,0 +1,90 @@
+"""Layers shared by the DiT families, as plain functions where they hold no weights.
+
+Numerics follow the reference implementations operation by operation (which dtype each step runs in), because
+a bf16 parity gate sees every reordering. Where we deliberately differ, the comment says so.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of a 1-D tensor of (already scaled) timesteps, [cos | sin] order, float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_frequencies(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-axis RoPE tables for position ids (S, n_axes): cos and sin of shape (S, sum(axes_dims)), float32.
+
+    Frequencies are computed in float64 (on devices that have it) and each pair of channels shares one angle
+    (interleaved layout), as in the original FLUX code."""
+    if ids.shape[-1] != len(axes_dims):
+        raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dims has {len(axes_dims)}")
+    freq_dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    pos = ids.float()
+    cos_parts, sin_parts = [], []
+    for axis, dim in enumerate(axes_dims):
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freq_dtype, device=ids.device) / dim))
+        angles = torch.outer(pos[:, axis], inv)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of x (B, S, H, D) by tables (S, D); math in float32, result in x.dtype."""
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned scale (torch.nn.RMSNorm numerics)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear: timestep, guidance and pooled-text embedders."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class GeluMLP(nn.Module):
+    """Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

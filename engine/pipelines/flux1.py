@@ -1,0 +1,145 @@
+"""FLUX.1 text-to-image: CLIP pooled + T5 sequence conditioning, 2x2-packed latents, guidance-distilled model
+with optional true CFG (negative prompt and true_cfg_scale > 1)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from diffusers import AutoencoderKL
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+from engine.api import Artifacts, RunConfig
+from engine.loading import load_model, read_checkpoint, read_config
+from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
+from engine.pipeline import denoise_loop, to_uint8_images
+from engine.sampling.flow_match import flux_sigmas
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 latent patch becomes one token."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h2: int, w2: int) -> torch.Tensor:
+    """(h2 * w2, 3) position ids: axis 0 unused for images (0), axis 1 row, axis 2 column."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = torch.arange(h2)[:, None]
+    ids[..., 2] = torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3)
+
+
+class Flux1Pipeline:
+    family = "flux1"
+
+    def __init__(self, cfg: RunConfig):
+        t0 = time.perf_counter()
+        root = Path(cfg.model_dir)
+        if not (root / "model_index.json").is_file():
+            raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
+        self.model_cfg = cfg
+        self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        self.tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2")
+        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self.dtype).to(self.device).eval()
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=self.dtype).to(self.device).eval()
+        self.vae = AutoencoderKL.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
+        self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        self.transformer_config = Flux1Config.from_diffusers(read_config(root / "transformer"))
+        self.transformer = load_model(
+            lambda: Flux1Transformer(self.transformer_config),
+            diffusers_key_map(self.transformer_config),
+            read_checkpoint(root / "transformer"),
+            self.dtype,
+            self.device,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.load_seconds = time.perf_counter() - t0
+
+    # --- conditioning -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int):
+        clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        pooled = self.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output.to(self.dtype)
+        t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        embeds = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0].to(self.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        return embeds, pooled, txt_ids
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae_scale_factor * 2
+        return 2 * (height // f), 2 * (width // f)
+
+    def initial_latents(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """Noise drawn on the CPU from one seeded generator, so it is identical on every device and to the
+        reference given the same CPU generator."""
+        h, w = self.latent_size(height, width)
+        shape = (batch, self.transformer_config.in_channels // 4, h, w)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator, device="cpu", dtype=self.dtype)
+        return pack_latents(noise).to(self.device)
+
+    # --- the denoiser -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One denoiser call on diffusers-named inputs (what the reference's transformer receives)."""
+        to = lambda x: None if x is None else x.to(self.device)  # noqa: E731
+        return self.transformer(
+            to(inputs["hidden_states"]), to(inputs["encoder_hidden_states"]), to(inputs["timestep"]),
+            to(inputs["pooled_projections"]), to(inputs["img_ids"]), to(inputs["txt_ids"]), to(inputs.get("guidance")),
+        )
+
+    @torch.no_grad()
+    def generate(self, cfg: RunConfig) -> Artifacts:
+        for key in ("model_dir", "dtype", "device", "quant", "parallel"):
+            if getattr(cfg, key) != getattr(self.model_cfg, key):
+                raise ValueError(f"runner was loaded for {key}={getattr(self.model_cfg, key)!r}, asked for {getattr(cfg, key)!r}")
+        prompts = list(cfg.prompts)
+        batch = len(prompts)
+        embeds, pooled, txt_ids = self.encode_prompt(prompts, cfg.max_sequence_length)
+        do_cfg = cfg.true_cfg_scale > 1 and cfg.negative_prompt is not None
+        if do_cfg:
+            neg_embeds, neg_pooled, neg_txt_ids = self.encode_prompt([cfg.negative_prompt] * batch, cfg.max_sequence_length)
+        h, w = self.latent_size(cfg.height, cfg.width)
+        latents = self.initial_latents(batch, cfg.height, cfg.width, cfg.seed)
+        img_ids = image_ids(h // 2, w // 2).to(device=self.device, dtype=self.dtype)
+        guidance = (torch.full([batch], cfg.guidance, device=self.device, dtype=torch.float32)
+                    if self.transformer_config.guidance_embeds else None)
+        sigmas = flux_sigmas(cfg.steps, latents.shape[1], self.scheduler_config)
+        step0: dict[str, torch.Tensor] = {}
+
+        def predict(x, i, t):
+            if i == 0:
+                step0.update(hidden_states=x.clone(), timestep=t.clone(), guidance=guidance, pooled_projections=pooled,
+                             encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids)
+            v = self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance)
+            if do_cfg:
+                v_neg = self.transformer(x, neg_embeds, t, neg_pooled, img_ids, neg_txt_ids, guidance)
+                v = v_neg + cfg.true_cfg_scale * (v - v_neg)
+            return v
+
+        t0 = time.perf_counter()
+        initial = latents.detach().float().cpu()
+        traj = denoise_loop(predict, latents, sigmas, self.scheduler_config.get("num_train_timesteps", 1000))
+        denoise_s = time.perf_counter() - t0
+        decoded = self.vae.decode(self.decode_input(traj.final, h, w), return_dict=False)[0]
+        return Artifacts(
+            initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
+            final_latents=traj.final.detach().float().cpu(), images=to_uint8_images(decoded),
+            step0_inputs={k: v.detach().cpu() for k, v in step0.items() if v is not None},
+            extras={"load_s": self.load_seconds, "denoise_s": denoise_s},
+        )
+
+    def decode_input(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        cfg = self.vae.config
+        return unpack_latents(latents, h, w) / cfg.scaling_factor + cfg.shift_factor

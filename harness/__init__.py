@@ -1,0 +1,1 @@
+"""parity's harness: zoo, suites, sweeps, metrics, reports and the gate."""

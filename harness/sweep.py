@@ -1,0 +1,247 @@
+"""Run a suite: every cell's backend next to the diffusers reference, metrics into long-format rows.
+
+One failing cell becomes error rows and the sweep goes on. The run folder is written under a temporary name
+and renamed when complete, so a crashed sweep never leaves a half-written report that looks finished."""
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from engine.api import Artifacts, RunConfig
+from harness import metrics as M
+from harness import schema
+from harness.backends import open_backend
+from harness.clip import ClipScorer
+from harness.golden import GOLDEN_DIR, GoldenMissing, golden_path, load_golden
+from harness.provenance import folder_hash, versions
+from harness.report import write_run, write_summary
+from harness.suites import Cell, Suite
+from harness.zoo import cached_build
+
+DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
+
+# Which metrics each comparison produces: the error rows of a crashed cell list the same names.
+ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step)
+GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")
+
+
+@dataclass
+class SweepContext:
+    suite: Suite
+    run_id: str
+    backend: str = "engine"
+    zoo_root: Path = DEFAULT_ZOO
+    model_dirs: dict[str, str] = field(default_factory=dict)  # family -> folder, overrides the zoo
+    golden: bool = True
+    golden_root: Path = GOLDEN_DIR
+    clip: ClipScorer | None = None
+    log: Callable[[str], None] = print
+    _references: dict = field(default_factory=dict)
+    _hashes: dict = field(default_factory=dict)
+
+    def model_dir(self, cell: Cell) -> Path:
+        if cell.model in self.model_dirs:
+            return Path(self.model_dirs[cell.model])
+        return cached_build(cell.model, cell.size, seed=0, root=self.zoo_root)
+
+    def model_hash(self, path: Path) -> str:
+        if path not in self._hashes:
+            self._hashes[path] = folder_hash(path)
+        return self._hashes[path]
+
+    def reference(self, cfg: RunConfig) -> tuple[object, dict[int, Artifacts]]:
+        """diffusers runs depend on neither quant nor parallel: one runner and one run per seed, shared."""
+        key = cfg.replace(quant="none", parallel="sp1", seed=0)
+        if key not in self._references:
+            self._references.clear()  # one reference model in memory at a time
+            self._references[key] = (open_backend("diffusers", key), {})
+        return self._references[key]
+
+
+def ref_key(cell: Cell) -> str:
+    return f"{cell.model}-{cell.size}-{cell.dtype}-{cell.device}"
+
+
+def run_config(cell: Cell, suite: Suite, model_dir: Path, seed: int = 0) -> RunConfig:
+    return RunConfig(
+        family=cell.model, model_dir=str(model_dir), prompts=suite.prompts, negative_prompt=cell.negative_prompt,
+        seed=seed, steps=cell.steps, height=cell.height, width=cell.width, guidance=cell.guidance,
+        true_cfg_scale=cell.true_cfg_scale, max_sequence_length=cell.max_sequence_length, dtype=cell.dtype,
+        device=cell.device, quant=cell.quant, parallel=cell.parallel,
+    )
+
+
+class Rows:
+    """Collects rows for one cell x seed; every metric goes through `add`, which turns MetricError into
+    'invalid' rows carrying the reason, one per sample."""
+
+    def __init__(self, base: dict, n_samples: int, prompts: tuple[str, ...]):
+        self.base, self.n, self.prompts, self.rows = base, n_samples, prompts, []
+
+    def _row(self, i, comparison, metric, value, status, reason, step=pd.NA):
+        return {**self.base, "prompt_idx": i, "prompt": self.prompts[i], "comparison": comparison,
+                "metric": metric, "step": step, "value": float(value), "status": status, "reason": reason}
+
+    def add(self, comparison: str, metric: str, compute: Callable[[], np.ndarray]) -> np.ndarray | None:
+        try:
+            values = np.asarray(compute(), dtype=np.float64)
+        except M.MetricError as e:
+            self.rows += [self._row(i, comparison, metric, np.nan, schema.INVALID, str(e)) for i in range(self.n)]
+            return None
+        if values.shape != (self.n,):
+            raise RuntimeError(f"metric {metric} returned shape {values.shape}, expected ({self.n},)")
+        self.rows += [self._row(i, comparison, metric, v, schema.OK, "") for i, v in enumerate(values)]
+        return values
+
+    def add_steps(self, comparison: str, metric: str, compute: Callable[[], np.ndarray]) -> None:
+        try:
+            values = np.asarray(compute(), dtype=np.float64)  # (steps, B)
+        except M.MetricError:
+            return  # the gated minimum of the same curve records the reason
+        self.rows += [self._row(i, comparison, metric, values[s, i], schema.OK, "", step=s)
+                      for s in range(values.shape[0]) for i in range(self.n)]
+
+    def errors(self, comparison: str, metrics: tuple[str, ...], reason: str) -> None:
+        self.rows += [self._row(i, comparison, m, np.nan, schema.ERROR, reason) for m in metrics for i in range(self.n)]
+
+
+def compare_engine(rows: Rows, test: Artifacts, ref: Artifacts, test_step: torch.Tensor, ref_step: torch.Tensor,
+                   prompts: list[str], clip: ClipScorer) -> None:
+    c = schema.ENGINE_VS_REFERENCE
+    rows.add(c, "single_step_cosine", lambda: M.cosine(test_step, ref_step, what="engine single-step output"))
+    rows.add(c, "single_step_rel_error", lambda: M.rel_error(test_step, ref_step, what="engine single-step output"))
+    rows.add(c, "single_step_sqnr_db", lambda: M.sqnr_db(test_step, ref_step, what="engine single-step output"))
+    rows.add(c, "final_latent_cosine", lambda: M.cosine(test.final_latents, ref.final_latents, what="engine final latents"))
+    rows.add(c, "final_latent_rel_error", lambda: M.rel_error(test.final_latents, ref.final_latents, what="engine final latents"))
+    rows.add(c, "final_latent_sqnr_db", lambda: M.sqnr_db(test.final_latents, ref.final_latents, what="engine final latents"))
+    traj = lambda: M.trajectory_cosine(test.step_latents, ref.step_latents, what="engine trajectory")  # noqa: E731
+    rows.add_steps(c, "trajectory_cosine", traj)
+    rows.add(c, "trajectory_cosine_min", lambda: traj().min(axis=0))
+    rows.add(c, "step_output_cosine_min",
+             lambda: M.trajectory_cosine(test.step_outputs, ref.step_outputs, what="engine step outputs").min(axis=0))
+
+    def images(metric):
+        def compute():
+            # Images decoded from non-finite latents are garbage that can still score well: refuse them.
+            M.check_finite(test.final_latents, "engine final latents (decoded into these images)")
+            return metric(test.images, ref.images)
+        return compute
+
+    rows.add(c, "psnr_db", images(M.psnr_db))
+    rows.add(c, "ssim", images(M.ssim))
+    rows.add(c, "mean_abs_diff", images(M.mean_abs_diff))
+    test_score = rows.add(c, "clip_score_test", images(lambda t, r: clip.text_image_score(t, prompts)))
+    ref_score = rows.add(c, "clip_score_ref", lambda: clip.text_image_score(ref.images, prompts))
+
+    def delta():
+        if test_score is None or ref_score is None:
+            raise M.MetricError("a CLIP score it depends on was refused (see clip_score_test / clip_score_ref)")
+        return test_score - ref_score
+
+    rows.add(c, "clip_score_delta", delta)
+    rows.add(c, "clip_image_similarity", images(clip.image_image_similarity))
+
+
+def compare_golden(rows: Rows, ref: Artifacts, golden_latents: torch.Tensor, golden_images: np.ndarray) -> None:
+    c = schema.REFERENCE_VS_GOLDEN
+    rows.add(c, "final_latent_cosine", lambda: M.cosine(ref.final_latents, golden_latents, what="reference final latents"))
+    rows.add(c, "psnr_db", lambda: M.psnr_db(ref.images, golden_images))
+
+
+def save_images(folder: Path, seed: int, test: Artifacts, ref: Artifacts) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(ref.images)):
+        Image.fromarray(test.images[i]).save(folder / f"seed{seed}_p{i}_engine.png")
+        Image.fromarray(ref.images[i]).save(folder / f"seed{seed}_p{i}_reference.png")
+
+
+def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
+    suite, prompts = ctx.suite, list(ctx.suite.prompts)
+    model_dir = ctx.model_dir(cell)
+    base = {"run_id": ctx.run_id, "cell": cell.name, "model": cell.model, "dtype": cell.dtype, "quant": cell.quant,
+            "parallel": cell.parallel, "device": cell.device, "size": cell.size, "backend": ctx.backend,
+            "steps": cell.steps, "height": cell.height, "width": cell.width, "guidance": cell.guidance,
+            "true_cfg_scale": cell.true_cfg_scale, "model_hash": ctx.model_hash(model_dir)}
+    out: list[dict] = []
+    cfg0 = run_config(cell, suite, model_dir)
+    ref_runner, ref_runs = ctx.reference(cfg0)
+    engine = open_backend(ctx.backend, cfg0)
+    for seed in suite.seeds:
+        cfg = cfg0.replace(seed=seed)
+        rows = Rows({**base, "seed": seed}, len(prompts), suite.prompts)
+        if seed not in ref_runs:
+            ref_runs[seed] = ref_runner.generate(cfg)
+        ref = ref_runs[seed]
+        t0 = time.perf_counter()
+        test = engine.generate(cfg)
+        ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
+        ref_step = ref_runner.transformer_forward(ref.step0_inputs)
+        test_step = engine.transformer_forward(ref.step0_inputs)
+        compare_engine(rows, test, ref, test_step, ref_step, prompts, ctx.clip)
+        if ctx.golden and cell.golden:
+            try:
+                g_lat, g_img = load_golden(golden_path(ctx.golden_root, suite.name, ref_key(cell), seed),
+                                           base["model_hash"])
+                compare_golden(rows, ref, g_lat, g_img)
+            except GoldenMissing as e:
+                rows.errors(schema.REFERENCE_VS_GOLDEN, GOLDEN_METRICS, str(e))
+        save_images(images_dir / cell.name.replace("/", "_"), seed, test, ref)
+        out += rows.rows
+    return out
+
+
+def new_run_id(suite: Suite) -> str:
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{suite.name}"
+
+
+def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
+    out_root = Path(out_root)
+    final = out_root / ctx.run_id
+    if final.exists():
+        raise FileExistsError(f"report folder {final} already exists; pick another --run-id")
+    tmp = out_root / f".tmp-{ctx.run_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    if ctx.clip is None:
+        ctx.clip = ClipScorer.default()
+    provenance = {**versions(), **ctx.clip.provenance()}
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for cell in ctx.suite.cells:
+        ctx.log(f"cell {cell.name}")
+        t0 = time.perf_counter()
+        try:
+            rows += run_cell(cell, ctx, tmp / "images")
+        except Exception as e:  # one failing cell never takes down a sweep: it becomes error rows
+            reason = f"{type(e).__name__}: {e}"
+            ctx.log(f"  ERROR {reason}\n{traceback.format_exc(limit=6)}")
+            for seed in ctx.suite.seeds:
+                r = Rows({"run_id": ctx.run_id, "cell": cell.name, "model": cell.model, "dtype": cell.dtype,
+                          "quant": cell.quant, "parallel": cell.parallel, "device": cell.device, "size": cell.size,
+                          "backend": ctx.backend, "seed": seed, "steps": cell.steps, "height": cell.height,
+                          "width": cell.width, "guidance": cell.guidance, "true_cfg_scale": cell.true_cfg_scale,
+                          "model_hash": ""}, len(ctx.suite.prompts), ctx.suite.prompts)
+                r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated), reason)
+                rows += r.rows
+        ctx.log(f"  done in {time.perf_counter() - t0:.1f}s")
+    frame = pd.DataFrame(rows)
+    for key, value in provenance.items():
+        frame[key] = value
+    frame["step"] = frame["step"].astype("Int64")
+    frame = frame[list(schema.COLUMNS) + [c for c in frame.columns if c not in schema.COLUMNS]]
+    meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
+            "seconds": round(time.perf_counter() - started, 1), **provenance}
+    write_run(tmp, frame, meta)
+    write_summary(tmp, frame, None, meta)
+    tmp.rename(final)
+    return final, frame

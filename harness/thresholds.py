@@ -1,0 +1,183 @@
+"""Gate thresholds are data (golden/thresholds.toml), checked against the metrics registry when loaded.
+
+A threshold is keyed like a result row (schema.GATE_KEY). model/dtype/quant/parallel may be "*"; a lookup takes
+the most specific match, and two equally specific matches are an error rather than a silent pick. There is no
+default: a gated metric without a threshold is the caller's error to report.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import operator
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.metrics import METRICS, metric_spec
+from harness.schema import COMPARISONS, GATE_KEY
+
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "golden" / "thresholds.toml"
+WILDCARD = "*"
+WILDCARD_FIELDS = ("model", "dtype", "quant", "parallel")
+OPS = {">=": operator.ge, "<=": operator.le}
+REQUIRED = GATE_KEY + ("op", "value", "source")
+OPTIONAL = ("note",)
+PLACEHOLDER = "PLACEHOLDER"
+
+
+class ThresholdError(ValueError):
+    """The thresholds file is malformed, or a lookup is ambiguous. The gate turns this into exit 2."""
+
+
+def expected_op(metric: str) -> str:
+    """The only op that makes sense for a metric: absolute metrics gate |value| from above."""
+    spec = metric_spec(metric)
+    if spec.absolute:
+        return "<="
+    return ">=" if spec.higher_is_better else "<="
+
+
+def format_key(key: tuple) -> str:
+    """'flux1/fp32/none/sp1 engine_vs_reference psnr_db': how every message names a gate key."""
+    return "/".join(str(k) for k in key[:4]) + " " + " ".join(str(k) for k in key[4:])
+
+
+@dataclass(frozen=True)
+class Threshold:
+    model: str
+    dtype: str
+    quant: str
+    parallel: str
+    comparison: str
+    metric: str
+    op: str
+    value: float
+    source: str
+    note: str = ""
+    index: int = 0  # 1-based position of the [[threshold]] table in the file, so messages can point at it
+
+    @property
+    def key(self) -> tuple:
+        return tuple(getattr(self, f) for f in GATE_KEY)
+
+    @property
+    def specificity(self) -> int:
+        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS)
+
+    @property
+    def placeholder(self) -> bool:
+        return self.source.startswith(PLACEHOLDER)
+
+    def label(self) -> str:
+        return f"threshold #{self.index} ({format_key(self.key)})"
+
+    def matches(self, key: tuple) -> bool:
+        cell, comparison, metric = key[:4], key[4], key[5]
+        if (self.comparison, self.metric) != (comparison, metric):
+            return False
+        return all(getattr(self, f) in (WILDCARD, v) for f, v in zip(WILDCARD_FIELDS, cell))
+
+    def passes(self, value: float) -> bool:
+        """Compare a finite value; absolute metrics compare |value| (a signed delta is bad either way)."""
+        if metric_spec(self.metric).absolute:
+            value = abs(value)
+        return OPS[self.op](value, self.value)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    rules: tuple[Threshold, ...]
+    path: Path | None = field(default=None, compare=False)
+
+    def lookup(self, key: tuple) -> Threshold | None:
+        """The most specific rule for a GATE_KEY-ordered key, None if none matches; raises on a tie."""
+        matches = [t for t in self.rules if t.matches(key)]
+        if not matches:
+            return None
+        best = max(t.specificity for t in matches)
+        top = [t for t in matches if t.specificity == best]
+        if len(top) > 1:
+            raise ThresholdError(
+                f"{format_key(key)}: {top[0].label()} and {top[1].label()} match equally specifically; "
+                f"make one of them more specific or remove one ({self.path or 'thresholds'})"
+            )
+        return top[0]
+
+
+def load_thresholds(path: str | Path | None = None) -> Thresholds:
+    path = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ThresholdError(f"{path}: thresholds file not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ThresholdError(f"{path}: cannot read thresholds: {e}") from None
+    return parse_thresholds(data, path)
+
+
+def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
+    """Validate every row and report all problems at once, so one edit fixes the file."""
+    where = str(path or "thresholds")
+    extra = sorted(set(data) - {"threshold"})
+    if extra:
+        raise ThresholdError(f"{where}: unknown top-level key(s) {extra}; only [[threshold]] tables are allowed")
+    rows = data.get("threshold")
+    if not isinstance(rows, list) or not rows:
+        raise ThresholdError(f"{where}: no [[threshold]] tables")
+
+    problems: list[str] = []
+    rules: list[Threshold] = []
+    seen: dict[tuple, Threshold] = {}
+    for i, row in enumerate(rows, start=1):
+        row_problems = _check_row(row)
+        if row_problems:
+            problems += [f"threshold #{i}: {p}" for p in row_problems]
+            continue
+        fields = {k: row[k] for k in REQUIRED + OPTIONAL if k in row}
+        rule = Threshold(**{**fields, "value": float(fields["value"])}, index=i)  # TOML ints become floats
+        if rule.key in seen:
+            problems.append(f"{rule.label()}: duplicate of {seen[rule.key].label()}")
+            continue
+        seen[rule.key] = rule
+        rules.append(rule)
+    if problems:
+        raise ThresholdError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return Thresholds(tuple(rules), path)
+
+
+def _check_row(row) -> list[str]:
+    if not isinstance(row, dict):
+        return [f"expected a table, got {type(row).__name__}"]
+    problems = []
+    unknown = sorted(set(row) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        problems.append(f"unknown field(s) {unknown}; valid: {list(REQUIRED + OPTIONAL)}")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        hint = " (say where the number comes from)" if "source" in missing else ""
+        problems.append(f"missing field(s) {missing}{hint}")
+    for k in GATE_KEY + ("op", "source") + OPTIONAL:
+        if k in row and not (isinstance(row[k], str) and (row[k].strip() or k == "note")):
+            problems.append(f"{k} must be a non-empty string, got {row[k]!r}")
+    if problems:
+        return problems  # the checks below assume well-typed fields
+
+    metric, comparison, op, value = row["metric"], row["comparison"], row["op"], row["value"]
+    if comparison not in COMPARISONS:
+        problems.append(f"unknown comparison {comparison!r}; valid: {list(COMPARISONS)}")
+    if metric not in METRICS:
+        close = difflib.get_close_matches(metric, METRICS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"unknown metric {metric!r}{hint}; valid: {sorted(METRICS)}")
+    elif not metric_spec(metric).gated:
+        problems.append(f"metric {metric!r} is not gated, so this threshold would never be checked")
+    if op not in OPS:
+        problems.append(f"op must be one of {list(OPS)}, got {op!r}")
+    elif metric in METRICS and op != expected_op(metric):
+        spec = metric_spec(metric)
+        why = "absolute (|value| is gated)" if spec.absolute else (
+            "higher is better" if spec.higher_is_better else "lower is better")
+        problems.append(f"op {op!r} disagrees with {metric!r}, which is {why}: use {expected_op(metric)!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        problems.append(f"value must be a finite number, got {value!r}")
+    return problems

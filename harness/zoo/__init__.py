@@ -1,0 +1,133 @@
+"""The model zoo: deterministic synthetic diffusers-format model folders, and full-size weights made on the fly.
+
+A family is a module in FAMILIES with this interface:
+    SIZES: tuple[str, ...]
+    transformer_config(size) -> dict                 the diffusers transformer's constructor arguments
+    transformer_specs(size) -> list[synth.ParamSpec]  the transformer's tensors, read from a meta-device build
+    write(folder, size, seed, dtype=None) -> None     every pipeline component, into an existing empty folder
+Everything here is generic: no family names below FAMILIES.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from harness.zoo import flux1, synth
+
+# Bump whenever synthesis, configs or tokenizers change what a build writes: it keys the cached builds.
+ZOO_VERSION = "1"
+MARKER = "parity_zoo.json"  # written into every folder, last before publishing
+
+FAMILIES = {"flux1": flux1}
+
+
+def _family(family: str):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown zoo family {family!r}; valid families: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[family]
+
+
+def _sized(family: str, size: str):
+    fam = _family(family)
+    if size not in fam.SIZES:
+        raise ValueError(f"unknown size {size!r} for zoo family {family!r}; valid sizes: {', '.join(fam.SIZES)}")
+    return fam
+
+
+def transformer_config(family: str, size: str) -> dict:
+    """The diffusers config dict (constructor arguments) of the family's transformer at `size`."""
+    return _sized(family, size).transformer_config(size)
+
+
+def synthesize_transformer_state_dict(family: str, size: str = "tiny", seed: int = 0, device="cpu",
+                                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The transformer's full state dict, synthesized tensor by tensor directly on `device` (no CPU copy, no disk).
+
+    On CPU in float32 it equals the transformer weights `build` writes for the same (family, size, seed). On CUDA a
+    CUDA generator draws the values: deterministic, but different from the CPU values (see synth's docstring)."""
+    fam = _sized(family, size)
+    return synth.synthesize(fam.transformer_specs(size), seed, "transformer", device=device, dtype=dtype)
+
+
+def _provenance(family: str, size: str, seed: int, dtype) -> dict:
+    import diffusers
+    import transformers
+
+    # No timestamps or paths: two builds of the same inputs must be byte-identical, this file included.
+    return {
+        "family": family, "size": size, "seed": seed, "zoo_version": ZOO_VERSION,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def build(family: str, out_dir, size: str = "tiny", seed: int = 0, *, overwrite: bool = False,
+          dtype: torch.dtype | None = None) -> Path:
+    """Write a complete diffusers-format folder for (family, size, seed) at `out_dir` and return its path.
+
+    The folder is written into a temp dir next to `out_dir` and renamed into place, so `out_dir` either does not
+    exist or is complete; a failure removes the temp dir. An existing non-empty `out_dir` raises FileExistsError
+    unless overwrite=True. `dtype` overrides the family's storage dtype for that size."""
+    fam = _sized(family, size)
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if _nonempty(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should read like any other
+        fam.write(tmp, size, seed, dtype)
+        meta = _provenance(family, size, seed, dtype or getattr(fam, "STORAGE_DTYPE", {}).get(size))
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _publish(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if not _nonempty(out_dir):
+        os.replace(tmp, out_dir)  # rename(2) also replaces an empty directory
+        return
+    if not overwrite:  # appeared while we were building
+        raise FileExistsError(f"{out_dir} appeared during the build and is not empty")
+    # Swap with two renames so no moment shows a half-written folder; the old one is deleted afterwards.
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, trash)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(trash)
+
+
+def cache_key(family: str, size: str, seed: int) -> str:
+    """The cached folder's name: family, size, seed and a short hash of ZOO_VERSION."""
+    _sized(family, size)
+    version = hashlib.sha256(ZOO_VERSION.encode()).hexdigest()[:8]
+    return f"{family}-{size}-seed{seed}-{version}"
+
+
+def cached_build(family: str, size: str = "tiny", seed: int = 0, root=".zoo") -> Path:
+    """Build (family, size, seed) into root/<cache_key> once and reuse it. Safe against concurrent callers: the
+    loser of a race discards its copy and returns the winner's."""
+    path = Path(root).absolute() / cache_key(family, size, seed)
+    if (path / MARKER).is_file():
+        return path
+    try:
+        return build(family, path, size, seed)
+    except (FileExistsError, OSError):
+        if (path / MARKER).is_file():  # another process published the same build first
+            return path
+        raise

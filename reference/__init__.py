@@ -1,0 +1,1 @@
+"""Thin runners around the pinned diffusers pipelines, capturing what the harness compares."""

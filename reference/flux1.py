@@ -1,0 +1,86 @@
+"""diffusers FluxPipeline as a parity backend: runs the stock pipeline and records, through hooks only, the
+denoiser's inputs and outputs at every step. Nothing here changes diffusers' numerics."""
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+
+from engine.api import Artifacts, RunConfig
+
+
+class Flux1Reference:
+    family = "flux1"
+
+    def __init__(self, cfg: RunConfig):
+        t0 = time.perf_counter()
+        self.model_cfg = cfg
+        self.pipe = FluxPipeline.from_pretrained(cfg.model_dir, dtype=cfg.torch_dtype).to(cfg.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {k: v.to(self.model_cfg.device) for k, v in inputs.items()}
+        return self.pipe.transformer(**kwargs, return_dict=False)[0]
+
+    @torch.no_grad()
+    def generate(self, cfg: RunConfig) -> Artifacts:
+        calls: list[tuple[dict, torch.Tensor]] = []
+        step_latents: list[torch.Tensor] = []
+        guided: list[torch.Tensor] = []
+        do_cfg = cfg.true_cfg_scale > 1 and cfg.negative_prompt is not None
+
+        def on_forward(module, args, kwargs, output):
+            calls.append(({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}, output[0]))
+
+        def on_step_end(pipe, i, t, tensors):
+            step_latents.append(tensors["latents"].detach().float().cpu())
+            if do_cfg:  # the pipeline calls cond then uncond and combines them as below
+                pos, neg = calls[-2][1], calls[-1][1]
+                pred = neg + cfg.true_cfg_scale * (pos - neg)
+            else:
+                pred = calls[-1][1]
+            guided.append(pred.detach().float().cpu())
+            return {}
+
+        handle = self.pipe.transformer.register_forward_hook(on_forward, with_kwargs=True)
+        try:
+            t0 = time.perf_counter()
+            result = self.pipe(
+                prompt=list(cfg.prompts),
+                negative_prompt=cfg.negative_prompt if do_cfg else None,
+                true_cfg_scale=cfg.true_cfg_scale,
+                height=cfg.height,
+                width=cfg.width,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance,
+                max_sequence_length=cfg.max_sequence_length,
+                generator=torch.Generator("cpu").manual_seed(cfg.seed),
+                output_type="np",
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
+            seconds = time.perf_counter() - t0
+        finally:
+            handle.remove()
+        step0_inputs = {k: v.detach().cpu() for k, v in calls[0][0].items()}
+        initial = step0_inputs["hidden_states"].float()
+        images = (np.asarray(result.images) * 255).round().astype(np.uint8)
+        return Artifacts(
+            initial_latents=initial, step_latents=torch.stack(step_latents), step_outputs=torch.stack(guided),
+            final_latents=step_latents[-1], images=images, step0_inputs=step0_inputs,
+            extras={"load_s": self.load_seconds, "generate_s": seconds},
+        )
+
+
+BACKENDS = {"flux1": Flux1Reference}
+
+
+def open_runner(cfg: RunConfig):
+    if cfg.family not in BACKENDS:
+        raise ValueError(f"no diffusers reference for family {cfg.family!r}; valid: {sorted(BACKENDS)}")
+    return BACKENDS[cfg.family](cfg)

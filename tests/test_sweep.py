@@ -1,0 +1,138 @@
+"""End to end through the `parity` CLI: the smoke suite passes, and each planted engine bug makes the gate
+fail (exit 1) with the failing rows in summary.md; a gate that cannot find a threshold errors (exit 2)."""
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import engine.models.flux1 as flux1_model
+from harness import schema
+from harness.cli import main
+
+DATA = Path(__file__).with_name("data")
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path, zoo_root, *extra, suite=str(DATA / "tiny_suite.toml"), run_id="run"):
+    code = main(["sweep", "--suite", suite, "--out", str(tmp_path), "--run-id", run_id,
+                 "--zoo-root", str(zoo_root), *extra])
+    return code, tmp_path / run_id
+
+
+def failing_metrics(run_dir):
+    summary = (run_dir / "summary.md").read_text()
+    return summary[summary.index("<!-- gate:begin -->"):]
+
+
+def test_smoke_suite_passes_its_gate(tmp_path, zoo_root):
+    """Exactly what `make sweep` runs, goldens included."""
+    code, run = sweep(tmp_path, zoo_root, suite="smoke")
+    assert code == 0, (run / "summary.md").read_text()
+    frame = pd.read_parquet(run / "results.parquet")
+    assert set(frame.dtype) == {"fp32", "bf16"}
+    assert set(frame.comparison) == {schema.ENGINE_VS_REFERENCE, schema.REFERENCE_VS_GOLDEN}
+    assert (frame.status == schema.OK).all()
+    csv = pd.read_csv(run / "results.csv")
+    assert len(csv) == len(frame) and list(csv.columns) == list(frame.columns)
+    assert frame.parity_git.notna().all() and frame.model_hash.str.len().min() == 16
+    assert len(list((run / "images").rglob("*.png"))) == 2 * 2 * 2 * 2  # cells x seeds x prompts x sides
+
+
+def _swap_rope_axes(original):
+    def swapped(ids, axes_dims, theta):
+        return original(ids[:, [0, 2, 1]], axes_dims, theta)
+    return swapped
+
+
+@pytest.mark.parametrize("plant", ["rope_axes_swapped", "timestep_not_scaled"])
+def test_planted_engine_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, plant):
+    if plant == "rope_axes_swapped":
+        monkeypatch.setattr(flux1_model, "rope_frequencies", _swap_rope_axes(flux1_model.rope_frequencies))
+    else:
+        monkeypatch.setattr(flux1_model, "TIMESTEP_SCALE", 1.0)
+    code, run = sweep(tmp_path, zoo_root)
+    assert code == 1
+    gate = failing_metrics(run)
+    assert "FAIL" in gate and "single_step_cosine" in gate and "final_latent_cosine" in gate
+
+
+def test_nan_in_engine_output_fails_with_the_reason(tmp_path, zoo_root, monkeypatch):
+    forward = flux1_model.Flux1Transformer.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out.index_fill(1, torch.tensor([3]), float("nan"))
+
+    monkeypatch.setattr(flux1_model.Flux1Transformer, "forward", poisoned)
+    code, run = sweep(tmp_path, zoo_root)
+    assert code == 1
+    frame = pd.read_parquet(run / "results.parquet")
+    bad = frame[frame.metric == "final_latent_cosine"]
+    assert (bad.status == schema.INVALID).all() and bad.reason.str.contains("NaN").all()
+    assert "NaN" in failing_metrics(run)
+
+
+def test_crashing_cell_becomes_error_rows_and_the_sweep_goes_on(tmp_path, zoo_root, monkeypatch):
+    from engine.pipelines.flux1 import Flux1Pipeline
+
+    def crash(self, cfg):
+        if cfg.dtype == "bf16":
+            raise RuntimeError("planted crash")
+        return generate(self, cfg)
+
+    generate = Flux1Pipeline.generate
+    monkeypatch.setattr(Flux1Pipeline, "generate", crash)
+    suite = tmp_path / "two.toml"
+    suite.write_text((DATA / "tiny_suite.toml").read_text().replace('dtype = "fp32"', 'dtype = ["fp32", "bf16"]'))
+    code, run = sweep(tmp_path, zoo_root, suite=str(suite))
+    assert code == 1
+    frame = pd.read_parquet(run / "results.parquet")
+    assert (frame[frame.dtype == "fp32"].status == schema.OK).all()
+    errors = frame[frame.dtype == "bf16"]
+    assert len(errors) and (errors.status == schema.ERROR).all() and errors.reason.str.contains("planted crash").all()
+
+
+def test_missing_threshold_is_an_error_not_a_default(tmp_path, zoo_root):
+    code, run = sweep(tmp_path, zoo_root, "--no-gate")
+    assert code == 0
+    text = (REPO / "golden" / "thresholds.toml").read_text()
+    blocks = text.split("[[threshold]]")
+    kept = [b for b in blocks if not ('metric = "ssim"' in b and 'dtype = "fp32"' in b)]
+    assert len(kept) == len(blocks) - 1, "expected exactly one fp32 ssim threshold to remove"
+    thresholds = tmp_path / "thresholds.toml"
+    thresholds.write_text("[[threshold]]".join(kept))
+    assert main(["gate", str(run), "--thresholds", str(thresholds)]) == 2
+    assert main(["gate", str(run)]) == 0
+
+
+def test_golden_drift_is_reported_separately(tmp_path, zoo_root):
+    """A changed golden (what a diffusers upgrade looks like) fails reference_vs_golden, not the engine rows."""
+    golden = tmp_path / "golden"
+    shutil.copytree(REPO / "golden" / "smoke", golden / "smoke")
+    for path in (golden / "smoke").rglob("seed0.safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors["final_latents"] = tensors["final_latents"].flip(1).contiguous()
+        tensors["images"] = (255 - tensors["images"]).contiguous()
+        save_file(tensors, str(path), metadata=meta)
+    code, run = sweep(tmp_path, zoo_root, "--golden-root", str(golden), suite="smoke")
+    assert code == 1
+    frame = pd.read_parquet(run / "results.parquet")
+    gate = failing_metrics(run)
+    assert schema.REFERENCE_VS_GOLDEN in gate and schema.ENGINE_VS_REFERENCE not in gate.split("Failing")[-1]
+    assert (frame[frame.comparison == schema.ENGINE_VS_REFERENCE].status == schema.OK).all()
+
+
+def test_bad_input_is_a_clear_error(tmp_path, zoo_root, capsys):
+    assert main(["sweep", "--suite", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown suite 'nope'; valid: [" in capsys.readouterr().err
+    assert main(["sweep", "--device", "tpu", "--out", str(tmp_path)]) == 2
+    assert "valid choices are cpu, cuda" in capsys.readouterr().err
+    assert main(["gate", str(tmp_path / "missing")]) == 2
+    assert not any(tmp_path.iterdir()), "bad input must leave nothing behind"
