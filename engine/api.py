@@ -42,6 +42,7 @@ class RunConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     quant: str = "none"
+    quant_ignored: tuple[str, ...] = ()
     parallel: str = "sp1"
 
     def __post_init__(self) -> None:

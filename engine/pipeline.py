@@ -13,6 +13,12 @@ import torch
 from engine.sampling.flow_match import euler_step
 
 Predict = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+Branch = Callable[[], torch.Tensor]
+
+
+def serial_cfg(cond: Branch, uncond: Branch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run both guidance branches here, cond first. CFG parallelism replaces this with one branch per rank."""
+    return cond(), uncond()
 
 
 @dataclass

@@ -104,6 +104,7 @@ def cmd_golden_update(args) -> int:
 
     suite = load_suite(args.suite)
     ctx = SweepContext(suite=suite, run_id="golden-update", model_dirs=_model_dirs(args.model_dir))
+    _quiet_loading()
     done = set()
     for cell in suite.cells:
         if not cell.golden or ref_key(cell) in done:
@@ -116,6 +117,16 @@ def cmd_golden_update(args) -> int:
             path = golden_path(GOLDEN_DIR, suite.name, ref_key(cell), seed)
             save_golden(path, art.final_latents, art.images, ctx.model_hash(model_dir))
             print(f"wrote {path.relative_to(REPO)}")
+    return EXIT_PASS
+
+
+def cmd_bench(args) -> int:
+    from harness.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(family=args.family, height=args.height, width=args.width, text_tokens=args.text_tokens,
+                      iters=args.iters, warmup=args.warmup)
+    frame = run_bench(cfg, args.modes, Path(args.out))
+    print(frame[["mode", "median_ms", "min_ms", "weight_gb", "cosine_vs_first"]].to_string(index=False))
     return EXIT_PASS
 
 
@@ -160,6 +171,17 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--suite", default="smoke")
     u.add_argument("--model-dir", action="append", metavar="FAMILY=PATH")
     u.set_defaults(func=cmd_golden_update)
+    bench = verbs.add_parser("bench", help="time one full-size denoiser forward per mode on a GPU")
+    bench.add_argument("--family", default="flux1")
+    bench.add_argument("--height", type=int, default=1024)
+    bench.add_argument("--width", type=int, default=1024)
+    bench.add_argument("--text-tokens", type=int, default=512)
+    bench.add_argument("--iters", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--modes", nargs="+", default=["diffusers-bf16", "engine-bf16"],
+                       help="diffusers-bf16 and engine-<bf16|quant mode>[+compile]; the first is the accuracy baseline")
+    bench.add_argument("--out", default=str(REPO / "reports" / "bench"))
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

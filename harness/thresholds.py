@@ -118,12 +118,15 @@ def load_thresholds(path: str | Path | None = None) -> Thresholds:
 def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
     """Validate every row and report all problems at once, so one edit fixes the file."""
     where = str(path or "thresholds")
-    extra = sorted(set(data) - {"threshold"})
+    extra = sorted(set(data) - {"threshold", "group"})
     if extra:
-        raise ThresholdError(f"{where}: unknown top-level key(s) {extra}; only [[threshold]] tables are allowed")
-    rows = data.get("threshold")
-    if not isinstance(rows, list) or not rows:
-        raise ThresholdError(f"{where}: no [[threshold]] tables")
+        raise ThresholdError(f"{where}: unknown top-level key(s) {extra}; only [[threshold]] and [[group]] tables")
+    try:
+        rows = list(data.get("threshold", [])) + [r for g in data.get("group", []) for r in expand_group(g)]
+    except ThresholdError as e:
+        raise ThresholdError(f"{where}: {e}") from None
+    if not rows:
+        raise ThresholdError(f"{where}: no [[threshold]] or [[group]] tables")
 
     problems: list[str] = []
     rules: list[Threshold] = []
@@ -143,6 +146,27 @@ def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
     if problems:
         raise ThresholdError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return Thresholds(tuple(rules), path)
+
+
+GROUP_OPS = {"at_least": ">=", "at_most": "<="}
+
+
+def expand_group(group) -> list[dict]:
+    """A [[group]] shares one key prefix and one source across several metrics, with the direction spelled out:
+    `at_least = {metric = value, ...}` (op ">=") and `at_most = {...}` (op "<="). It expands to plain rows, which
+    are validated like any [[threshold]]."""
+    if not isinstance(group, dict):
+        raise ThresholdError(f"[[group]] must be a table, got {type(group).__name__}")
+    shared = {k: v for k, v in group.items() if k not in GROUP_OPS}
+    if not any(k in group for k in GROUP_OPS):
+        raise ThresholdError(f"[[group]] {shared} has neither at_least nor at_most")
+    rows = []
+    for key, op in GROUP_OPS.items():
+        metrics = group.get(key, {})
+        if not isinstance(metrics, dict):
+            raise ThresholdError(f"[[group]] {key} must be a table of metric = value, got {metrics!r}")
+        rows += [{**shared, "metric": m, "op": op, "value": v} for m, v in metrics.items()]
+    return rows
 
 
 def _check_row(row) -> list[str]:

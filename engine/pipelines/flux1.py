@@ -12,9 +12,10 @@ from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from engine.api import Artifacts, RunConfig
-from engine.loading import load_model, read_checkpoint, read_config
+from engine.loading import read_config
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
-from engine.pipeline import denoise_loop, to_uint8_images
+from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
+from engine.quant.api import QuantSpec, build_transformer
 from engine.sampling.flow_match import flux_sigmas
 
 
@@ -54,14 +55,16 @@ class Flux1Pipeline:
         self.vae = AutoencoderKL.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         self.transformer_config = Flux1Config.from_diffusers(read_config(root / "transformer"))
-        self.transformer = load_model(
+        self.transformer = build_transformer(
             lambda: Flux1Transformer(self.transformer_config),
             diffusers_key_map(self.transformer_config),
-            read_checkpoint(root / "transformer"),
+            root / "transformer",
+            QuantSpec(cfg.quant, cfg.quant_ignored),
             self.dtype,
             self.device,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.cfg_executor = serial_cfg  # how the two guidance branches run; CFG parallelism swaps it
         self.load_seconds = time.perf_counter() - t0
 
     # --- conditioning -------------------------------------------------------------------------------------
@@ -122,11 +125,13 @@ class Flux1Pipeline:
             if i == 0:
                 step0.update(hidden_states=x.clone(), timestep=t.clone(), guidance=guidance, pooled_projections=pooled,
                              encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids)
-            v = self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance)
-            if do_cfg:
-                v_neg = self.transformer(x, neg_embeds, t, neg_pooled, img_ids, neg_txt_ids, guidance)
-                v = v_neg + cfg.true_cfg_scale * (v - v_neg)
-            return v
+            if not do_cfg:
+                return self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance)
+            v, v_neg = self.cfg_executor(
+                lambda: self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance),
+                lambda: self.transformer(x, neg_embeds, t, neg_pooled, img_ids, neg_txt_ids, guidance),
+            )
+            return v_neg + cfg.true_cfg_scale * (v - v_neg)
 
         t0 = time.perf_counter()
         initial = latents.detach().float().cpu()

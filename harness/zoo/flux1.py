@@ -61,8 +61,9 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
                  num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
 
 # adaLN modulation linears read silu(temb) (std ~0.4) and carry no outlier columns: one dominant temb channel would
-# make every gate follow it. Gain 1 gives shift/scale/gate std ~0.4, so each block moves the residual stream by 15-40%
-# of its std (measured at tiny and full width) and 19+38 blocks grow it only ~2-3x: block errors reach the output.
+# make every gate follow it. Gain 1 gives shift/scale/gate std ~0.4: each block moves the residual stream by 10-50% of
+# its std and 19+38 blocks grow it from 1.1 to 3.7 (measured, full size, 1024px, H100; gain 0.5 gave 8-14% updates,
+# a near-identity stack in which block bugs hardly reach the output).
 MODULATION_GAIN = 1.0
 
 

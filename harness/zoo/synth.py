@@ -1,19 +1,20 @@
 """Deterministic synthetic weights that are scaled like a trained network.
 
-Every tensor is a pure function of (seed, tensor name, shape, kind, gain): its own generator is seeded from
-sha256(f"{seed}:{name}"), where name is "<component>/<state-dict key>" (e.g. "transformer/proj_out.weight") so that
-equal keys in two components do not get equal values. So adding, removing or reordering other tensors never changes it, and a full-size model can
-be synthesized tensor by tensor straight onto a GPU.
+Every tensor is a pure function of (seed, name, shape, kind, gain): its own generator is seeded from
+sha256(f"{seed}:{name}"), with name = "<component>/<state-dict key>" (e.g. "transformer/proj_out.weight") so that equal
+keys in two components get different values. Adding, removing or reordering other tensors never changes a tensor, and
+a full-size model can be synthesized tensor by tensor straight onto a GPU.
 
 Why the scales matter: random weights with a default init either vanish or explode through 57 FLUX blocks, and
 Gaussian weights without outliers make quantization look far better than on trained checkpoints (a per-row fp8 or a
 16-element fp4 block scale is set by its largest element). So linear weights are N(0, 1/fan_in) with a few heavy input
-columns and a few heavy output rows, norm weights sit near 1, biases are small, and the adaLN modulation linears are
-scaled down so that shift/scale/gate stay O(0.1..1).
+columns and a few heavy output rows, norm weights sit near 1, biases are small, and the adaLN modulation linears carry
+no outliers and a per-family gain so that shift/scale/gate stay O(0.1..1).
 
 Device: on CPU (the default) the values are the reference values, bit-identical across runs. With a CUDA device the
-draws use a CUDA generator for speed: the same seed then gives DIFFERENT values than on CPU (still deterministic for a
-given GPU, torch version and seed), so never compare CPU-built and CUDA-built weights with each other.
+draws use a CUDA generator for speed (FLUX.1-dev's 11.9B parameters in ~12 s on an H100): the same seed then gives
+DIFFERENT values than on CPU (still deterministic for a given GPU, torch version and seed), so never compare CPU-built
+and CUDA-built weights with each other. CPU values do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def write_safetensors(specs: list[ParamSpec], seed: int, namespace: str, folder:
             size = 0
         shards[-1].append(spec)
         size += nbytes
-    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    meta = {"format": "pt"}  # what transformers' own save_pretrained writes; older loaders insist on it
     if len(shards) == 1:
         save_file(synthesize(specs, seed, namespace, dtype=dtype), str(folder / f"{stem}.safetensors"), metadata=meta)
         return

@@ -1,0 +1,170 @@
+"""Sequence-parallel joint attention: Ulysses, ring, and both on a 2-D mesh (USP), for a replicated text segment
+joined to a sharded image sequence.
+
+Each rank calls the backend with its local q, k, v (B, T + S_local, H, D): the whole text (T tokens, identical on
+every rank) as a prefix ([text | image], FLUX.1) or a suffix ([image | text]), and its own image shard. It returns
+the attention output for the same tokens in the same order, equal to what one device computes for them.
+
+- Ulysses (degree U): an all-to-all trades heads for sequence inside the Ulysses group, so each rank holds the
+  group's whole image block for H/U heads. Text needs no communication: every rank slices its heads. The inverse
+  all-to-all returns image outputs; text outputs are all-gathered over heads.
+- Ring (degree R): image K/V blocks travel around the ring and partial outputs merge by log-sum-exp in fp32. Text
+  keys are replicated, so they must enter each softmax exactly once: image queries see them in the first (local)
+  step only, never in a travelling block. Text queries do not travel: each ring rank attends them to its own image
+  block (the text keys joined to the first block for a prefix, the last for a suffix), and the R partials are
+  all-gathered and merged in ring order, so every rank ends with the same bits.
+- Lengths that do not divide are moved exactly (uneven all_to_all_single splits, ring receive buffers sized for
+  the sender's block): no padding, so no mask is needed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from engine.attention import AttentionFn
+from engine.parallel.comm import all_gather_stacked
+from engine.parallel.kernels import LseAttentionFn, fused_attention_lse, merge_ordered, merge_partials
+from engine.parallel.mesh import Axis, Mesh
+from engine.parallel.sharding import ShardPlan
+
+
+def split_joint(x: torch.Tensor, text_len: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, ...) -> (text, image) along dim 1."""
+    if text_first:
+        return x[:, :text_len], x[:, text_len:]
+    image_len = x.shape[1] - text_len
+    return x[:, image_len:], x[:, :image_len]
+
+
+def join_joint(text: torch.Tensor, image: torch.Tensor, text_first: bool) -> torch.Tensor:
+    return torch.cat([text, image] if text_first else [image, text], dim=1)
+
+
+# --- Ulysses ------------------------------------------------------------------------------------------------------
+def heads_to_sequence(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> torch.Tensor:
+    """(N, B, S_local, H, D) -> (N, B, sum(sizes), H/U, D): send head chunk j to Ulysses rank j, receive every
+    rank's tokens for our chunk. N stacks q, k, v so the three travel in one collective."""
+    n, b, s, h, d = x.shape
+    u = axis.size
+    send = x.view(n, b, s, u, h // u, d).permute(3, 2, 0, 1, 4, 5).reshape(u * s, n, b, h // u, d)
+    recv = x.new_empty((sum(sizes), n, b, h // u, d))
+    dist.all_to_all_single(recv, send, output_split_sizes=list(sizes), input_split_sizes=[s] * u, group=axis.group)
+    return recv.permute(1, 2, 0, 3, 4)
+
+
+def sequence_to_heads(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> torch.Tensor:
+    """Inverse of heads_to_sequence for one tensor: (B, sum(sizes), H/U, D) -> (B, S_local, H, D)."""
+    b, _, hu, d = x.shape
+    u, s = axis.size, sizes[axis.index]
+    send = x.permute(1, 0, 2, 3).contiguous()
+    recv = x.new_empty((u * s, b, hu, d))
+    dist.all_to_all_single(recv, send, output_split_sizes=[s] * u, input_split_sizes=list(sizes), group=axis.group)
+    return recv.view(u, s, b, hu, d).permute(2, 1, 0, 3, 4).reshape(b, s, u * hu, d)
+
+
+def gather_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """(B, T, H/U, D) on each Ulysses rank -> (B, T, H, D) on all of them, head chunks in rank order."""
+    buf = all_gather_stacked(x, axis.group, axis.size)
+    return buf.permute(1, 2, 0, 3, 4).flatten(2, 3)
+
+
+# --- ring -----------------------------------------------------------------------------------------------------
+def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, text_first: bool,
+                   lse_attention: LseAttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """This ring rank's image queries against every rank's image block, plus the replicated text keys exactly once.
+
+    Step i computes on the block of ring rank (index - i) while that block's successor is already in flight
+    (double buffering). Returns fp32 (out, lse)."""
+    r, size = axis.index, axis.size
+    kv = torch.stack([k, v])  # one message per hop
+    out = lse = None
+    for step in range(size):
+        src = (r - step) % size
+        if step + 1 < size:
+            incoming = kv.new_empty((2, kv.shape[1], block_sizes[(src - 1) % size], *kv.shape[3:]))
+            requests = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend, kv, axis.global_rank(r + 1), axis.group),
+                dist.P2POp(dist.irecv, incoming, axis.global_rank(r - 1), axis.group),
+            ])
+        block_k, block_v = kv[0], kv[1]
+        if step == 0 and text_kv is not None:
+            # Text joins the local block only: it never travels, so no rank sees it twice.
+            block_k = join_joint(text_kv[0], block_k, text_first)
+            block_v = join_joint(text_kv[1], block_v, text_first)
+        block_out, block_lse = lse_attention(q, block_k, block_v)
+        if out is None:
+            out, lse = block_out, block_lse
+        else:
+            out, lse = merge_partials(out, lse, block_out, block_lse)
+        if step + 1 < size:
+            for req in requests:
+                req.wait()
+            kv = incoming
+    return out, lse
+
+
+def ring_text_attention(tq, tk, tv, image_k, image_v, axis: Axis, text_first: bool,
+                        lse_attention: LseAttentionFn) -> torch.Tensor:
+    """Replicated text queries against all keys: each ring rank covers its own image block, the first (prefix) or
+    last (suffix) ring rank also the text keys, and the partials are merged in ring order on every rank."""
+    owner = 0 if text_first else axis.size - 1
+    if axis.index == owner:
+        image_k, image_v = join_joint(tk, image_k, text_first), join_joint(tv, image_v, text_first)
+    out, lse = lse_attention(tq, image_k, image_v)
+    packed = torch.cat([out, lse], dim=-1)  # one collective for both
+    buf = all_gather_stacked(packed, axis.group, axis.size)
+    out, _ = merge_ordered([(buf[i, ..., :-1], buf[i, ..., -1:]) for i in range(axis.size)])
+    return out
+
+
+# --- the backend ------------------------------------------------------------------------------------------------
+class JointSequenceParallelAttention:
+    """Drop-in for a model's `attention(q, k, v)`. The caller (the transformer wrapper) sets the layout of the
+    current forward with `configure` before running the model; the model itself never knows."""
+
+    def __init__(self, mesh: Mesh, local_attention: AttentionFn, lse_attention: LseAttentionFn = fused_attention_lse):
+        self.mesh = mesh
+        self.local_attention = local_attention  # used when the whole sequence is local (no ring): the model's own kernel
+        self.lse_attention = lse_attention
+        self.text_len: int | None = None
+        self.text_first = True
+        self.plan: ShardPlan | None = None
+
+    def configure(self, text_len: int, text_first: bool, plan: ShardPlan) -> None:
+        if len(plan.sizes) != self.mesh.sp.size:
+            raise ValueError(f"shard plan has {len(plan.sizes)} shards for a sequence group of {self.mesh.sp.size}")
+        self.text_len, self.text_first, self.plan = text_len, text_first, plan
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.plan is None:
+            raise RuntimeError("sequence-parallel attention called before configure(): wrap the transformer "
+                               "with engine.parallel.apply_parallel instead of setting the backend by hand")
+        mesh, plan, t, first = self.mesh, self.plan, self.text_len, self.text_first
+        local_len = plan.sizes[mesh.sp.index]
+        if q.shape[1] != t + local_len:
+            raise ValueError(f"attention got {q.shape[1]} tokens; this rank holds {t} text + {local_len} image")
+        (tq, iq), (tk, ik), (tv, iv) = (split_joint(x, t, first) for x in (q, k, v))
+        u_axis, r_axis = mesh.ulysses, mesh.ring
+        heads = q.shape[2]
+        ulysses_sizes = plan.sizes[r_axis.index * u_axis.size:(r_axis.index + 1) * u_axis.size]
+        if u_axis.size > 1:
+            if heads % u_axis.size:
+                raise ValueError(f"Ulysses degree {u_axis.size} must divide the number of heads ({heads})")
+            iq, ik, iv = heads_to_sequence(torch.stack([iq, ik, iv]), ulysses_sizes, u_axis).unbind(0)
+            hu = heads // u_axis.size
+            tq, tk, tv = (x[:, :, u_axis.index * hu:(u_axis.index + 1) * hu] for x in (tq, tk, tv))
+
+        if r_axis.size == 1:
+            out = self.local_attention(join_joint(tq, iq, first), join_joint(tk, ik, first), join_joint(tv, iv, first))
+            t_out, i_out = split_joint(out, t, first)
+        else:
+            text_kv = (tk, tv) if t else None
+            i_out, _ = ring_attention(iq, ik, iv, r_axis, plan.group_sizes(u_axis.size), text_kv, first,
+                                      self.lse_attention)
+            i_out = i_out.to(q.dtype)
+            t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention).to(q.dtype) if t else tq
+
+        if u_axis.size > 1:
+            i_out = sequence_to_heads(i_out, ulysses_sizes, u_axis)
+            t_out = gather_heads(t_out, u_axis) if t else q[:, :0]
+        return join_joint(t_out, i_out, first)

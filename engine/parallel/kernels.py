@@ -1,0 +1,63 @@
+"""Attention that also returns its log-sum-exp, and the rule that merges two partial attentions. Pure functions on
+(B, S, H, D) tensors, no communication: the ring algorithm is built from these, and they are tested alone.
+
+A partial attention over a key block is (out, lse): out = softmax(scores over the block) @ V and lse the log of the
+block's softmax denominator, per (batch, query, head). Two partials over disjoint key blocks combine exactly into the
+attention over their union; `merge_partials` does it in the stable form (no exp of an lse, so blocks whose lse differ
+by hundreds neither overflow nor lose the smaller block to 0 * inf)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (q, k, v) (B, S, H, D) -> (out (B, Sq, H, D) float32, lse (B, Sq, H, 1) float32)
+LseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def math_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The obviously-right twin: explicit scores in float32 (float64 stays float64, for references)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * q.shape[-1] ** -0.5
+    lse = scores.logsumexp(dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", (scores - lse[..., None]).exp(), v.to(acc))
+    return out, lse.transpose(1, 2)[..., None]
+
+
+def fused_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused kernels, which return the lse alongside the output: flash on CUDA for 16-bit inputs, the
+    memory-efficient kernel on CUDA otherwise (flash has no fp32), the CPU flash kernel on CPU."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+    elif q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)
+    else:
+        return math_attention_lse(q, k, v)
+    # The memory-efficient kernel pads lse's query dim to a multiple of 32: keep the real queries only.
+    lse = lse[..., : q.shape[1]]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out.transpose(1, 2).to(acc), lse.transpose(1, 2)[..., None].to(acc)
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor):
+    """(out, lse) of keys A and (block_out, block_lse) of disjoint keys B -> (out, lse) of A u B.
+
+    lse' = log(e^lse + e^blse) = lse - logsigmoid(lse - blse);  out' = out - sigmoid(blse - lse) * (out - bout),
+    i.e. the convex combination weighted by each block's share of the softmax mass, without forming e^lse."""
+    block_out, block_lse = block_out.to(out.dtype), block_lse.to(lse.dtype)
+    new_out = out - torch.sigmoid(block_lse - lse) * (out - block_out)
+    new_lse = lse - F.logsigmoid(lse - block_lse)
+    return new_out, new_lse
+
+
+def merge_ordered(partials: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold partials left to right; every rank folding the same list in the same order gets the same bits."""
+    out, lse = partials[0]
+    for block_out, block_lse in partials[1:]:
+        out, lse = merge_partials(out, lse, block_out, block_lse)
+    return out, lse

@@ -1,0 +1,99 @@
+"""Wrap a built transformer so that its forward runs sequence-parallel: shard the image tokens and their position
+ids on entry (text stays replicated), run the unchanged model with the SP attention backend swapped in, gather the
+image output on exit. Every rank passes full-length inputs and gets the full-length output.
+
+Family knowledge (which arguments are image tokens and ids, whether text comes before or after the image in the
+joint sequence) lives in one small subclass per family, registered in WRAPPERS.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.parallel.attention import JointSequenceParallelAttention
+from engine.parallel.mesh import Mesh
+from engine.parallel.sharding import ShardPlan, plan_shards
+
+
+class ReplicationError(RuntimeError):
+    pass
+
+
+def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
+    return plan.shard(x, dim, index)
+
+
+def shard_positions(plan: ShardPlan, ids: torch.Tensor, dim: int, index: int) -> torch.Tensor:
+    """Position ids go with their tokens: the same cut as shard_tokens, so each shard's RoPE angles are its own."""
+    return plan.shard(ids, dim, index)
+
+
+def assert_replicated(x: torch.Tensor, group, what: str) -> None:
+    """Raise if `x` differs between the ranks of `group`. A float64 fingerprint (sum, sum of squares, a position-
+    weighted sum) is reduced with MAX over (f, -f): equal on every rank iff max == -max(-f) == min. One tiny
+    all-reduce per forward; it catches ranks that drew different noise, which would otherwise only blur the
+    result (CFG ranks on different latents still produce a plausible image)."""
+    flat = x.detach().flatten().double()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973)
+    f = torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()])
+    both = torch.cat([f, -f])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[:3], -both[3:]):
+        raise ReplicationError(f"{what} differs across ranks (fingerprint max {both[:3].tolist()} vs min "
+                               f"{(-both[3:]).tolist()}): every rank must start from the same seed and latents")
+
+
+class SequenceParallelTransformer(nn.Module):
+    """Base: holds the inner model, the mesh, the swapped-in attention; subclasses map their forward signature."""
+
+    text_first: bool = True  # where the replicated text sits in the model's joint sequence
+
+    def __init__(self, inner: nn.Module, mesh: Mesh):
+        super().__init__()
+        if isinstance(inner, SequenceParallelTransformer):
+            raise ValueError("transformer is already wrapped for parallelism; apply_parallel once per pipeline")
+        self.inner = inner
+        self.mesh = mesh
+        self.check_replicated = True
+        if mesh.sp.size > 1:
+            self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
+            inner.attention = self.sp_attention
+
+    def __getattr__(self, name: str):
+        # Callers that read model attributes (config, dtype of a parameter...) see the inner model's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call):
+        """call(image_shard, ids_shard) runs the inner model on this rank's shard; returns the gathered output."""
+        if self.check_replicated:
+            assert_replicated(image, None, "the image latents given to the transformer")
+        sp = self.mesh.sp
+        if sp.size == 1:
+            return call(image, image_ids)
+        plan = plan_shards(image.shape[1], sp.size)
+        self.sp_attention.configure(text_len, self.text_first, plan)
+        out = call(shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
+        return plan.gather(out, 1, sp.group)
+
+
+class Flux1SequenceParallel(SequenceParallelTransformer):
+    """FLUX.1: joint sequence [text | image] in both block kinds; RoPE tables from cat(txt_ids, img_ids)."""
+
+    text_first = True
+
+    def __init__(self, inner: nn.Module, mesh: Mesh):
+        heads = inner.config.num_attention_heads
+        if heads % mesh.ulysses.size:
+            raise ValueError(f"Ulysses degree {mesh.ulysses.size} must divide FLUX.1's {heads} attention heads")
+        super().__init__(inner, mesh)
+
+    def forward(self, img, txt, timestep, pooled, img_ids, txt_ids, guidance=None):
+        return self.run_sharded(img, img_ids, txt.shape[1], lambda x, ids: self.inner(
+            x, txt, timestep, pooled, ids, txt_ids, guidance))
+
+
+WRAPPERS: dict[str, type[SequenceParallelTransformer]] = {"flux1": Flux1SequenceParallel}

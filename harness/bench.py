@@ -1,0 +1,145 @@
+"""Denoiser step time at full size, engine next to diffusers in one process, on synthesized weights.
+
+`parity bench --family flux1 --height 1024 --width 1024 --modes diffusers-bf16 engine-bf16 ...` materializes the
+full-size transformer directly on the GPU (no 24 GB written to disk), times one forward per mode with CUDA
+events after warm-up, and checks each mode's output against the diffusers bf16 output on the same inputs."""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from harness import metrics as M
+from harness.provenance import versions
+from harness.zoo import synthesize_transformer_state_dict, transformer_config
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    family: str = "flux1"
+    size: str = "full"
+    height: int = 1024
+    width: int = 1024
+    text_tokens: int = 512
+    batch: int = 1
+    warmup: int = 3
+    iters: int = 10
+    device: str = "cuda"
+    seed: int = 0
+
+
+def flux1_inputs(cfg: BenchConfig, tcfg: dict, dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator("cpu").manual_seed(cfg.seed)
+    h, w = cfg.height // 16, cfg.width // 16  # VAE /8, then 2x2 packing
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    dev = cfg.device
+    return dict(
+        hidden_states=torch.randn(cfg.batch, h * w, tcfg["in_channels"], generator=g).to(dev, dtype),
+        encoder_hidden_states=torch.randn(cfg.batch, cfg.text_tokens, tcfg["joint_attention_dim"], generator=g).to(dev, dtype),
+        pooled_projections=torch.randn(cfg.batch, tcfg["pooled_projection_dim"], generator=g).to(dev, dtype),
+        timestep=torch.full([cfg.batch], 0.75).to(dev, dtype), guidance=torch.full([cfg.batch], 3.5, device=dev),
+        img_ids=ids.reshape(-1, 3).to(dev, dtype), txt_ids=torch.zeros(cfg.text_tokens, 3).to(dev, dtype),
+    )
+
+
+def time_forward(fn, cfg: BenchConfig) -> tuple[list[float], torch.Tensor]:
+    with torch.no_grad():
+        for _ in range(cfg.warmup):
+            out = fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(cfg.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    return times, out
+
+
+def build_diffusers(cfg: BenchConfig, tcfg: dict, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**{k: v for k, v in tcfg.items() if not k.startswith("_")})
+    sd = synthesize_transformer_state_dict(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=dtype)
+    model.load_state_dict(sd, assign=True, strict=True)
+    model = model.eval().requires_grad_(False)
+    return model, lambda x: model(**x, return_dict=False)[0]
+
+
+def build_engine(cfg: BenchConfig, tcfg: dict, dtype, quant: str):
+    from engine.loading import load_model
+    from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
+    from engine.quant.api import QuantSpec, quantize_model
+
+    fcfg = Flux1Config.from_diffusers(tcfg)
+    sd = synthesize_transformer_state_dict(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=dtype)
+    key_map = diffusers_key_map(fcfg)
+    model = load_model(lambda: Flux1Transformer(fcfg), key_map, sd, dtype, cfg.device)
+    del sd
+    model = quantize_model(model, QuantSpec(quant), key_map)
+    fwd = lambda x: model(x["hidden_states"], x["encoder_hidden_states"], x["timestep"],  # noqa: E731
+                          x["pooled_projections"], x["img_ids"], x["txt_ids"], x["guidance"])
+    return model, fwd
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> pd.DataFrame:
+    if cfg.family != "flux1":
+        raise ValueError(f"bench supports family 'flux1' only so far; got {cfg.family!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("bench needs a CUDA device")
+    dtype = torch.bfloat16
+    tcfg = transformer_config(cfg.family, cfg.size)
+    inputs = flux1_inputs(cfg, tcfg, dtype)
+    reference, rows = None, []
+    for mode in modes:
+        base, _, option = mode.partition("+")
+        backend, _, quant = base.partition("-")
+        quant = {"bf16": "none"}.get(quant, quant)
+        t0 = time.perf_counter()
+        if backend == "diffusers":
+            model, fwd = build_diffusers(cfg, tcfg, dtype)
+        elif backend == "engine":
+            model, fwd = build_engine(cfg, tcfg, dtype, quant)
+        else:
+            raise ValueError(f"unknown bench mode {mode!r}; valid: diffusers-bf16, engine-<bf16|quant mode>")
+        if option == "compile" and backend == "engine":
+            from engine.optimize import OptimizeSpec, optimize
+
+            optimize(model, OptimizeSpec(compile_blocks=True))
+        elif option == "compile":
+            fwd = torch.compile(fwd)
+        elif option:
+            raise ValueError(f"unknown bench option +{option}; valid: +compile")
+        build_s = time.perf_counter() - t0
+        times, out = time_forward(lambda: fwd(inputs), cfg)
+        if reference is None:
+            reference = out.float()
+        row = {"mode": mode, "median_ms": statistics.median(times), "min_ms": min(times), "build_s": round(build_s, 1),
+               "weight_gb": weight_bytes(model) / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+               "cosine_vs_first": float(M.cosine(out.float(), reference).min()),
+               "height": cfg.height, "width": cfg.width, "text_tokens": cfg.text_tokens,
+               "device_name": torch.cuda.get_device_name(), **versions()}
+        log(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
+        rows.append(row)
+        del model, fwd, out
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    frame = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_dir / "bench.csv", index=False)
+    return frame

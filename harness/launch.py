@@ -1,0 +1,170 @@
+"""Run one engine cell on several processes through torchrun, under a timeout, and bring back rank 0's results.
+
+Each cell gets its own torchrun (a fresh `--standalone` rendezvous on a free port, so cells never share a process
+group), gloo on CPU and NCCL on CUDA (chosen by apply_parallel from the config's device). Failures become a
+DistributedCellError saying why: a rank that crashed (with the tail of its log) or a timeout, after which the whole
+process tree is frozen and killed so that no rank is left behind holding a port or a GPU.
+
+`extra_env` is passed to every process; a test can put a directory holding a `sitecustomize.py` on PYTHONPATH to
+plant a bug in engine code without the engine knowing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from engine.api import Artifacts, RunConfig
+from engine.parallel.config import parse_parallel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_TAIL_CHARS = 3000
+
+
+class DistributedCellError(RuntimeError):
+    pass
+
+
+def nproc_for(parallel_name: str) -> int:
+    """How many processes a parallel config needs (ulysses x ring x cfg); raises on an unknown name."""
+    return parse_parallel(parallel_name).world_size
+
+
+def _children_map() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while we looked
+        ppid = int(text[text.rfind(")") + 2:].split()[1])  # the command name may hold spaces: cut after ')'
+        out.setdefault(ppid, []).append(int(stat.parent.name))
+    return out
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def kill_tree(root: int) -> list[int]:
+    """SIGKILL `root` and every descendant. torchrun starts each rank in a session of its own, so a process-group
+    kill would miss them: walk the tree instead, stopping each process before listing its children so nothing
+    forks a new one behind our back. Returns the pids killed."""
+    seen: list[int] = []
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in seen:
+            continue
+        _signal(pid, signal.SIGSTOP)
+        seen.append(pid)
+        frontier += _children_map().get(pid, [])
+    for pid in seen:
+        _signal(pid, signal.SIGKILL)
+    return seen
+
+
+def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-chars:]
+
+
+def _rank_logs(log_dir: Path) -> dict[int, Path]:
+    """torchrun -r 3 writes <log_dir>/<run id>/attempt_<n>/<local rank>/{stdout,stderr}.log; one node, so local
+    rank == rank. Both streams go to one file (stderr.log holds tracebacks, stdout.log prints)."""
+    logs: dict[int, Path] = {}
+    for path in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        logs[int(path.parent.name)] = path
+    return logs
+
+
+def _failure_reason(agent_log: Path, log_dir: Path, rc: int) -> str:
+    agent = _tail(agent_log, 20000)
+    # torchrun's summary names the first failed rank and its exit code under "Root Cause".
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", agent, re.S)
+    logs = _rank_logs(log_dir)
+    if root:
+        rank, code = int(root.group(1)), int(root.group(2))
+        what = f"signal {-code}" if code < 0 else f"exit code {code}"
+        tail = _tail(logs[rank]) if rank in logs else "(no log)"
+        return f"rank {rank} failed first ({what}); tail of its log:\n{tail}"
+    tails = "\n".join(f"--- rank {r} ---\n{_tail(p, 1000)}" for r, p in sorted(logs.items()))
+    return f"torchrun exited with code {rc}; agent log tail:\n{agent[-LOG_TAIL_CHARS:]}\n{tails}"
+
+
+def _job_env(extra_env: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    extra = dict(extra_env or {})
+    # The worker imports `engine` and `harness` from this checkout wherever it is started.
+    paths = [p for p in (extra.pop("PYTHONPATH", ""), str(REPO_ROOT), env.get("PYTHONPATH", "")) if p]
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _load_result(path: Path) -> tuple[Artifacts, torch.Tensor]:
+    saved = torch.load(path, weights_only=True)
+    fields = saved["artifacts"]
+    fields["images"] = fields["images"].numpy().astype(np.uint8)
+    return Artifacts(**fields), saved["step_output"]
+
+
+def run_engine_distributed(cfg: RunConfig, step0_inputs: dict[str, torch.Tensor], nproc: int, timeout_s: float,
+                           workdir: Path, extra_env: Mapping[str, str] | None = None) -> tuple[Artifacts, torch.Tensor]:
+    """Run `cfg` on `nproc` processes; return rank 0's generate() artifacts and transformer_forward(step0_inputs).
+
+    Raises DistributedCellError when a rank fails, when the whole cell exceeds `timeout_s` (every process killed),
+    or when rank 0 left no result."""
+    if nproc != nproc_for(cfg.parallel):
+        raise ValueError(f"parallel config {cfg.parallel!r} needs {nproc_for(cfg.parallel)} processes, asked for {nproc}")
+    if not step0_inputs:
+        raise ValueError("step0_inputs is empty: transformer_forward needs the reference's denoiser inputs")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    job, result, log_dir, agent_log = (workdir / n for n in ("job.pt", "result.pt", "logs", "torchrun.log"))
+    result.unlink(missing_ok=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    torch.save({"cfg": dataclasses.asdict(cfg), "step0_inputs": {k: v.detach().cpu() for k, v in step0_inputs.items()}},
+               job)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--log-dir={log_dir}", "--redirects=3", "--monitor-interval=0.1",
+           "-m", "harness.worker", "--job", str(job), "--out", str(result)]
+    t0 = time.monotonic()
+    with open(agent_log, "w") as agent_out:
+        proc = subprocess.Popen(cmd, stdout=agent_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=_job_env(extra_env), cwd=REPO_ROOT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            killed = kill_tree(proc.pid)
+            proc.wait()
+            tails = "\n".join(f"--- rank {r} ---\n{_tail(p, 1000)}" for r, p in sorted(_rank_logs(log_dir).items()))
+            raise DistributedCellError(
+                f"cell {cfg.parallel} timed out after {timeout_s:.0f}s; killed {len(killed)} processes "
+                f"(torchrun and its ranks). Rank log tails:\n{tails}") from None
+        except BaseException:
+            kill_tree(proc.pid)  # interrupted (Ctrl-C, test timeout): leave nothing behind
+            proc.wait()
+            raise
+    if rc != 0:
+        raise DistributedCellError(f"cell {cfg.parallel} failed after {time.monotonic() - t0:.1f}s: "
+                                   f"{_failure_reason(agent_log, log_dir, rc)}")
+    if not result.is_file():
+        raise DistributedCellError(f"cell {cfg.parallel}: every rank exited 0 but rank 0 wrote no result at {result}")
+    return _load_result(result)
