@@ -91,7 +91,11 @@ def gate(results: pd.DataFrame, thresholds: Thresholds) -> GateResult:
     rules, missing = _lookup_all({k for k, g in zip(keys, gated[rows.index]) if g}, thresholds, errors)
     if missing:
         where = thresholds.path or "the thresholds"
-        errors.append(f"no threshold for {len(missing)} gated key(s); add them to {where}: " + "; ".join(missing))
+        # Say which cells lack thresholds first (the usual cause: a new mode was added to a suite), then examples.
+        cells = sorted({" ".join(m.split()[:2]) for m in missing})
+        shown = "; ".join(missing[:8]) + (f"; ... {len(missing) - 8} more" if len(missing) > 8 else "")
+        errors.append(f"no threshold for {len(missing)} gated key(s) in {len(cells)} cell/comparison(s) "
+                      f"[{', '.join(cells[:12])}{', ...' if len(cells) > 12 else ''}]; add them to {where}: {shown}")
 
     used = [rules.get(k) if g else None for k, g in zip(keys, gated[rows.index])]
     verdicts = [_judge(*args) for args in zip(rows["status"], rows["reason"], values[rows.index], used)]

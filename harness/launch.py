@@ -87,7 +87,7 @@ def _tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
 
 def _rank_logs(log_dir: Path) -> dict[int, Path]:
     """torchrun -r 3 writes <log_dir>/<run id>/attempt_<n>/<local rank>/{stdout,stderr}.log; one node, so local
-    rank == rank. Both streams go to one file (stderr.log holds tracebacks, stdout.log prints)."""
+    rank == rank. Reasons quote stderr.log, where tracebacks and warnings go; stdout.log stays on disk."""
     logs: dict[int, Path] = {}
     for path in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
         logs[int(path.parent.name)] = path
@@ -132,7 +132,8 @@ def run_engine_distributed(cfg: RunConfig, step0_inputs: dict[str, torch.Tensor]
     Raises DistributedCellError when a rank fails, when the whole cell exceeds `timeout_s` (every process killed),
     or when rank 0 left no result."""
     if nproc != nproc_for(cfg.parallel):
-        raise ValueError(f"parallel config {cfg.parallel!r} needs {nproc_for(cfg.parallel)} processes, asked for {nproc}")
+        raise ValueError(f"parallel config {cfg.parallel!r} needs {nproc_for(cfg.parallel)} processes, "
+                         f"asked for {nproc}")
     if not step0_inputs:
         raise ValueError("step0_inputs is empty: transformer_forward needs the reference's denoiser inputs")
     workdir = Path(workdir)

@@ -239,6 +239,9 @@ METRICS: dict[str, MetricSpec] = _registry(
     MetricSpec("clip_score_delta", False, True, "",
                "clip_score_test - clip_score_ref; the gate compares its absolute value", absolute=True),
     MetricSpec("clip_image_similarity", True, True, "", "cosine of the CLIP image embeddings of test and ref"),
+    MetricSpec("weight_sqnr_db_min", True, True, "dB",
+               "L0: minimum over quantized linears of the SQNR of the dequantized weight vs the bf16 checkpoint "
+               "(one value per cell; per-layer values in weights.csv)"),
 )
 
 

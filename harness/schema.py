@@ -2,7 +2,7 @@
 per-step metrics). Every writer and reader of results goes through these names."""
 from __future__ import annotations
 
-# What defines a cell: the gate keys thresholds on the first five plus comparison and metric.
+# What defines a cell. The gate keys thresholds on GATE_KEY below (device is not part of it).
 CELL_COLUMNS = ("model", "dtype", "quant", "parallel", "device", "size", "backend")
 SAMPLE_COLUMNS = ("prompt_idx", "prompt", "seed", "steps", "height", "width", "guidance", "true_cfg_scale")
 MEASURE_COLUMNS = ("comparison", "metric", "step", "value", "status", "reason")
@@ -10,7 +10,9 @@ PROVENANCE_COLUMNS = (
     "run_id", "cell", "torch_version", "diffusers_version", "transformers_version", "parity_git",
     "model_hash", "clip_model", "clip_semantic",
 )
-COLUMNS = ("run_id", "cell") + CELL_COLUMNS + SAMPLE_COLUMNS + MEASURE_COLUMNS + PROVENANCE_COLUMNS[2:]
+# Per-cell facts about the model under test (bytes of transformer weights as stored, quantized share of linears).
+MODEL_COLUMNS = ("weight_bytes", "quantized_fraction")
+COLUMNS = ("run_id", "cell") + CELL_COLUMNS + SAMPLE_COLUMNS + MEASURE_COLUMNS + MODEL_COLUMNS + PROVENANCE_COLUMNS[2:]
 
 # Keys a threshold is looked up by.
 GATE_KEY = ("model", "dtype", "quant", "parallel", "comparison", "metric")
@@ -22,4 +24,6 @@ STATUSES = (OK, INVALID, ERROR)
 # Comparisons: which two outputs a metric compares.
 ENGINE_VS_REFERENCE = "engine_vs_reference"  # our engine vs a fresh diffusers run (implementation error)
 REFERENCE_VS_GOLDEN = "reference_vs_golden"  # fresh diffusers vs the stored golden (reference drift)
-COMPARISONS = (ENGINE_VS_REFERENCE, REFERENCE_VS_GOLDEN)
+ENGINE_VS_UNQUANTIZED = "engine_vs_unquantized"  # quant cell vs the same engine unquantized (quantization error)
+PARALLEL_VS_SINGLE = "parallel_vs_single_device"  # parallel cell vs the same engine on one device
+COMPARISONS = (ENGINE_VS_REFERENCE, REFERENCE_VS_GOLDEN, ENGINE_VS_UNQUANTIZED, PARALLEL_VS_SINGLE)

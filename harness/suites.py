@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 SUITES_DIR = Path(__file__).with_name("suites")
+QUANT_SOURCES = ("online", "checkpoint")
 AXES = ("model", "dtype", "quant", "parallel", "device", "size")
 SAMPLING = ("steps", "height", "width", "guidance", "true_cfg_scale", "negative_prompt", "max_sequence_length")
 
@@ -32,10 +33,20 @@ class Cell:
     max_sequence_length: int
     negative_prompt: str | None = None
     golden: bool = True
+    quant_source: str = "online"  # "online": quantize a bf16 folder at load; "checkpoint": a `parity quantize` folder
+    timeout_s: float = 600.0  # multi-process cells are killed after this
+
+    def __post_init__(self) -> None:
+        if self.quant_source not in QUANT_SOURCES:
+            raise SuiteError(f"cell quant_source {self.quant_source!r}; valid: {list(QUANT_SOURCES)}")
+        if self.quant_source == "checkpoint" and self.quant == "none":
+            raise SuiteError("quant_source = 'checkpoint' needs a quant mode, not 'none'")
 
     @property
     def name(self) -> str:
-        return "/".join([self.model, self.size, self.dtype, self.quant, self.parallel, self.device])
+        quant = self.quant + ("-ckpt" if self.quant_source == "checkpoint" else "")
+        cfg = "+truecfg" if self.negative_prompt is not None and self.true_cfg_scale > 1 else ""
+        return "/".join([self.model, self.size, self.dtype, quant, self.parallel + cfg, self.device])
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ def load_suite(name_or_path: str) -> Suite:
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             values = dict(zip(keys, combo))
-            missing = cell_fields - set(values) - {"negative_prompt", "golden"}
+            missing = cell_fields - set(values) - {"negative_prompt", "golden", "quant_source", "timeout_s"}
             if missing:
                 raise SuiteError(f"{path}: [[matrix]] #{i} leaves {sorted(missing)} unset (set them in [defaults])")
             cells.append(Cell(**values))

@@ -47,6 +47,8 @@ class SweepContext:
     clip: ClipScorer | None = None
     log: Callable[[str], None] = print
     _references: dict = field(default_factory=dict)
+    _engine_runners: dict = field(default_factory=dict)
+    _engine_runs: dict = field(default_factory=dict)
     _hashes: dict = field(default_factory=dict)
 
     def model_dir(self, cell: Cell) -> Path:
@@ -54,10 +56,41 @@ class SweepContext:
             return Path(self.model_dirs[cell.model])
         return cached_build(cell.model, cell.size, seed=0, root=self.zoo_root)
 
+    def engine_model_dir(self, cell: Cell, model_dir: Path) -> Path:
+        """The folder the engine loads: the model itself, or (quant_source = checkpoint) a quantized copy written
+        once by `parity quantize` and cached beside the zoo, while the reference keeps the bf16 folder."""
+        if cell.quant_source != "checkpoint":
+            return model_dir
+        from harness.quantize import FORMATS, quantize_folder
+
+        fmt = {"nvfp4-wo": "nvfp4"}.get(cell.quant, cell.quant)
+        if fmt not in FORMATS:
+            raise ValueError(f"quant mode {cell.quant!r} has no checkpoint format; valid: {sorted(FORMATS)} (+ nvfp4-wo)")
+        out = self.zoo_root / "quantized" / f"{model_dir.name}-{fmt}-{self.model_hash(model_dir)[:8]}"
+        if not out.is_dir():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            quantize_folder(model_dir, fmt, out)
+        return out
+
     def model_hash(self, path: Path) -> str:
         if path not in self._hashes:
             self._hashes[path] = folder_hash(path)
         return self._hashes[path]
+
+    def engine_run(self, cfg: RunConfig, step0_inputs: dict) -> Artifacts:
+        """The backend's artifacts for cfg, with its single-step output on the reference's step-0 inputs in
+        extras["single_step"]. Cached: quant and parallel cells compare against the same run of their baseline."""
+        key = cfg  # step0_inputs are the reference's for this same cfg
+        if key not in self._engine_runs:
+            runner_key = cfg.replace(seed=0)
+            if runner_key not in self._engine_runners:
+                self._engine_runners.clear()
+                self._engine_runners[runner_key] = open_backend(self.backend, runner_key)
+            runner = self._engine_runners[runner_key]
+            art = runner.generate(cfg)
+            art.extras["single_step"] = runner.transformer_forward(step0_inputs)
+            self._engine_runs[key] = art
+        return self._engine_runs[key]
 
     def reference(self, cfg: RunConfig) -> tuple[object, dict[int, Artifacts]]:
         """diffusers runs depend on neither quant nor parallel: one runner and one run per seed, shared."""
@@ -115,9 +148,9 @@ class Rows:
         self.rows += [self._row(i, comparison, m, np.nan, schema.ERROR, reason) for m in metrics for i in range(self.n)]
 
 
-def compare_engine(rows: Rows, test: Artifacts, ref: Artifacts, test_step: torch.Tensor, ref_step: torch.Tensor,
-                   prompts: list[str], clip: ClipScorer) -> None:
-    c = schema.ENGINE_VS_REFERENCE
+def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[str], clip: ClipScorer | None) -> None:
+    """Every metric of `test` against `ref` under comparison name c; CLIP scores only when a scorer is given."""
+    test_step, ref_step = test.extras["single_step"], ref.extras["single_step"]
     rows.add(c, "single_step_cosine", lambda: M.cosine(test_step, ref_step, what="engine single-step output"))
     rows.add(c, "single_step_rel_error", lambda: M.rel_error(test_step, ref_step, what="engine single-step output"))
     rows.add(c, "single_step_sqnr_db", lambda: M.sqnr_db(test_step, ref_step, what="engine single-step output"))
@@ -140,6 +173,8 @@ def compare_engine(rows: Rows, test: Artifacts, ref: Artifacts, test_step: torch
     rows.add(c, "psnr_db", images(M.psnr_db))
     rows.add(c, "ssim", images(M.ssim))
     rows.add(c, "mean_abs_diff", images(M.mean_abs_diff))
+    if clip is None:
+        return
     test_score = rows.add(c, "clip_score_test", images(lambda t, r: clip.text_image_score(t, prompts)))
     ref_score = rows.add(c, "clip_score_ref", lambda: clip.text_image_score(ref.images, prompts))
 
@@ -150,6 +185,45 @@ def compare_engine(rows: Rows, test: Artifacts, ref: Artifacts, test_step: torch
 
     rows.add(c, "clip_score_delta", delta)
     rows.add(c, "clip_image_similarity", images(clip.image_image_similarity))
+
+
+def weight_rows(cell: Cell, ctx: SweepContext, model_dir: Path, engine_dir: Path, run_dir: Path) -> list[dict]:
+    """L0: every quantized linear's dequantized weight against the bf16 checkpoint it came from. The minimum
+    over layers is a gated row; the per-layer values go to weights.csv next to the results."""
+    from engine.loading import read_checkpoint, remap
+    from engine.quant.api import QuantSpec, dequantized_weights
+    from engine.runner import FAMILIES
+
+    spec = QuantSpec(cell.quant)
+    model, key_map = FAMILIES[cell.model].build_denoiser(engine_dir / "transformer", spec, torch.float32, "cpu")
+    reference = remap(read_checkpoint(model_dir / "transformer"), key_map)
+    per_layer = [{"cell": cell.name, "layer": name, "sqnr_db": float(M.sqnr_db(w[None], reference[f"{name}.weight"][None].float(),
+                                                                        what=f"dequantized {name}.weight")[0])}
+                 for name, w in dequantized_weights(model).items()]
+    table = pd.DataFrame(per_layer, columns=["cell", "layer", "sqnr_db"])
+    path = run_dir / "weights.csv"
+    table.to_csv(path, mode="a", header=not path.exists(), index=False)
+    rows = Rows({**cell_columns(cell, ctx), "seed": pd.NA, "model_hash": ctx.model_hash(model_dir)}, 1, ("",))
+    rows.add(schema.ENGINE_VS_UNQUANTIZED, "weight_sqnr_db_min", lambda: np.array([table.sqnr_db.min()])
+             if len(table) else _no_quantized_layers(cell))
+    for r in rows.rows:
+        r["prompt_idx"], r["prompt"] = pd.NA, ""
+    return rows.rows
+
+
+def _no_quantized_layers(cell: Cell):
+    raise M.MetricError(f"quant mode {cell.quant!r} quantized no linear layer of {cell.model}")
+
+
+def baselines(engine_cfg: RunConfig, bf16_cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """What else a cell is compared with, to separate the causes of its error from the reference: the same
+    engine unquantized (from the bf16 folder, on one device), and the same engine on one device."""
+    out = []
+    if engine_cfg.quant != "none":
+        out.append((schema.ENGINE_VS_UNQUANTIZED, bf16_cfg.replace(quant="none", quant_ignored=(), parallel="sp1")))
+    if engine_cfg.parallel != "sp1":
+        out.append((schema.PARALLEL_VS_SINGLE, engine_cfg.replace(parallel="sp1")))
+    return out
 
 
 def compare_golden(rows: Rows, ref: Artifacts, golden_latents: torch.Tensor, golden_images: np.ndarray) -> None:
@@ -165,29 +239,38 @@ def save_images(folder: Path, seed: int, test: Artifacts, ref: Artifacts) -> Non
         Image.fromarray(ref.images[i]).save(folder / f"seed{seed}_p{i}_reference.png")
 
 
+def cell_columns(cell: Cell, ctx: SweepContext) -> dict:
+    return {"run_id": ctx.run_id, "cell": cell.name, "model": cell.model, "dtype": cell.dtype, "quant": cell.quant,
+            "parallel": cell.parallel, "device": cell.device, "size": cell.size, "backend": ctx.backend,
+            "steps": cell.steps, "height": cell.height, "width": cell.width, "guidance": cell.guidance,
+            "true_cfg_scale": cell.true_cfg_scale}
+
+
 def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     suite, prompts = ctx.suite, list(ctx.suite.prompts)
     model_dir = ctx.model_dir(cell)
-    base = {"run_id": ctx.run_id, "cell": cell.name, "model": cell.model, "dtype": cell.dtype, "quant": cell.quant,
-            "parallel": cell.parallel, "device": cell.device, "size": cell.size, "backend": ctx.backend,
-            "steps": cell.steps, "height": cell.height, "width": cell.width, "guidance": cell.guidance,
-            "true_cfg_scale": cell.true_cfg_scale, "model_hash": ctx.model_hash(model_dir)}
+    base = {**cell_columns(cell, ctx), "model_hash": ctx.model_hash(model_dir)}
     out: list[dict] = []
     cfg0 = run_config(cell, suite, model_dir)
     ref_runner, ref_runs = ctx.reference(cfg0)
-    engine = open_backend(ctx.backend, cfg0)
+    engine_cfg0 = cfg0.replace(model_dir=str(ctx.engine_model_dir(cell, model_dir)))
+    if cell.quant != "none":
+        out += weight_rows(cell, ctx, model_dir, Path(engine_cfg0.model_dir), images_dir.parent)
     for seed in suite.seeds:
         cfg = cfg0.replace(seed=seed)
         rows = Rows({**base, "seed": seed}, len(prompts), suite.prompts)
         if seed not in ref_runs:
             ref_runs[seed] = ref_runner.generate(cfg)
+            ref_runs[seed].extras["single_step"] = ref_runner.transformer_forward(ref_runs[seed].step0_inputs)
         ref = ref_runs[seed]
         t0 = time.perf_counter()
-        test = engine.generate(cfg)
+        test = ctx.engine_run(engine_cfg0.replace(seed=seed), ref.step0_inputs)
+        rows.base.update(weight_bytes=test.extras.get("weight_bytes", pd.NA),
+                         quantized_fraction=test.extras.get("quantized_param_fraction", pd.NA))
         ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
-        ref_step = ref_runner.transformer_forward(ref.step0_inputs)
-        test_step = engine.transformer_forward(ref.step0_inputs)
-        compare_engine(rows, test, ref, test_step, ref_step, prompts, ctx.clip)
+        compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip)
+        for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):
+            compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None)
         if ctx.golden and cell.golden:
             try:
                 g_lat, g_img = load_golden(golden_path(ctx.golden_root, suite.name, ref_key(cell), seed),
@@ -226,11 +309,8 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
             reason = f"{type(e).__name__}: {e}"
             ctx.log(f"  ERROR {reason}\n{traceback.format_exc(limit=6)}")
             for seed in ctx.suite.seeds:
-                r = Rows({"run_id": ctx.run_id, "cell": cell.name, "model": cell.model, "dtype": cell.dtype,
-                          "quant": cell.quant, "parallel": cell.parallel, "device": cell.device, "size": cell.size,
-                          "backend": ctx.backend, "seed": seed, "steps": cell.steps, "height": cell.height,
-                          "width": cell.width, "guidance": cell.guidance, "true_cfg_scale": cell.true_cfg_scale,
-                          "model_hash": ""}, len(ctx.suite.prompts), ctx.suite.prompts)
+                r = Rows({**cell_columns(cell, ctx), "seed": seed, "model_hash": ""}, len(ctx.suite.prompts),
+                         ctx.suite.prompts)
                 r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated), reason)
                 rows += r.rows
         ctx.log(f"  done in {time.perf_counter() - t0:.1f}s")

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 from engine.parallel import attention as sp_attention
 from engine.parallel.config import ParallelConfigError, ParallelSpec, parse_parallel
-from engine.parallel.kernels import fused_attention_lse, math_attention_lse, merge_ordered, merge_partials
-from engine.parallel.mesh import build_mesh
+from engine.parallel.kernels import fused_attention_lse, math_attention_lse, merge_ordered
+from engine.parallel.mesh import DistributedSetupError, build_mesh
 from engine.parallel.sharding import ShardPlan, plan_shards
 
 FP32_TOL, BF16_TOL = 1e-5, 1e-2
@@ -148,6 +148,17 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
         got = attn(*(_local(pad(x), TEXT, True, padded, mesh.sp.index).float() for x in (q, k, v)))
         want_local = _local(pad(want), TEXT, True, padded, mesh.sp.index)
         results[("plant_padded", u, r)] = (got[:, :TEXT + 1].double() - want_local[:, :TEXT + 1]).abs().max().item()
+    # Misconfigurations fail loudly, on every rank, before any collective.
+    try:
+        build_mesh(ParallelSpec(ulysses=2 * world))
+    except DistributedSetupError as e:
+        results["error_world"] = str(e)
+    attn = sp_attention.JointSequenceParallelAttention(build_mesh(ParallelSpec(ulysses=world)), local_attention=_sdpa)
+    attn.configure(TEXT, True, plan_shards(4 * world, world))
+    try:
+        attn(*(torch.zeros(B, TEXT + 4, 3, D) for _ in range(3)))
+    except ValueError as e:
+        results["error_heads"] = str(e)
     # Plant: replicated text taking the ring path (joined to the travelling block), so counted once per ring rank.
     real_ring = sp_attention.ring_attention
 
@@ -209,6 +220,7 @@ def test_replicated_text_output_is_bitwise_identical_on_every_rank(world_results
 def test_ring_merge_survives_lse_gap_of_80_and_no_text(world_results):
     _, results = world_results
     gaps, no_text = _worst(results, "lse_gap"), _worst(results, "no_text")
+    print(f"\nring lse gap ~80: max abs err {max(gaps.values()):.2e}; no text: {max(no_text.values()):.2e}")
     assert gaps and all(e <= FP32_TOL for e in gaps.values()), gaps
     assert all(e <= FP32_TOL for e in no_text.values()), no_text
 
@@ -216,10 +228,20 @@ def test_ring_merge_survives_lse_gap_of_80_and_no_text(world_results):
 def test_plant_text_counted_once_per_ring_rank_is_caught(world_results):
     _, results = world_results
     errs = _worst(results, "plant_text_twice")
+    print(f"\nplanted text-counted-per-ring-rank: max abs err {min(errs.values()):.2e}..{max(errs.values()):.2e}")
     assert errs and all(e > 100 * FP32_TOL for e in errs.values()), errs
 
 
 def test_plant_zero_padding_without_mask_is_caught(world_results):
     _, results = world_results
     errs = _worst(results, "plant_padded")
+    print(f"\nplanted zero padding without mask: max abs err {min(errs.values()):.2e}..{max(errs.values()):.2e}")
     assert errs and all(e > 100 * FP32_TOL for e in errs.values()), errs
+
+
+def test_misconfigured_mesh_and_heads_fail_clearly(world_results):
+    world, results = world_results
+    for res in results:
+        assert f"needs world_size = ulysses {2 * world} x ring 1 x cfg 1 = {2 * world}, but {world} processes" \
+            in res["error_world"]
+        assert f"Ulysses degree {world} must divide the number of heads (3)" in res["error_heads"]

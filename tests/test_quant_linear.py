@@ -15,6 +15,15 @@ from engine.quant.api import (
 from engine.quant.linear import Fp8Backend, Fp8Linear, LinearOptions, MXFP4Linear, NVFP4Linear, QuantLinear
 
 QUANT_MODES = [m for m in MODES if m != "none"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These ops are tiny: on a shared 2-core machine OpenMP spin-waits made them 20-50x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 EVERYWHERE = lambda name, module: True  # noqa: E731  (filter_fn: quantize every linear)
 
 
@@ -116,6 +125,10 @@ def test_fused_nvfp4_keeps_one_global_scale_per_segment():
     singles = [NVFP4Linear.from_float(p, None, (32,), torch.float32, LinearOptions()) for p in parts]
     assert fused.weight_scale_2.shape == (3,)
     assert torch.equal(fused.dequantize_weight(), torch.cat([s.dequantize_weight() for s in singles]))
+    torch._dynamo.reset()
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(torch.compile(fused, backend="eager", fullgraph=True)(x), fused(x))
+    torch._dynamo.reset()
 
 
 # --- the walk: selection and ignored patterns ---------------------------------------------------------------------
@@ -201,7 +214,7 @@ def test_walk_quantizes_transformers_text_encoders(tiny_flux_dir, which):
             quantize_(model, QuantSpec(mode, ignored=("layers.0",) if which == "text_encoder" else ("block.0.layer.1",)))
             got = model(ids)[0]
         names = _quantized_names(model)
-        assert len(names) >= 8 and not any(".0." in n and ("layers.0." in n or "layer.1." in n) for n in names)
+        assert len(names) >= 6 and not any(".0." in n and ("layers.0." in n or "layer.1." in n) for n in names)
         assert cosine(want, got) >= floor, (which, mode, cosine(want, got))
 
 

@@ -124,7 +124,9 @@ class JointSequenceParallelAttention:
 
     def __init__(self, mesh: Mesh, local_attention: AttentionFn, lse_attention: LseAttentionFn = fused_attention_lse):
         self.mesh = mesh
-        self.local_attention = local_attention  # used when the whole sequence is local (no ring): the model's own kernel
+        # Without a ring the whole sequence is local after the all-to-all: run the model's own kernel, in the
+        # model's token order, so Ulysses is bitwise equal to one device.
+        self.local_attention = local_attention
         self.lse_attention = lse_attention
         self.text_len: int | None = None
         self.text_first = True
@@ -146,6 +148,7 @@ class JointSequenceParallelAttention:
         (tq, iq), (tk, ik), (tv, iv) = (split_joint(x, t, first) for x in (q, k, v))
         u_axis, r_axis = mesh.ulysses, mesh.ring
         heads = q.shape[2]
+        # The image shards of our Ulysses group, which the all-to-all joins into one contiguous block.
         ulysses_sizes = plan.sizes[r_axis.index * u_axis.size:(r_axis.index + 1) * u_axis.size]
         if u_axis.size > 1:
             if heads % u_axis.size:
@@ -162,7 +165,10 @@ class JointSequenceParallelAttention:
             i_out, _ = ring_attention(iq, ik, iv, r_axis, plan.group_sizes(u_axis.size), text_kv, first,
                                       self.lse_attention)
             i_out = i_out.to(q.dtype)
-            t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention).to(q.dtype) if t else tq
+            if t:
+                t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention).to(q.dtype)
+            else:
+                t_out = tq
 
         if u_axis.size > 1:
             i_out = sequence_to_heads(i_out, ulysses_sizes, u_axis)

@@ -37,11 +37,14 @@ def assert_replicated(x: torch.Tensor, group, what: str) -> None:
     flat = x.detach().flatten().double()
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973)
     f = torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()])
+    # NaN never equals itself: map non-finite fingerprints to fixed values, so ranks that agree on a NaN agree here
+    # (the metrics report the NaN) and only a real divergence raises.
+    f = torch.nan_to_num(f, nan=1e300, posinf=2e300, neginf=-2e300)
     both = torch.cat([f, -f])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(both[:3], -both[3:]):
-        raise ReplicationError(f"{what} differs across ranks (fingerprint max {both[:3].tolist()} vs min "
-                               f"{(-both[3:]).tolist()}): every rank must start from the same seed and latents")
+        raise ReplicationError(f"{what}: not the same on every rank (fingerprint max {both[:3].tolist()} vs min "
+                               f"{(-both[3:]).tolist()}); every rank must start from the same seed and latents")
 
 
 class SequenceParallelTransformer(nn.Module):
@@ -55,10 +58,24 @@ class SequenceParallelTransformer(nn.Module):
             raise ValueError("transformer is already wrapped for parallelism; apply_parallel once per pipeline")
         self.inner = inner
         self.mesh = mesh
+        # One tiny all-reduce and host sync per forward; set False to drop it (e.g. under CUDA graphs).
         self.check_replicated = True
         if mesh.sp.size > 1:
             self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
             inner.attention = self.sp_attention
+
+    @property
+    def attention(self):
+        return self.inner.attention
+
+    @attention.setter
+    def attention(self, fn) -> None:
+        # Whoever swaps the model's kernel after wrapping (engine.optimize sets `.attention`) chooses the kernel the
+        # SP backend runs locally; replacing the SP backend itself would silently drop the sharded attention.
+        if self.mesh.sp.size > 1:
+            self.sp_attention.local_attention = fn
+        else:
+            self.inner.attention = fn
 
     def __getattr__(self, name: str):
         # Callers that read model attributes (config, dtype of a parameter...) see the inner model's.

@@ -15,7 +15,7 @@ from engine.api import Artifacts, RunConfig
 from engine.loading import read_config
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
-from engine.quant.api import QuantSpec, build_transformer
+from engine.quant.api import QuantSpec, build_transformer, quant_summary
 from engine.sampling.flow_match import flux_sigmas
 
 
@@ -54,18 +54,19 @@ class Flux1Pipeline:
         self.text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=self.dtype).to(self.device).eval()
         self.vae = AutoencoderKL.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        self.transformer_config = Flux1Config.from_diffusers(read_config(root / "transformer"))
-        self.transformer = build_transformer(
-            lambda: Flux1Transformer(self.transformer_config),
-            diffusers_key_map(self.transformer_config),
-            root / "transformer",
-            QuantSpec(cfg.quant, cfg.quant_ignored),
-            self.dtype,
-            self.device,
-        )
+        self.transformer, key_map = self.build_denoiser(root / "transformer", QuantSpec(cfg.quant, cfg.quant_ignored),
+                                                        self.dtype, self.device)
+        self.transformer_config = self.transformer.config
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.cfg_executor = serial_cfg  # how the two guidance branches run; CFG parallelism swaps it
         self.load_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def build_denoiser(component_dir: Path, spec: QuantSpec, dtype: torch.dtype, device) -> tuple[Flux1Transformer, dict]:
+        """The (quantized) transformer of a folder and its checkpoint key map; also used for weight-level checks."""
+        config = Flux1Config.from_diffusers(read_config(component_dir))
+        key_map = diffusers_key_map(config)
+        return build_transformer(lambda: Flux1Transformer(config), key_map, component_dir, spec, dtype, device), key_map
 
     # --- conditioning -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,7 +105,7 @@ class Flux1Pipeline:
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
-        for key in ("model_dir", "dtype", "device", "quant", "parallel"):
+        for key in ("model_dir", "dtype", "device", "quant", "quant_ignored", "parallel"):
             if getattr(cfg, key) != getattr(self.model_cfg, key):
                 raise ValueError(f"runner was loaded for {key}={getattr(self.model_cfg, key)!r}, asked for {getattr(cfg, key)!r}")
         prompts = list(cfg.prompts)
@@ -142,7 +143,7 @@ class Flux1Pipeline:
             initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
             final_latents=traj.final.detach().float().cpu(), images=to_uint8_images(decoded),
             step0_inputs={k: v.detach().cpu() for k, v in step0.items() if v is not None},
-            extras={"load_s": self.load_seconds, "denoise_s": denoise_s},
+            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **quant_summary(self.transformer)},
         )
 
     def decode_input(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:

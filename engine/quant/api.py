@@ -107,9 +107,9 @@ def quantize_(model: nn.Module, spec: QuantSpec, *, packed_modules: Mapping[str,
         return model
     options, cls = spec.linear_options(), spec.handler.linear_cls
     for name, linear in chosen.items():
-        rows = packed_modules[name].rows if packed_modules and name in packed_modules else None
+        packed = (packed_modules or {}).get(name)
+        rows = packed.rows if packed and packed.rows else (linear.out_features,)
         bias = None if linear.bias is None else linear.bias.detach()
-        rows = rows or (linear.out_features,)
         set_submodule(model, name, cls.from_float(linear.weight.detach(), bias, rows, linear.weight.dtype, options))
     return model
 

@@ -181,9 +181,14 @@ class NVFP4Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, weight, bias, segments, dtype, options):
-        parts = [nvfp4.quantize(w) for w in weight.split(list(segments))]
-        packed, scale, scale_2 = (torch.cat(t) if t[0].ndim else torch.stack(t) for t in zip(*parts))
-        return cls(packed, scale, scale_2, tuple(segments), None, bias, dtype, options)
+        packed, scales, scale_2 = [], [], []
+        for w in weight.split(list(segments)):
+            p, s, s2 = nvfp4.quantize(w)
+            packed.append(p)
+            scales.append(nvfp4.block_scale_layout(s, *w.shape).contiguous())
+            scale_2.append(s2)
+        return cls(torch.cat(packed), torch.cat(scales), torch.stack(scale_2), tuple(segments), None, bias, dtype,
+                   options)
 
     @classmethod
     def from_checkpoint(cls, parts, bias, dtype, options):
@@ -194,7 +199,7 @@ class NVFP4Linear(QuantLinear):
                 raise ValueError(f"NVFP4 checkpoint weight has dtype {w.dtype}, expected uint8 (two E2M1 per byte)")
             packed.append(e2m1.swap_nibbles(w) if options.swap_nibbles else w)
             rows.append(w.shape[0])
-            scales.append(nvfp4.block_scale_layout(part["weight_scale"], w.shape[0], w.shape[1] * 2))
+            scales.append(nvfp4.block_scale_layout(part["weight_scale"], w.shape[0], w.shape[1] * 2).contiguous())
         scale_2 = torch.stack([p["weight_scale_2"].float().reshape(()) for p in parts])
         # Each source tensor was calibrated on the same input, so their input scales agree up to calibration
         # noise; one fused matmul needs one, and the largest never clips what any of them kept (vLLM does the same).
@@ -208,7 +213,8 @@ class NVFP4Linear(QuantLinear):
     def dequantize_part(part, options: LinearOptions) -> torch.Tensor:
         w = part["weight"]
         w = e2m1.swap_nibbles(w) if options.swap_nibbles else w
-        return nvfp4.dequantize(w, part["weight_scale"], part["weight_scale_2"])
+        scale = nvfp4.block_scale_layout(part["weight_scale"], w.shape[0], w.shape[1] * 2)
+        return nvfp4.dequantize(w, scale, part["weight_scale_2"])
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         if len(self.segments) != 1:
@@ -222,7 +228,7 @@ class NVFP4Linear(QuantLinear):
     def _row_scale_2(self) -> torch.Tensor:
         if len(self.segments) == 1:
             return self.weight_scale_2
-        return torch.cat([s.expand(n) for s, n in zip(self.weight_scale_2, self.segments)])
+        return torch.cat([self.weight_scale_2[i].expand(n) for i, n in enumerate(self.segments)])
 
     def dequantize_weight(self) -> torch.Tensor:
         return nvfp4.dequantize(self.qweight, self.weight_scale, self._row_scale_2())

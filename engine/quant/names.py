@@ -74,7 +74,7 @@ def resolve_ignored(patterns: Iterable[str], linear_names: Iterable[str],
 
 
 def in_block(name: str, module: nn.Module) -> bool:
-    """The default filter: a linear inside a numbered block (see the module docstring)."""
+    """The default filter: a linear inside a numbered block, i.e. a ModuleList entry (why: engine/quant/api.py)."""
     return any(part.isdigit() for part in name.split("."))
 
 

@@ -47,8 +47,9 @@ def quantize(w: torch.Tensor, scale_2: torch.Tensor | None = None):
 
 
 def block_scale_layout(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """A stored weight_scale -> [N, K/16] with rows along N. Checkpoints are row-major, so this is a reshape.
-    Planted-bug point: `scale.reshape(k // BLOCK, n).t()` reads it as column-major."""
+    """A weight_scale as stored (checkpoint, or quantize's output) -> [N, K/16] with rows along N. Called once,
+    when a module is built; stored scales are row-major, so this is a reshape.
+    Planted-bug point: `scale.reshape(k // BLOCK, n).t()` reads them as column-major."""
     return scale.reshape(n, k // BLOCK)
 
 
@@ -58,8 +59,9 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor)
     (codes * scale) is exact in fp32 (3 + 2 mantissa bits), so the result is rounded once, by the global scale.
     Planted-bug point for a dropped global scale: wrap this and pass ones for scale_2."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    values = e2m1.decode(e2m1.unpack(packed)).view(n, k // BLOCK, BLOCK)
-    values = values * block_scale_layout(scale, n, k).float().unsqueeze(-1)
+    if scale.shape != (n, k // BLOCK):
+        raise ValueError(f"NVFP4 weight_scale must be [{n}, {k // BLOCK}], got {tuple(scale.shape)}")
+    values = e2m1.decode(e2m1.unpack(packed)).view(n, k // BLOCK, BLOCK) * scale.float().unsqueeze(-1)
     return (values * scale_2.float().reshape(-1, 1, 1)).reshape(n, k)
 
 
