@@ -24,8 +24,12 @@ class OptimizeSpec:
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The repeated blocks of a DiT: every ModuleList child of the model."""
-    return [m for m in model.children() if isinstance(m, nn.ModuleList)]
+    """The repeated blocks of a DiT: every ModuleList child of the model (looking inside a parallel wrapper)."""
+    model = getattr(model, "inner", model)
+    blocks = [m for m in model.children() if isinstance(m, nn.ModuleList)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of blocks to compile")
+    return blocks
 
 
 def optimize(model: nn.Module, spec: OptimizeSpec) -> nn.Module:

@@ -72,6 +72,8 @@ def cmd_sweep(args) -> int:
     _device_check(args.device)
     if args.device:
         suite = suite.with_device(args.device)
+    if args.quant_ignored_layers:
+        suite = suite.with_quant_ignored(tuple(args.quant_ignored_layers))
     if args.cells:
         cells = tuple(c for c in suite.cells if any(pat in c.name for pat in args.cells))
         if not cells:
@@ -150,6 +152,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=str(REPO / "reports"), help="parent folder of the run folder")
     s.add_argument("--run-id", help="name of the run folder (default: UTC time + suite)")
     s.add_argument("--cells", nargs="+", help="only cells whose name contains one of these substrings")
+    s.add_argument("--quant-ignored-layers", nargs="+", metavar="PATTERN",
+                   help="keep these layers unquantized in every quant cell (module names, dot boundaries; "
+                        "diffusers names such as transformer_blocks.0.attn.to_q reach fused engine modules)")
     s.add_argument("--backend", default="engine", help="backend under test: engine (default) or diffusers")
     s.add_argument("--model-dir", action="append", metavar="FAMILY=PATH", help="use a real model folder")
     s.add_argument("--zoo-root", help="where synthesized zoo folders are cached (default .zoo/)")

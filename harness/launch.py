@@ -94,6 +94,12 @@ def _rank_logs(log_dir: Path) -> dict[int, Path]:
     return logs
 
 
+def _exception_line(log: str) -> str:
+    """The last 'SomeError: message' line of a traceback, without torchrun's [rankN]: prefix."""
+    found = re.findall(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Interrupt)\b.*)$", log, re.M)
+    return found[-1].strip() if found else "no exception line in its log"
+
+
 def _failure_reason(agent_log: Path, log_dir: Path, rc: int) -> str:
     agent = _tail(agent_log, 20000)
     # torchrun's summary names the first failed rank and its exit code under "Root Cause".
@@ -103,7 +109,7 @@ def _failure_reason(agent_log: Path, log_dir: Path, rc: int) -> str:
         rank, code = int(root.group(1)), int(root.group(2))
         what = f"signal {-code}" if code < 0 else f"exit code {code}"
         tail = _tail(logs[rank]) if rank in logs else "(no log)"
-        return f"rank {rank} failed first ({what}); tail of its log:\n{tail}"
+        return f"rank {rank} failed first ({what}): {_exception_line(tail)}; tail of its log:\n{tail}"
     tails = "\n".join(f"--- rank {r} ---\n{_tail(p, 1000)}" for r, p in sorted(logs.items()))
     return f"torchrun exited with code {rc}; agent log tail:\n{agent[-LOG_TAIL_CHARS:]}\n{tails}"
 

@@ -33,10 +33,12 @@ class Cell:
     max_sequence_length: int
     negative_prompt: str | None = None
     golden: bool = True
+    quant_ignored: tuple[str, ...] = ()  # layers kept unquantized, matched on module-name dot boundaries
     quant_source: str = "online"  # "online": quantize a bf16 folder at load; "checkpoint": a `parity quantize` folder
     timeout_s: float = 600.0  # multi-process cells are killed after this
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quant_ignored", tuple(self.quant_ignored))  # TOML gives lists
         if self.quant_source not in QUANT_SOURCES:
             raise SuiteError(f"cell quant_source {self.quant_source!r}; valid: {list(QUANT_SOURCES)}")
         if self.quant_source == "checkpoint" and self.quant == "none":
@@ -60,6 +62,11 @@ class Suite:
 
     def with_device(self, device: str) -> "Suite":
         return replace(self, cells=tuple(replace(c, device=device) for c in self.cells))
+
+    def with_quant_ignored(self, patterns: tuple[str, ...]) -> "Suite":
+        """Add ignored-layer patterns to every quantized cell."""
+        return replace(self, cells=tuple(replace(c, quant_ignored=c.quant_ignored + tuple(patterns))
+                                         if c.quant != "none" else c for c in self.cells))
 
 
 def available_suites() -> list[str]:
@@ -98,11 +105,12 @@ def load_suite(name_or_path: str) -> Suite:
     for i, block in enumerate(data["matrix"]):
         if bad := set(block) - cell_fields:
             raise SuiteError(f"{path}: unknown keys in [[matrix]] #{i}: {sorted(bad)}; valid: {sorted(cell_fields)}")
-        axes = {k: v if isinstance(v, list) else [v] for k, v in {**defaults, **block}.items()}
+        # A list is an axis of the matrix, except for quant_ignored, whose value is itself a list of patterns.
+        axes = {k: [v] if k == "quant_ignored" or not isinstance(v, list) else v for k, v in {**defaults, **block}.items()}
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             values = dict(zip(keys, combo))
-            missing = cell_fields - set(values) - {"negative_prompt", "golden", "quant_source", "timeout_s"}
+            missing = cell_fields - set(values) - {"negative_prompt", "golden", "quant_source", "quant_ignored", "timeout_s"}
             if missing:
                 raise SuiteError(f"{path}: [[matrix]] #{i} leaves {sorted(missing)} unset (set them in [defaults])")
             cells.append(Cell(**values))

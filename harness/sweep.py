@@ -4,7 +4,9 @@ One failing cell becomes error rows and the sweep goes on. The run folder is wri
 and renamed when complete, so a crashed sweep never leaves a half-written report that looks finished."""
 from __future__ import annotations
 
+import hashlib
 import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from harness import schema
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, GoldenMissing, golden_path, load_golden
+from harness.launch import nproc_for, run_engine_distributed
 from harness.provenance import folder_hash, versions
 from harness.report import write_run, write_summary
 from harness.suites import Cell, Suite
@@ -31,7 +34,7 @@ from harness.zoo import cached_build
 DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 
 # Which metrics each comparison produces: the error rows of a crashed cell list the same names.
-ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step)
+ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_"))
 GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")
 
 
@@ -77,10 +80,19 @@ class SweepContext:
             self._hashes[path] = folder_hash(path)
         return self._hashes[path]
 
-    def engine_run(self, cfg: RunConfig, step0_inputs: dict) -> Artifacts:
+    def engine_run(self, cfg: RunConfig, step0_inputs: dict, timeout_s: float = 600.0) -> Artifacts:
         """The backend's artifacts for cfg, with its single-step output on the reference's step-0 inputs in
-        extras["single_step"]. Cached: quant and parallel cells compare against the same run of their baseline."""
+        extras["single_step"]. Cached: quant and parallel cells compare against the same run of their baseline.
+        Multi-rank parallel configs run under torchrun in their own processes, killed after timeout_s."""
         key = cfg  # step0_inputs are the reference's for this same cfg
+        if key not in self._engine_runs and nproc_for(cfg.parallel) > 1:
+            if self.backend != "engine":
+                raise ValueError(f"parallel config {cfg.parallel!r} runs only with the engine backend")
+            with tempfile.TemporaryDirectory(prefix="parity-cell-") as workdir:
+                art, single_step = run_engine_distributed(cfg, step0_inputs, nproc_for(cfg.parallel), timeout_s,
+                                                          Path(workdir))
+            art.extras["single_step"] = single_step
+            self._engine_runs[key] = art
         if key not in self._engine_runs:
             runner_key = cfg.replace(seed=0)
             if runner_key not in self._engine_runners:
@@ -102,7 +114,11 @@ class SweepContext:
 
 
 def ref_key(cell: Cell) -> str:
-    return f"{cell.model}-{cell.size}-{cell.dtype}-{cell.device}"
+    """Names the reference run a golden stores: what diffusers sees (not quant or parallel, which it never
+    runs), readable first, then a short hash of the sampling settings so a changed suite cannot match old files."""
+    sampling = repr((cell.steps, cell.height, cell.width, cell.guidance, cell.true_cfg_scale, cell.negative_prompt,
+                     cell.max_sequence_length))
+    return f"{cell.model}-{cell.size}-{cell.dtype}-{cell.device}-{hashlib.sha256(sampling.encode()).hexdigest()[:8]}"
 
 
 def run_config(cell: Cell, suite: Suite, model_dir: Path, seed: int = 0) -> RunConfig:
@@ -110,7 +126,7 @@ def run_config(cell: Cell, suite: Suite, model_dir: Path, seed: int = 0) -> RunC
         family=cell.model, model_dir=str(model_dir), prompts=suite.prompts, negative_prompt=cell.negative_prompt,
         seed=seed, steps=cell.steps, height=cell.height, width=cell.width, guidance=cell.guidance,
         true_cfg_scale=cell.true_cfg_scale, max_sequence_length=cell.max_sequence_length, dtype=cell.dtype,
-        device=cell.device, quant=cell.quant, parallel=cell.parallel,
+        device=cell.device, quant=cell.quant, quant_ignored=cell.quant_ignored, parallel=cell.parallel,
     )
 
 
@@ -194,7 +210,7 @@ def weight_rows(cell: Cell, ctx: SweepContext, model_dir: Path, engine_dir: Path
     from engine.quant.api import QuantSpec, dequantized_weights
     from engine.runner import FAMILIES
 
-    spec = QuantSpec(cell.quant)
+    spec = QuantSpec(cell.quant, cell.quant_ignored)
     model, key_map = FAMILIES[cell.model].build_denoiser(engine_dir / "transformer", spec, torch.float32, "cpu")
     reference = remap(read_checkpoint(model_dir / "transformer"), key_map)
     per_layer = [{"cell": cell.name, "layer": name, "sqnr_db": float(M.sqnr_db(w[None], reference[f"{name}.weight"][None].float(),
@@ -264,9 +280,9 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
             ref_runs[seed].extras["single_step"] = ref_runner.transformer_forward(ref_runs[seed].step0_inputs)
         ref = ref_runs[seed]
         t0 = time.perf_counter()
-        test = ctx.engine_run(engine_cfg0.replace(seed=seed), ref.step0_inputs)
-        rows.base.update(weight_bytes=test.extras.get("weight_bytes", pd.NA),
-                         quantized_fraction=test.extras.get("quantized_param_fraction", pd.NA))
+        test = ctx.engine_run(engine_cfg0.replace(seed=seed), ref.step0_inputs, cell.timeout_s)
+        rows.base.update(weight_bytes=test.extras.get("weight_bytes", np.nan),  # NaN: the backend does not say
+                         quantized_fraction=test.extras.get("quantized_param_fraction", np.nan))
         ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
         compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip)
         for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):
@@ -287,8 +303,22 @@ def new_run_id(suite: Suite) -> str:
     return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{suite.name}"
 
 
+def preflight(ctx: SweepContext) -> None:
+    """Input errors that would make every cell fail the same way are reported before anything runs or is
+    written (the CLI turns them into exit 2): unknown families, quant specs that cannot apply."""
+    from engine.quant.api import QuantSpec
+    from engine.runner import FAMILIES
+
+    for cell in ctx.suite.cells:
+        if cell.model not in FAMILIES:
+            raise ValueError(f"cell {cell.name}: no engine family {cell.model!r}; valid: {sorted(FAMILIES)}")
+        spec = QuantSpec(cell.quant, cell.quant_ignored)
+        FAMILIES[cell.model].check_quant_spec(ctx.model_dir(cell) / "transformer", spec)
+
+
 def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     out_root = Path(out_root)
+    preflight(ctx)
     final = out_root / ctx.run_id
     if final.exists():
         raise FileExistsError(f"report folder {final} already exists; pick another --run-id")
@@ -315,6 +345,9 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
                 rows += r.rows
         ctx.log(f"  done in {time.perf_counter() - t0:.1f}s")
     frame = pd.DataFrame(rows)
+    for column in schema.MODEL_COLUMNS:  # absent when no cell reported them (all crashed, or another backend)
+        if column not in frame:
+            frame[column] = np.nan
     for key, value in provenance.items():
         frame[key] = value
     frame["step"] = frame["step"].astype("Int64")

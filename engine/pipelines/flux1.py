@@ -15,7 +15,8 @@ from engine.api import Artifacts, RunConfig
 from engine.loading import read_config
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
-from engine.quant.api import QuantSpec, build_transformer, quant_summary
+from engine.quant.api import QuantSpec, build_transformer, quant_summary, select_linears
+from engine.quant.names import packed_from_key_map
 from engine.sampling.flow_match import flux_sigmas
 
 
@@ -67,6 +68,15 @@ class Flux1Pipeline:
         config = Flux1Config.from_diffusers(read_config(component_dir))
         key_map = diffusers_key_map(config)
         return build_transformer(lambda: Flux1Transformer(config), key_map, component_dir, spec, dtype, device), key_map
+
+    @staticmethod
+    def check_quant_spec(component_dir: Path, spec: QuantSpec) -> None:
+        """Fail before any work if the spec cannot apply (an ignored-layer pattern that matches nothing, a
+        layer shape the format cannot take): built on the meta device, so it costs no memory."""
+        config = Flux1Config.from_diffusers(read_config(component_dir))
+        with torch.device("meta"):
+            model = Flux1Transformer(config)
+        select_linears(model, spec, packed_from_key_map(diffusers_key_map(config), None))
 
     # --- conditioning -------------------------------------------------------------------------------------
     @torch.no_grad()

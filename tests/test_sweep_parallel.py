@@ -1,0 +1,55 @@
+"""Multi-rank cells through the `parity` CLI (torchrun, gloo on CPU): every parallel config matches one device
+in fp32 with an odd image token count, and each planted sequence-parallel bug makes the gate fail. Plants reach
+the torchrun ranks through a sitecustomize.py on PYTHONPATH, so no product code knows about them."""
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import schema
+from harness.cli import main
+
+TESTS = Path(__file__).parent
+SUITE = str(TESTS / "data" / "parallel_suite.toml")
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path, zoo_root, cells):
+    code = main(["sweep", "--suite", SUITE, "--out", str(tmp_path), "--run-id", "run", "--zoo-root", str(zoo_root),
+                 "--cells", *cells])
+    return code, tmp_path / "run"
+
+
+def test_every_parallel_config_matches_one_device(tmp_path, zoo_root):
+    code, run = sweep(tmp_path, zoo_root, ["/"])
+    assert code == 0, (run / "summary.md").read_text()
+    frame = pd.read_parquet(run / "results.parquet")
+    assert set(frame.parallel) == {"ulysses2", "ring2", "usp2x2", "cfg2"}
+    final = frame[(frame.comparison == schema.PARALLEL_VS_SINGLE) & (frame.metric == "final_latent_cosine")]
+    assert len(final) == 4 * 2 and (final.value >= 0.999999).all(), final[["cell", "value"]]
+
+
+PLANTS = {  # plant name (tests/test_parallel_pipeline.py::install_plant) -> the cell it breaks
+    "text_twice": "/ring2/",  # replicated text double-counted on the ring path
+    "rope_offset": "/ulysses2/",  # a RoPE shard offset by one token
+    "padded": "/ring2/",  # the uneven tail zero-padded without a key mask
+    "cfg_noise": "/cfg2",  # CFG ranks given different noise
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_planted_parallel_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, plant):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'RANK' in os.environ:  # only the torchrun ranks, never the sweep process\n"
+        f"    sys.path.insert(0, {str(TESTS)!r})\n"
+        "    from test_parallel_pipeline import install_plant\n"
+        f"    install_plant({plant!r})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    code, run = sweep(tmp_path, zoo_root, [PLANTS[plant]])
+    assert code == 1, (run / "summary.md").read_text()
+    summary = (run / "summary.md").read_text()
+    assert "FAIL" in summary and (schema.PARALLEL_VS_SINGLE in summary or "ReplicationError" in summary)

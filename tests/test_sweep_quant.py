@@ -1,0 +1,92 @@
+"""Quantized cells through the `parity` CLI: the clean suite passes its gate, and each planted format bug makes
+it fail (exit 1) on the metric that exists to catch it; an ignored-layer pattern that matches nothing is an
+input error (exit 2) before anything runs."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import engine.quant.formats.e2m1 as e2m1
+import engine.quant.formats.fp8 as fp8
+import engine.quant.formats.mxfp4 as mxfp4
+import engine.quant.formats.nvfp4 as nvfp4
+from harness import schema
+from harness.cli import main
+
+SUITE = str(Path(__file__).with_name("data") / "quant_suite.toml")
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path, zoo_root, cells, *extra):
+    code = main(["sweep", "--suite", SUITE, "--out", str(tmp_path), "--run-id", "run", "--zoo-root", str(zoo_root),
+                 "--cells", *cells, *extra])
+    return code, tmp_path / "run"
+
+
+def failed(run_dir) -> pd.DataFrame:
+    """(cell, comparison, metric) of every row the gate failed, read back from the report."""
+    from harness.gate import gate
+    from harness.report import load_results
+    from harness.thresholds import load_thresholds
+
+    rows = gate(load_results(run_dir), load_thresholds()).rows
+    return rows[rows.passed == False]  # noqa: E712 (nullable boolean)
+
+
+def test_clean_quant_cells_pass(tmp_path, zoo_root):
+    code, run = sweep(tmp_path, zoo_root, ["/"])
+    assert code == 0, (run / "summary.md").read_text()
+    frame = pd.read_parquet(run / "results.parquet")
+    assert set(frame.quant) == {"fp8", "fp8-wo", "nvfp4-wo", "mxfp4", "nvfp4"}
+    assert schema.ENGINE_VS_UNQUANTIZED in set(frame.comparison)
+    by_mode = frame.groupby("quant")[["weight_bytes", "quantized_fraction"]].first()
+    assert by_mode.weight_bytes["nvfp4"] < by_mode.weight_bytes["fp8"] < 3_694_368  # bf16 tiny transformer bytes
+    assert (by_mode.quantized_fraction > 0.5).all()
+    assert (run / "weights.csv").is_file()
+
+
+def _swapped_unpack(original):
+    return lambda packed, *a, **k: original(e2m1.swap_nibbles(packed), *a, **k)
+
+
+PLANTS = {
+    # name: (cells, function patch, metrics that must fail)
+    "nibbles_swapped": ("nvfp4-ckpt", lambda mp: mp.setattr(e2m1, "unpack", _swapped_unpack(e2m1.unpack)),
+                        {"single_step_cosine", "weight_sqnr_db_min"}),
+    "block_scales_transposed": ("nvfp4-ckpt", lambda mp: mp.setattr(
+        nvfp4, "block_scale_layout", lambda scale, n, k: scale.reshape(k // 16, n).t()),
+        {"single_step_cosine", "weight_sqnr_db_min"}),
+    "global_scale_dropped": ("nvfp4-ckpt", lambda mp: mp.setattr(
+        nvfp4, "dequantize", (lambda f: lambda p, s, s2, *a, **k: f(p, s, torch.ones_like(s2), *a, **k))(nvfp4.dequantize)),
+        {"single_step_cosine", "weight_sqnr_db_min"}),
+    "e5m2_for_e4m3": ("fp8-wo", lambda mp: mp.setattr(fp8, "DTYPE", torch.float8_e5m2), {"weight_sqnr_db_min"}),
+    "mxfp4_exponent_off_by_one": ("mxfp4", lambda mp: mp.setattr(
+        mxfp4, "shared_exponent", (lambda f: lambda *a, **k: f(*a, **k) - 1)(mxfp4.shared_exponent)),
+        {"single_step_cosine", "weight_sqnr_db_min"}),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_planted_quant_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, plant):
+    cell, patch, must_fail = PLANTS[plant]
+    patch(monkeypatch)
+    code, run = sweep(tmp_path, zoo_root, [f"/{cell}/"])
+    assert code == 1, (run / "summary.md").read_text()
+    assert must_fail <= set(failed(run).metric), sorted(set(failed(run).metric))
+
+
+def test_ignored_layer_pattern_that_matches_nothing_is_exit_2(tmp_path, zoo_root, capsys):
+    code, run = sweep(tmp_path, zoo_root, ["/fp8/"], "--quant-ignored-layers", "transformer_blocks.0.attn.to_q",
+                      "single_blocks.99")
+    assert code == 2
+    assert "'single_blocks.99' matches no linear module" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_ignored_layers_reach_fused_modules(tmp_path, zoo_root):
+    """A diffusers name (to_q) keeps the engine's fused img_qkv in bf16: fewer quantized parameters."""
+    code, run = sweep(tmp_path, zoo_root, ["/fp8/"], "--quant-ignored-layers", "transformer_blocks.0.attn.to_q")
+    full = sweep(tmp_path / "b", zoo_root, ["/fp8/"])[1]
+    frac = lambda r: pd.read_parquet(r / "results.parquet").quantized_fraction.dropna().iloc[0]  # noqa: E731
+    assert frac(run) < frac(full)
