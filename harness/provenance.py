@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -20,7 +21,10 @@ def package_version(name: str) -> str:
 
 @lru_cache(maxsize=1)
 def git_state() -> str:
-    """HEAD's short hash, with '-dirty' when the work tree differs; 'unknown' outside a git checkout."""
+    """HEAD's short hash, with '-dirty' when the work tree differs. Outside a git checkout (a copied tree on a
+    build machine) the PARITY_GIT environment variable names it; otherwise 'unknown'."""
+    if os.environ.get("PARITY_GIT"):
+        return os.environ["PARITY_GIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
