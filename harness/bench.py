@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ class BenchConfig:
     iters: int = 10
     device: str = "cuda"
     seed: int = 0
+    parallel: str = "sp1"  # under torchrun: every rank times its shard of the same forward
 
 
 def flux1_inputs(cfg: BenchConfig, tcfg: dict, dtype) -> dict[str, torch.Tensor]:
@@ -92,6 +94,17 @@ def build_engine(cfg: BenchConfig, tcfg: dict, dtype, quant: str):
     return model, fwd
 
 
+def parallelize(model, name: str, device: str):
+    """Wrap an engine transformer for sequence parallelism over the torchrun world (NCCL on CUDA)."""
+    from engine.parallel.config import parse_parallel
+    from engine.parallel.mesh import get_mesh, init_distributed
+    from engine.parallel.transformer import WRAPPERS
+
+    spec = parse_parallel(name)
+    init_distributed(spec, torch.device(device))
+    return WRAPPERS["flux1"](model, get_mesh(spec))
+
+
 def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -102,13 +115,22 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
     if not torch.cuda.is_available():
         raise ValueError("bench needs a CUDA device")
     dtype = torch.bfloat16
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.parallel != "sp1":
+        cfg = replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+        torch.cuda.set_device(cfg.device)
+        log = log if rank == 0 else (lambda *_: None)
     tcfg = transformer_config(cfg.family, cfg.size)
     inputs = flux1_inputs(cfg, tcfg, dtype)
     reference, rows = None, []
     for mode in modes:
-        base, _, option = mode.partition("+")
+        base, *options = mode.split("+")
         backend, _, quant = base.partition("-")
         quant = {"bf16": "none"}.get(quant, quant)
+        if bad := set(options) - {"compile", "cudnn"}:
+            raise ValueError(f"unknown bench option(s) {sorted(bad)} in {mode!r}; valid: +compile, +cudnn")
+        if cfg.parallel != "sp1" and backend != "engine":
+            raise ValueError(f"parallel bench runs the engine only; {mode!r} is not an engine mode")
         t0 = time.perf_counter()
         if backend == "diffusers":
             model, fwd = build_diffusers(cfg, tcfg, dtype)
@@ -116,19 +138,22 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
             model, fwd = build_engine(cfg, tcfg, dtype, quant)
         else:
             raise ValueError(f"unknown bench mode {mode!r}; valid: diffusers-bf16, engine-<bf16|quant mode>")
-        if option == "compile" and backend == "engine":
+        if backend == "engine":
             from engine.optimize import OptimizeSpec, optimize
 
-            optimize(model, OptimizeSpec(compile_blocks=True))
-        elif option == "compile":
+            optimize(model, OptimizeSpec(compile_blocks="compile" in options,
+                                         attention="sdpa-cudnn" if "cudnn" in options else "sdpa"))
+            if cfg.parallel != "sp1":
+                wrapped = parallelize(model, cfg.parallel, cfg.device)
+                fwd = lambda x: wrapped(x["hidden_states"], x["encoder_hidden_states"], x["timestep"],  # noqa: E731
+                                        x["pooled_projections"], x["img_ids"], x["txt_ids"], x["guidance"])
+        elif "compile" in options:
             fwd = torch.compile(fwd)
-        elif option:
-            raise ValueError(f"unknown bench option +{option}; valid: +compile")
         build_s = time.perf_counter() - t0
         times, out = time_forward(lambda: fwd(inputs), cfg)
         if reference is None:
             reference = out.float()
-        row = {"mode": mode, "median_ms": statistics.median(times), "min_ms": min(times), "build_s": round(build_s, 1),
+        row = {"mode": mode, "parallel": cfg.parallel, "median_ms": statistics.median(times), "min_ms": min(times), "build_s": round(build_s, 1),
                "weight_gb": weight_bytes(model) / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
                "cosine_vs_first": float(M.cosine(out.float(), reference).min()),
                "height": cfg.height, "width": cfg.width, "text_tokens": cfg.text_tokens,
@@ -140,6 +165,7 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     frame = pd.DataFrame(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_dir / "bench.csv", index=False)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out_dir / f"bench-{cfg.parallel}.csv", index=False)
     return frame

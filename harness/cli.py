@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -126,9 +127,10 @@ def cmd_bench(args) -> int:
     from harness.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(family=args.family, height=args.height, width=args.width, text_tokens=args.text_tokens,
-                      iters=args.iters, warmup=args.warmup)
+                      iters=args.iters, warmup=args.warmup, parallel=args.parallel)
     frame = run_bench(cfg, args.modes, Path(args.out))
-    print(frame[["mode", "median_ms", "min_ms", "weight_gb", "cosine_vs_first"]].to_string(index=False))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
+        print(frame[["mode", "parallel", "median_ms", "min_ms", "weight_gb", "cosine_vs_first"]].to_string(index=False))
     return EXIT_PASS
 
 
@@ -185,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--modes", nargs="+", default=["diffusers-bf16", "engine-bf16"],
                        help="diffusers-bf16 and engine-<bf16|quant mode>[+compile]; the first is the accuracy baseline")
+    bench.add_argument("--parallel", default="sp1",
+                       help="sequence-parallel config; run under torchrun with that many processes, e.g. "
+                            "`torchrun --nproc-per-node 2 -m harness.cli bench --parallel ulysses2`")
     bench.add_argument("--out", default=str(REPO / "reports" / "bench"))
     bench.set_defaults(func=cmd_bench)
     return p
