@@ -123,6 +123,17 @@ def cmd_golden_update(args) -> int:
     return EXIT_PASS
 
 
+def cmd_quantize(args) -> int:
+    from harness.quantize import quantize_folder
+
+    if not (Path(args.model_dir) / "model_index.json").is_file():
+        raise UsageError(f"{args.model_dir} is not a diffusers model folder (no model_index.json)")
+    out = quantize_folder(Path(args.model_dir), args.format, Path(args.out), keep_bf16=tuple(args.keep_bf16 or ()))
+    print(f"wrote {args.format} checkpoint to {out} (the engine loads it with --quant {args.format}; "
+          "the reference keeps running the bf16 folder)")
+    return EXIT_PASS
+
+
 def cmd_bench(args) -> int:
     from harness.bench import BenchConfig, run_bench
 
@@ -178,6 +189,14 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--suite", default="smoke")
     u.add_argument("--model-dir", action="append", metavar="FAMILY=PATH")
     u.set_defaults(func=cmd_golden_update)
+    q = verbs.add_parser("quantize", help="write a ModelOpt-style NVFP4 (or fp8 weight-only) copy of a model folder")
+    q.add_argument("model_dir", help="a bf16 diffusers-format model folder")
+    q.add_argument("--format", required=True, choices=["nvfp4", "fp8-wo"])
+    q.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    q.add_argument("--keep-bf16", nargs="+", metavar="PATTERN",
+                   help="layers to keep in bf16 (module names, dot boundaries; diffusers names)")
+    q.set_defaults(func=cmd_quantize)
+
     bench = verbs.add_parser("bench", help="time one full-size denoiser forward per mode on a GPU")
     bench.add_argument("--family", default="flux1")
     bench.add_argument("--height", type=int, default=1024)

@@ -82,31 +82,35 @@ class SweepContext:
 
     def engine_run(self, cfg: RunConfig, step0_inputs: dict, timeout_s: float = 600.0) -> Artifacts:
         """The backend's artifacts for cfg, with its single-step output on the reference's step-0 inputs in
-        extras["single_step"]. Cached: quant and parallel cells compare against the same run of their baseline.
-        Multi-rank parallel configs run under torchrun in their own processes, killed after timeout_s."""
-        key = cfg  # step0_inputs are the reference's for this same cfg
-        if key not in self._engine_runs and nproc_for(cfg.parallel) > 1:
-            if self.backend != "engine":
-                raise ValueError(f"parallel config {cfg.parallel!r} runs only with the engine backend")
-            with tempfile.TemporaryDirectory(prefix="parity-cell-") as workdir:
-                art, single_step = run_engine_distributed(cfg, step0_inputs, nproc_for(cfg.parallel), timeout_s,
-                                                          Path(workdir))
+        extras["single_step"]. Cached by cfg (step0_inputs are the reference's for that same cfg): quant and
+        parallel cells compare against one run of their baseline."""
+        if cfg not in self._engine_runs:
+            if nproc_for(cfg.parallel) > 1:
+                art, single_step = self._run_distributed(cfg, step0_inputs, timeout_s)
+            else:
+                art, single_step = self._run_local(cfg, step0_inputs)
             art.extras["single_step"] = single_step
-            self._engine_runs[key] = art
-        if key not in self._engine_runs:
-            runner_key = cfg.replace(seed=0)
-            if runner_key not in self._engine_runners:
-                self._engine_runners.clear()
-                self._engine_runners[runner_key] = open_backend(self.backend, runner_key)
-            runner = self._engine_runners[runner_key]
-            art = runner.generate(cfg)
-            art.extras["single_step"] = runner.transformer_forward(step0_inputs)
-            self._engine_runs[key] = art
-        return self._engine_runs[key]
+            self._engine_runs[cfg] = art
+        return self._engine_runs[cfg]
+
+    def _run_local(self, cfg: RunConfig, step0_inputs: dict) -> tuple[Artifacts, torch.Tensor]:
+        runner_key = cfg.replace(seed=0)
+        if runner_key not in self._engine_runners:
+            self._engine_runners.clear()  # one engine model in memory at a time
+            self._engine_runners[runner_key] = open_backend(self.backend, runner_key)
+        runner = self._engine_runners[runner_key]
+        return runner.generate(cfg), runner.transformer_forward(step0_inputs)
+
+    def _run_distributed(self, cfg: RunConfig, step0_inputs: dict, timeout_s: float) -> tuple[Artifacts, torch.Tensor]:
+        """Multi-rank configs run under torchrun in their own processes, killed after timeout_s."""
+        if self.backend != "engine":
+            raise ValueError(f"parallel config {cfg.parallel!r} runs only with the engine backend")
+        with tempfile.TemporaryDirectory(prefix="parity-cell-") as workdir:
+            return run_engine_distributed(cfg, step0_inputs, nproc_for(cfg.parallel), timeout_s, Path(workdir))
 
     def reference(self, cfg: RunConfig) -> tuple[object, dict[int, Artifacts]]:
         """diffusers runs depend on neither quant nor parallel: one runner and one run per seed, shared."""
-        key = cfg.replace(quant="none", parallel="sp1", seed=0)
+        key = cfg.replace(quant="none", quant_ignored=(), parallel="sp1", seed=0)
         if key not in self._references:
             self._references.clear()  # one reference model in memory at a time
             self._references[key] = (open_backend("diffusers", key), {})

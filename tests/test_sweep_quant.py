@@ -90,3 +90,14 @@ def test_ignored_layers_reach_fused_modules(tmp_path, zoo_root):
     full = sweep(tmp_path / "b", zoo_root, ["/fp8/"])[1]
     frac = lambda r: pd.read_parquet(r / "results.parquet").quantized_fraction.dropna().iloc[0]  # noqa: E731
     assert frac(run) < frac(full)
+
+
+def test_quantize_verb(tmp_path, tiny_flux_dir, capsys):
+    out = tmp_path / "nvfp4"
+    assert main(["quantize", str(tiny_flux_dir), "--format", "nvfp4", "--out", str(out), "--keep-bf16",
+                 "transformer_blocks.0.attn.to_q"]) == 0
+    assert (out / "transformer" / "hf_quant_config.json").is_file() and (out / "model_index.json").is_file()
+    assert main(["quantize", str(tiny_flux_dir), "--format", "nvfp4", "--out", str(tmp_path / "bad"),
+                 "--keep-bf16", "no_such_layer"]) == 2
+    assert "no_such_layer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["quantize", str(tmp_path), "--format", "nvfp4", "--out", str(tmp_path / "x")]) == 2
