@@ -105,6 +105,16 @@ def parallelize(model, name: str, device: str):
     return WRAPPERS["flux1"](model, get_mesh(spec))
 
 
+def quant_columns(model) -> dict:
+    """How many linears are quantized, and how many fp8 ones run through torch._scaled_mm (vs the emulated twin)."""
+    if not hasattr(model, "img_in"):  # the diffusers model
+        return {"n_quantized_linears": 0, "n_fp8_scaled_mm_linears": 0}
+    from engine.quant.api import quant_summary
+
+    summary = quant_summary(getattr(model, "inner", model))
+    return {k: summary[k] for k in ("n_quantized_linears", "n_fp8_scaled_mm_linears")}
+
+
 def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -154,7 +164,7 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
         if reference is None:
             reference = out.float()
         row = {"mode": mode, "parallel": cfg.parallel, "median_ms": statistics.median(times), "min_ms": min(times), "build_s": round(build_s, 1),
-               "weight_gb": weight_bytes(model) / 1e9, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+               "weight_gb": weight_bytes(model) / 1e9, **quant_columns(model), "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
                "cosine_vs_first": float(M.cosine(out.float(), reference).min()),
                "height": cfg.height, "width": cfg.width, "text_tokens": cfg.text_tokens,
                "device_name": torch.cuda.get_device_name(), **versions()}

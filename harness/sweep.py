@@ -286,7 +286,8 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
         t0 = time.perf_counter()
         test = ctx.engine_run(engine_cfg0.replace(seed=seed), ref.step0_inputs, cell.timeout_s)
         rows.base.update(weight_bytes=test.extras.get("weight_bytes", np.nan),  # NaN: the backend does not say
-                         quantized_fraction=test.extras.get("quantized_param_fraction", np.nan))
+                         quantized_fraction=test.extras.get("quantized_param_fraction", np.nan),
+                         fp8_scaled_mm_linears=test.extras.get("n_fp8_scaled_mm_linears", np.nan))
         ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
         compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip)
         for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):

@@ -153,8 +153,9 @@ def quant_summary(model: nn.Module) -> dict:
             if isinstance(module, QuantLinear):
                 n_quant += 1
                 quantized += elements
+    scaled_mm = sum(getattr(m, "backend", None) is Fp8Backend.SCALED_MM and m.options.act for m in model.modules())
     return {"weight_bytes": weight_bytes, "quantized_param_fraction": quantized / total if total else 0.0,
-            "n_quantized_linears": n_quant, "n_linears": n_linear}
+            "n_quantized_linears": n_quant, "n_linears": n_linear, "n_fp8_scaled_mm_linears": scaled_mm}
 
 
 def dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
