@@ -143,3 +143,12 @@ def test_bad_input_is_a_clear_error(tmp_path, zoo_root, capsys):
     assert "valid choices are cpu, cuda" in capsys.readouterr().err
     assert main(["gate", str(tmp_path / "missing")]) == 2
     assert not any(tmp_path.iterdir()), "bad input must leave nothing behind"
+
+
+def test_same_seed_same_report(tmp_path, zoo_root):
+    """Determinism: same seed, weights and noise give the same numbers, row for row."""
+    first = sweep(tmp_path, zoo_root, run_id="a")[1]
+    second = sweep(tmp_path, zoo_root, run_id="b")[1]
+    cols = ["cell", "prompt_idx", "seed", "comparison", "metric", "step", "value", "status"]
+    a, b = (pd.read_parquet(r / "results.parquet")[cols] for r in (first, second))
+    pd.testing.assert_frame_equal(a, b)
