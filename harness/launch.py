@@ -124,31 +124,46 @@ def _job_env(extra_env: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _load_result(path: Path) -> tuple[Artifacts, torch.Tensor]:
-    saved = torch.load(path, weights_only=True)
-    fields = saved["artifacts"]
-    fields["images"] = fields["images"].numpy().astype(np.uint8)
-    return Artifacts(**fields), saved["step_output"]
+def _load_results(path: Path) -> list[tuple[Artifacts, torch.Tensor]]:
+    out = []
+    for saved in torch.load(path, weights_only=True)["runs"]:
+        fields = saved["artifacts"]
+        fields["images"] = fields["images"].numpy().astype(np.uint8)
+        out.append((Artifacts(**fields), saved["step_output"]))
+    return out
 
 
 def run_engine_distributed(cfg: RunConfig, step0_inputs: dict[str, torch.Tensor], nproc: int, timeout_s: float,
                            workdir: Path, extra_env: Mapping[str, str] | None = None) -> tuple[Artifacts, torch.Tensor]:
-    """Run `cfg` on `nproc` processes; return rank 0's generate() artifacts and transformer_forward(step0_inputs).
+    """Run `cfg` on `nproc` processes; return rank 0's generate() artifacts and transformer_forward(step0_inputs)."""
+    return run_engine_distributed_many([cfg], [step0_inputs], nproc, timeout_s, workdir, extra_env)[0]
 
-    Raises DistributedCellError when a rank fails, when the whole cell exceeds `timeout_s` (every process killed),
+
+def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[str, torch.Tensor]], nproc: int,
+                                timeout_s: float, workdir: Path, extra_env: Mapping[str, str] | None = None
+                                ) -> list[tuple[Artifacts, torch.Tensor]]:
+    """Run several RunConfigs that differ only in seed in one torchrun job (the model is loaded once); return,
+    per config, rank 0's generate() artifacts and transformer_forward(its step0_inputs).
+
+    Raises DistributedCellError when a rank fails, when the whole job exceeds `timeout_s` (every process killed),
     or when rank 0 left no result."""
+    if not cfgs or len(cfgs) != len(step0_inputs):
+        raise ValueError(f"need one step0_inputs per config: {len(cfgs)} configs, {len(step0_inputs)} inputs")
+    if len({c.replace(seed=0) for c in cfgs}) != 1:
+        raise ValueError("configs of one distributed job may differ only in seed")
+    cfg = cfgs[0]
     if nproc != nproc_for(cfg.parallel):
         raise ValueError(f"parallel config {cfg.parallel!r} needs {nproc_for(cfg.parallel)} processes, "
                          f"asked for {nproc}")
-    if not step0_inputs:
+    if not all(step0_inputs):
         raise ValueError("step0_inputs is empty: transformer_forward needs the reference's denoiser inputs")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     job, result, log_dir, agent_log = (workdir / n for n in ("job.pt", "result.pt", "logs", "torchrun.log"))
     result.unlink(missing_ok=True)
     shutil.rmtree(log_dir, ignore_errors=True)
-    torch.save({"cfg": dataclasses.asdict(cfg), "step0_inputs": {k: v.detach().cpu() for k, v in step0_inputs.items()}},
-               job)
+    torch.save({"cfgs": [dataclasses.asdict(c) for c in cfgs],
+                "step0_inputs": [{k: v.detach().cpu() for k, v in x.items()} for x in step0_inputs]}, job)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--log-dir={log_dir}", "--redirects=3", "--monitor-interval=0.1",
            "-m", "harness.worker", "--job", str(job), "--out", str(result)]
@@ -174,4 +189,4 @@ def run_engine_distributed(cfg: RunConfig, step0_inputs: dict[str, torch.Tensor]
                                    f"{_failure_reason(agent_log, log_dir, rc)}")
     if not result.is_file():
         raise DistributedCellError(f"cell {cfg.parallel}: every rank exited 0 but rank 0 wrote no result at {result}")
-    return _load_result(result)
+    return _load_results(result)

@@ -25,7 +25,7 @@ from harness import schema
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, GoldenMissing, golden_path, load_golden
-from harness.launch import nproc_for, run_engine_distributed
+from harness.launch import nproc_for, run_engine_distributed_many
 from harness.provenance import folder_hash, versions
 from harness.report import write_run, write_summary
 from harness.suites import Cell, Suite
@@ -102,11 +102,25 @@ class SweepContext:
         return runner.generate(cfg), runner.transformer_forward(step0_inputs)
 
     def _run_distributed(self, cfg: RunConfig, step0_inputs: dict, timeout_s: float) -> tuple[Artifacts, torch.Tensor]:
-        """Multi-rank configs run under torchrun in their own processes, killed after timeout_s."""
+        return self.run_distributed([cfg], [step0_inputs], timeout_s)[0]
+
+    def run_distributed(self, cfgs: list[RunConfig], step0_inputs: list[dict], timeout_s: float
+                        ) -> list[tuple[Artifacts, torch.Tensor]]:
+        """Multi-rank configs run under torchrun in their own processes, killed after timeout_s; configs that
+        differ only in seed share one launch (process start-up and model load dominate a tiny cell)."""
         if self.backend != "engine":
-            raise ValueError(f"parallel config {cfg.parallel!r} runs only with the engine backend")
+            raise ValueError(f"parallel config {cfgs[0].parallel!r} runs only with the engine backend")
         with tempfile.TemporaryDirectory(prefix="parity-cell-") as workdir:
-            return run_engine_distributed(cfg, step0_inputs, nproc_for(cfg.parallel), timeout_s, Path(workdir))
+            return run_engine_distributed_many(cfgs, step0_inputs, nproc_for(cfgs[0].parallel), timeout_s,
+                                               Path(workdir))
+
+    def prefetch_distributed(self, cfgs: list[RunConfig], step0_inputs: list[dict], timeout_s: float) -> None:
+        todo = [(c, x) for c, x in zip(cfgs, step0_inputs) if c not in self._engine_runs]
+        if todo:
+            results = self.run_distributed([c for c, _ in todo], [x for _, x in todo], timeout_s)
+            for (cfg, _), (art, single_step) in zip(todo, results):
+                art.extras["single_step"] = single_step
+                self._engine_runs[cfg] = art
 
     def reference(self, cfg: RunConfig) -> tuple[object, dict[int, Artifacts]]:
         """diffusers runs depend on neither quant nor parallel: one runner and one run per seed, shared."""
@@ -277,11 +291,15 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     if cell.quant != "none":
         out += weight_rows(cell, ctx, model_dir, Path(engine_cfg0.model_dir), images_dir.parent)
     for seed in suite.seeds:
+        if seed not in ref_runs:
+            ref_runs[seed] = ref_runner.generate(cfg0.replace(seed=seed))
+            ref_runs[seed].extras["single_step"] = ref_runner.transformer_forward(ref_runs[seed].step0_inputs)
+    if nproc_for(cell.parallel) > 1:
+        ctx.prefetch_distributed([engine_cfg0.replace(seed=s) for s in suite.seeds],
+                                 [ref_runs[s].step0_inputs for s in suite.seeds], cell.timeout_s)
+    for seed in suite.seeds:
         cfg = cfg0.replace(seed=seed)
         rows = Rows({**base, "seed": seed}, len(prompts), suite.prompts)
-        if seed not in ref_runs:
-            ref_runs[seed] = ref_runner.generate(cfg)
-            ref_runs[seed].extras["single_step"] = ref_runner.transformer_forward(ref_runs[seed].step0_inputs)
         ref = ref_runs[seed]
         t0 = time.perf_counter()
         test = ctx.engine_run(engine_cfg0.replace(seed=seed), ref.step0_inputs, cell.timeout_s)

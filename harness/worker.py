@@ -27,25 +27,29 @@ def _check_same_on_every_rank(x: torch.Tensor, device: str, what: str) -> None:
 
 def run(job_path: Path, out_path: Path) -> None:
     job = torch.load(job_path, weights_only=True)
-    cfg = RunConfig(**job["cfg"])
-    if cfg.device.startswith("cuda"):
+    cfgs = [RunConfig(**{**c, "prompts": tuple(c["prompts"]), "quant_ignored": tuple(c["quant_ignored"])})
+            for c in job["cfgs"]]
+    if cfgs[0].device.startswith("cuda"):
         # Before any weight is loaded: "cuda" must mean this rank's GPU (apply_parallel checks it did).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     from engine.runner import open_runner
 
-    runner = open_runner(cfg)
-    artifacts = runner.generate(cfg)
-    step_output = runner.transformer_forward(job["step0_inputs"]).detach().cpu()
-    if dist.is_initialized():
-        device = "cuda" if cfg.device.startswith("cuda") else "cpu"
-        _check_same_on_every_rank(artifacts.final_latents, device, "generate() final latents")
-        _check_same_on_every_rank(step_output, device, "transformer_forward() output")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    runner = open_runner(cfgs[0])  # the configs differ only in seed: one model load for all
+    runs = []
+    for cfg, step0_inputs in zip(cfgs, job["step0_inputs"]):
+        artifacts = runner.generate(cfg)
+        step_output = runner.transformer_forward(step0_inputs).detach().cpu()
+        if dist.is_initialized():
+            device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+            _check_same_on_every_rank(artifacts.final_latents, device, "generate() final latents")
+            _check_same_on_every_rank(step_output, device, "transformer_forward() output")
         fields = dataclasses.asdict(artifacts)
         fields["images"] = torch.from_numpy(fields["images"])  # tensors only: the launcher loads weights_only
+        runs.append({"artifacts": fields, "step_output": step_output})
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
         tmp = out_path.with_suffix(".partial")
-        torch.save({"artifacts": fields, "step_output": step_output}, tmp)
+        torch.save({"runs": runs}, tmp)
         os.replace(tmp, out_path)  # the launcher never sees a half-written result
     if dist.is_initialized():
         dist.barrier()
@@ -55,7 +59,7 @@ def run(job_path: Path, out_path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=Path, required=True,
-                        help="torch.save'd {'cfg': RunConfig fields, 'step0_inputs': denoiser inputs}")
+                        help="torch.save'd {'cfgs': [RunConfig fields], 'step0_inputs': [denoiser inputs]}")
     parser.add_argument("--out", type=Path, required=True, help="where rank 0 writes the results")
     args = parser.parse_args(argv)
     run(args.job, args.out)
