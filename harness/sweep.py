@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from engine.api import Artifacts, RunConfig
+from engine.api import Artifacts, RunConfig, torch_dtype
 from harness import metrics as M
 from harness import schema
 from harness.backends import open_backend
@@ -222,18 +222,26 @@ def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[s
 
 
 def weight_rows(cell: Cell, ctx: SweepContext, model_dir: Path, engine_dir: Path, run_dir: Path) -> list[dict]:
-    """L0: every quantized linear's dequantized weight against the bf16 checkpoint it came from. The minimum
-    over layers is a gated row; the per-layer values go to weights.csv next to the results."""
+    """L0: every quantized linear's dequantized weight against the bf16 checkpoint it came from, with the model
+    built as the cell runs it (dtype, device). The minimum over layers is a gated row; the per-layer values go to
+    weights.csv next to the results. One layer is dequantized at a time: a full-size model never exists in fp32."""
     from engine.loading import read_checkpoint, remap
-    from engine.quant.api import QuantSpec, dequantized_weights
+    from engine.quant.api import QuantSpec
+    from engine.quant.linear import QuantLinear
     from engine.runner import FAMILIES
 
     spec = QuantSpec(cell.quant, cell.quant_ignored)
-    model, key_map = FAMILIES[cell.model].build_denoiser(engine_dir / "transformer", spec, torch.float32, "cpu")
+    model, key_map = FAMILIES[cell.model].build_denoiser(engine_dir / "transformer", spec, torch_dtype(cell.dtype),
+                                                         cell.device)
     reference = remap(read_checkpoint(model_dir / "transformer"), key_map)
-    per_layer = [{"cell": cell.name, "layer": name, "sqnr_db": float(M.sqnr_db(w[None], reference[f"{name}.weight"][None].float(),
-                                                                        what=f"dequantized {name}.weight")[0])}
-                 for name, w in dequantized_weights(model).items()]
+    per_layer = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            weight = module.dequantize_weight()
+            ref = reference[f"{name}.weight"].to(device=weight.device, dtype=torch.float32)
+            sqnr = M.sqnr_db(weight[None], ref[None], what=f"dequantized {name}.weight")[0]
+            per_layer.append({"cell": cell.name, "layer": name, "sqnr_db": float(sqnr)})
+    del model, reference
     table = pd.DataFrame(per_layer, columns=["cell", "layer", "sqnr_db"])
     path = run_dir / "weights.csv"
     table.to_csv(path, mode="a", header=not path.exists(), index=False)
