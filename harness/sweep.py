@@ -86,7 +86,7 @@ class SweepContext:
         parallel cells compare against one run of their baseline."""
         if cfg not in self._engine_runs:
             if nproc_for(cfg.parallel) > 1:
-                art, single_step = self._run_distributed(cfg, step0_inputs, timeout_s)
+                art, single_step = self.run_distributed([cfg], [step0_inputs], timeout_s)[0]
             else:
                 art, single_step = self._run_local(cfg, step0_inputs)
             art.extras["single_step"] = single_step
@@ -100,9 +100,6 @@ class SweepContext:
             self._engine_runners[runner_key] = open_backend(self.backend, runner_key)
         runner = self._engine_runners[runner_key]
         return runner.generate(cfg), runner.transformer_forward(step0_inputs)
-
-    def _run_distributed(self, cfg: RunConfig, step0_inputs: dict, timeout_s: float) -> tuple[Artifacts, torch.Tensor]:
-        return self.run_distributed([cfg], [step0_inputs], timeout_s)[0]
 
     def run_distributed(self, cfgs: list[RunConfig], step0_inputs: list[dict], timeout_s: float
                         ) -> list[tuple[Artifacts, torch.Tensor]]:

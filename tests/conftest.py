@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 
@@ -15,3 +16,12 @@ def tiny_flux_dir(zoo_root):
     from harness.zoo import cached_build
 
     return cached_build("flux1", "tiny", seed=0, root=zoo_root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny ops: on a shared 2-core machine OpenMP spin-waits made them 20-50x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

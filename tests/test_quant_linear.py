@@ -17,13 +17,7 @@ from engine.quant.linear import Fp8Backend, Fp8Linear, LinearOptions, MXFP4Linea
 QUANT_MODES = [m for m in MODES if m != "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These ops are tiny: on a shared 2-core machine OpenMP spin-waits made them 20-50x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 EVERYWHERE = lambda name, module: True  # noqa: E731  (filter_fn: quantize every linear)
 
 

@@ -19,13 +19,7 @@ from harness import quantize as tool
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: on a shared 2-core machine OpenMP spin-waits made them 20-50x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
