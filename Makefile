@@ -1,18 +1,27 @@
-# Two entry points: `make sweep` and `make test`. Both create the virtualenv on first use.
+# Two entry points: `make sweep` and `make test`. Both create the virtualenv on first use and install it from
+# requirements-lock.txt (every package, direct and transitive, at an exact version), so every machine runs the
+# stack the goldens and thresholds were measured on. `make lock` refreshes the lock on purpose.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUITE ?= smoke
 ARGS ?=
+LOCK := requirements-lock.txt
+# The lock is resolved for the machines that run it: CPython 3.11 on x86_64 Linux (glibc >= 2.28).
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
+UV_VERSION := 0.13.9
 
-.PHONY: install sweep test clean
+.PHONY: install sweep test lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The lock alone decides versions (pip installs exactly what it lists); the project itself goes in without
+# dependencies so that nothing outside the lock can enter.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $@
 
 sweep: install
@@ -20,6 +29,13 @@ sweep: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Re-resolve every package against the index as it is today (within lock-caps.txt), then review the diff:
+# a changed torch, diffusers or transformers can move reference numbers (see reference_vs_golden in a sweep).
+lock:
+	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q uv==$(UV_VERSION); }
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra ray $(LOCK_TARGET) -c lock-caps.txt --upgrade \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 clean:
 	rm -rf reports/*/ .zoo
