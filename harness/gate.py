@@ -135,7 +135,8 @@ def _judge(status, reason, value: float, rule: Threshold | None) -> tuple[object
         return True, ""
     absolute = metric_spec(rule.metric).absolute
     shown = f"|value| {fmt(abs(value))}" if absolute else f"value {fmt(value)}"
-    return False, f"{shown} is not {rule.op} {fmt(rule.value)}"
+    note = f" ({reason})" if isinstance(reason, str) and reason else ""  # e.g. which library versions moved
+    return False, f"{shown} is not {rule.op} {fmt(rule.value)}{note}"
 
 
 def format_verdict(result: GateResult, limit: int = 10) -> str:

@@ -24,9 +24,9 @@ from harness import metrics as M
 from harness import schema
 from harness.backends import open_backend
 from harness.clip import ClipScorer
-from harness.golden import GOLDEN_DIR, GoldenMissing, golden_path, load_golden
+from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
 from harness.launch import nproc_for, run_engine_distributed_many
-from harness.provenance import folder_hash, versions
+from harness.provenance import model_hash, versions
 from harness.report import write_run, write_summary
 from harness.suites import Cell, Suite
 from harness.zoo import cached_build
@@ -77,7 +77,7 @@ class SweepContext:
 
     def model_hash(self, path: Path) -> str:
         if path not in self._hashes:
-            self._hashes[path] = folder_hash(path)
+            self._hashes[path] = model_hash(path)
         return self._hashes[path]
 
     def engine_run(self, cfg: RunConfig, step0_inputs: dict, timeout_s: float = 600.0) -> Artifacts:
@@ -265,10 +265,19 @@ def baselines(engine_cfg: RunConfig, bf16_cfg: RunConfig) -> list[tuple[str, Run
     return out
 
 
-def compare_golden(rows: Rows, ref: Artifacts, golden_latents: torch.Tensor, golden_images: np.ndarray) -> None:
+def compare_golden(rows: Rows, ref: Artifacts, golden: Golden) -> None:
+    """Reference drift rows, each carrying the golden's library versions beside the run's; when they differ, the
+    row's note says which moved, so a failure points at the upgrade."""
     c = schema.REFERENCE_VS_GOLDEN
-    rows.add(c, "final_latent_cosine", lambda: M.cosine(ref.final_latents, golden_latents, what="reference final latents"))
-    rows.add(c, "psnr_db", lambda: M.psnr_db(ref.images, golden_images))
+    first = len(rows.rows)
+    rows.add(c, "final_latent_cosine", lambda: M.cosine(ref.final_latents, golden.final_latents,
+                                                        what="reference final latents"))
+    rows.add(c, "psnr_db", lambda: M.psnr_db(ref.images, golden.images))
+    note = golden.version_note(versions())
+    for row in rows.rows[first:]:
+        row.update(golden.columns())
+        if note and row["status"] == schema.OK:
+            row["reason"] = note
 
 
 def save_images(folder: Path, seed: int, test: Artifacts, ref: Artifacts) -> None:
@@ -317,11 +326,11 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
             compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None)
         if ctx.golden and cell.golden:
             try:
-                g_lat, g_img = load_golden(golden_path(ctx.golden_root, suite.name, ref_key(cell), seed),
-                                           base["model_hash"])
-                compare_golden(rows, ref, g_lat, g_img)
+                golden = load_golden(golden_path(ctx.golden_root, suite.name, ref_key(cell), seed), base["model_hash"])
             except GoldenMissing as e:
                 rows.errors(schema.REFERENCE_VS_GOLDEN, GOLDEN_METRICS, str(e))
+            else:
+                compare_golden(rows, ref, golden)
         save_images(images_dir / cell.name.replace("/", "_"), seed, test, ref)
         out += rows.rows
     return out
