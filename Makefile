@@ -11,7 +11,7 @@ LOCK := requirements-lock.txt
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 UV_VERSION := 0.13.9
 
-.PHONY: install sweep test lock clean
+.PHONY: install browser sweep test lock clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,16 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 sweep: install
 	$(BIN)/parity sweep --suite $(SUITE) $(ARGS)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The report tests render report.html in headless Chromium, Debian's `chromium` package (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "make test needs headless Chromium: install your distribution's chromium package (as root: apt-get install chromium)" >&2; exit 2; fi; }
 
 # Re-resolve every package against the index as it is today (within lock-caps.txt), then review the diff:
 # a changed torch, diffusers or transformers can move reference numbers (see reference_vs_golden in a sweep).
