@@ -15,7 +15,6 @@ from torch import nn
 
 from engine.loading import KeyMap, safetensors_files
 from engine.quant.api import QuantSpec, checkpoint_shapes, packed_from_key_map, select_linears
-from engine.quant.prequantized import CONFIG_NAME  # noqa: F401  (re-exported: the file the export writes)
 
 # format -> (quant_algo written to hf_quant_config.json, engine quant mode whose walk and linear class are used)
 FORMATS = {"nvfp4": ("NVFP4", "nvfp4"), "fp8-wo": ("FP8_PER_CHANNEL_PER_TOKEN", "fp8-wo")}
