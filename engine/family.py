@@ -20,7 +20,9 @@ class Family:
     name: str
     # model_index.json `_class_name` of the diffusers folders this family loads (how a bare folder is recognised).
     diffusers_pipeline: str
-    # The frozen dataclass of the family's sampling parameters (RunConfig.sampling holds one).
+    # The frozen dataclass of the family's sampling parameters (RunConfig.sampling holds one). Its fields are suite
+    # keys, report columns and part of the golden key; it has a `true_cfg` property (two guidance branches per step:
+    # what cfg2 parallelism splits, and the cell name's "+truecfg").
     sampling: type
     # Component folders that hold a denoiser, in the order the pipeline uses them; attributes of the same names on
     # the pipeline object hold the built models.
