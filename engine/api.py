@@ -1,20 +1,31 @@
-"""The one narrow interface between the harness and any backend (our engine, the diffusers reference, or
-another engine added later): a frozen RunConfig in, Artifacts out.
+"""The one door between the harness and any backend (our engine, the diffusers reference, or another engine added
+later): a frozen RunConfig in, Artifacts out; plus the few engine services the harness needs (preflight, the weight
+report, the quantized-checkpoint export, bench building blocks, the world size of a parallel spec). The harness
+imports nothing else of the engine (an import-linter contract in pyproject.toml enforces it).
 
-A backend exposes `open_runner(cfg) -> Runner`; the runner loads the model once and serves
-`generate(cfg)` (the whole pipeline) and `transformer_forward(inputs)` (one denoiser call on given inputs,
-for component-level comparison free of trajectory drift).
+A backend exposes `open_runner(cfg) -> Runner`; the runner loads the model once and serves `generate(cfg)` (the
+whole pipeline) and `transformer_forward(inputs)` (one denoiser call on given inputs, for component-level
+comparison free of trajectory drift).
+
+Engine modules are imported inside the functions below: the harness imports this module to build configs and must
+not pay for (or cycle through) model code until it runs one.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
 
+from engine.optimize import OptimizeSpec
+from engine.quant.prequantized import CONFIG_NAME as QUANT_CONFIG_NAME  # noqa: F401  (the file `parity quantize` writes)
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PER_RUN = {"per_run": True}  # field metadata: may change between generate() calls on one loaded model
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -26,27 +37,36 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines one run's output. Hashable, so it can key caches."""
+    """Everything that determines one run's output. Hashable, so it can key caches. `sampling` is the family's own
+    sampling object (engine.families: Family.sampling); None means that object's defaults."""
 
     family: str
     model_dir: str
-    prompts: tuple[str, ...]
-    negative_prompt: str | None = None
-    seed: int = 0
-    steps: int = 4
-    height: int = 64
-    width: int = 64
-    guidance: float = 3.5
-    true_cfg_scale: float = 1.0
-    max_sequence_length: int = 32
+    prompts: tuple[str, ...] = field(metadata=PER_RUN)
+    sampling: Any = field(default=None, metadata=PER_RUN)
+    seed: int = field(default=0, metadata=PER_RUN)
+    steps: int = field(default=4, metadata=PER_RUN)
+    height: int = field(default=64, metadata=PER_RUN)
+    width: int = field(default=64, metadata=PER_RUN)
     dtype: str = "fp32"
     device: str = "cpu"
     quant: str = "none"
     quant_ignored: tuple[str, ...] = ()
     parallel: str = "sp1"
+    optimize: OptimizeSpec = OptimizeSpec()
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
+        sampling_cls = sampling_type(self.family)
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", sampling_cls())
+        elif not isinstance(self.sampling, sampling_cls):
+            raise TypeError(f"RunConfig.sampling for family {self.family!r} must be a {sampling_cls.__name__}, "
+                            f"got {type(self.sampling).__name__}")
+        if not isinstance(self.optimize, OptimizeSpec):
+            raise TypeError(f"RunConfig.optimize must be an OptimizeSpec, got {type(self.optimize).__name__}")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "quant_ignored", tuple(self.quant_ignored))
         if not self.prompts:
             raise ValueError("RunConfig.prompts is empty: give at least one prompt")
         if self.steps < 1:
@@ -59,17 +79,55 @@ class RunConfig:
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)
 
+    def check_same_model(self, other: "RunConfig") -> None:
+        """Raise if `other` needs a different loaded model than this config (a runner serves only its own)."""
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("per_run") and getattr(self, f.name) != getattr(other, f.name):
+                raise ValueError(f"runner was loaded for {f.name}={getattr(self, f.name)!r}, "
+                                 f"asked for {getattr(other, f.name)!r}")
+
+    def to_dict(self) -> dict:
+        """Plain types only (str, int, float, bool, None, lists, dicts): JSON, TOML and torch.load(weights_only)."""
+        def plain(value):
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return list(value) if isinstance(value, tuple) else value
+        return plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "RunConfig":
+        data = dict(data)
+        if "family" not in data:
+            raise ValueError("RunConfig dict has no 'family'")
+        nested = {"sampling": sampling_type(data["family"]), "optimize": OptimizeSpec}
+        for key, sub in nested.items():
+            if isinstance(data.get(key), Mapping):
+                data[key] = dataclass_from_dict(sub, data[key], what=f"RunConfig.{key}")
+        return dataclass_from_dict(cls, data, what="RunConfig")
+
+
+def dataclass_from_dict(cls: type, data: Mapping, what: str):
+    """cls(**data), with lists turned back into tuples where the field is a tuple, and unknown keys an error that
+    lists the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(data) - names):
+        raise ValueError(f"{what}: unknown field(s) {unknown}; valid: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: tuple(v) if isinstance(v, list) and typing.get_origin(hints[k]) is tuple else v
+              for k, v in data.items()}
+    return cls(**values)
+
 
 @dataclass
 class Artifacts:
     """What a backend returns for one RunConfig. Latent tensors are the packed (B, N, C) sequence layout the
-    denoiser sees; images are uint8 (B, H, W, 3) rounded as diffusers' numpy_to_pil rounds them."""
+    denoiser sees; media are uint8 (B, F, H, W, 3), F = 1 for images, rounded as diffusers' numpy_to_pil rounds."""
 
     initial_latents: torch.Tensor
     step_latents: torch.Tensor  # (steps, B, N, C): latents after each sampler step
     step_outputs: torch.Tensor  # (steps, B, N, C): the guided prediction each step used
     final_latents: torch.Tensor  # (B, N, C)
-    images: np.ndarray  # (B, H, W, 3) uint8
+    images: np.ndarray  # (B, F, H, W, 3) uint8
     step0_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # denoiser kwargs, diffusers naming
     extras: dict[str, float] = field(default_factory=dict)  # timings and other scalars
 
@@ -78,3 +136,141 @@ class Runner(Protocol):
     def generate(self, cfg: RunConfig) -> Artifacts: ...
 
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+# --- the engine's services, by family name ------------------------------------------------------------------------
+def _family(name: str):
+    from engine.families import family
+
+    return family(name)
+
+
+def family_names() -> list[str]:
+    from engine.families import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+def sampling_type(family: str) -> type:
+    """The family's sampling dataclass (its fields are suite keys and report columns)."""
+    return _family(family).sampling
+
+
+def denoiser_names(family: str) -> tuple[str, ...]:
+    return _family(family).denoisers
+
+
+def open_runner(cfg: RunConfig) -> Runner:
+    from engine.runner import open_runner as _open
+
+    return _open(cfg)
+
+
+def world_size(parallel: str) -> int:
+    """How many processes a parallel config needs (ulysses x ring x cfg); raises on an unknown name."""
+    from engine.parallel.config import parse_parallel
+
+    return parse_parallel(parallel).world_size
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Input errors that would make a run fail, found without loading weights: the parallel and optimize specs,
+    and the quant spec against every denoiser (meta-device builds)."""
+    from engine.attention import attention_backend
+    from engine.denoisers import check_quant_spec
+    from engine.quant.api import QuantSpec
+
+    world_size(cfg.parallel)
+    attention_backend(cfg.optimize.attention)
+    check_quant_spec(_family(cfg.family), Path(cfg.model_dir), QuantSpec(cfg.quant, cfg.quant_ignored))
+
+
+def weight_report(cfg: RunConfig, source_dir: str | Path) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(denoiser, layer, dequantized weight, source weight) for every quantized linear of every denoiser of the
+    model `cfg` loads, built as cfg runs it, against the unquantized checkpoint in `source_dir`."""
+    from engine.denoisers import dequantized_weight_pairs
+    from engine.quant.api import QuantSpec
+
+    yield from dequantized_weight_pairs(_family(cfg.family), Path(cfg.model_dir), Path(source_dir),
+                                        QuantSpec(cfg.quant, cfg.quant_ignored), cfg.torch_dtype, cfg.device)
+
+
+def assert_replicated(x: torch.Tensor, what: str) -> None:
+    """Raise if `x` differs between the ranks of the default process group."""
+    from engine.parallel.transformer import assert_replicated as _check
+
+    _check(x, None, what)
+
+
+# --- pre-quantized checkpoints (`parity quantize`) ------------------------------------------------------------------
+def checkpoint_formats() -> dict[str, tuple[str, str]]:
+    from engine.quant.export import FORMATS
+
+    return dict(FORMATS)
+
+
+
+
+def folder_denoisers(model_dir: str | Path) -> tuple[str, ...]:
+    """The denoiser component folders of a diffusers model folder, by its model_index.json pipeline class."""
+    return _folder_family(model_dir).denoisers
+
+
+def _folder_family(model_dir):
+    import json
+
+    from engine.families import family_of_pipeline
+
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return family_of_pipeline(index.get("_class_name"))
+
+
+def quantized_denoiser(model_dir: str | Path, denoiser: str, fmt: str, keep_bf16: tuple[str, ...] = ()
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, hf_quant_config) of the quantized copy of one denoiser folder, chosen by the engine's own walk."""
+    from engine.denoisers import builder
+    from engine.quant.export import quantize_checkpoint
+
+    src = Path(model_dir) / denoiser
+    build, key_map = builder(_folder_family(model_dir), denoiser, src)
+    return quantize_checkpoint(build, key_map, src, fmt, tuple(keep_bf16))
+
+
+# --- bench building blocks ------------------------------------------------------------------------------------------
+def bench_inputs(family: str, denoiser: str, config: dict, shape, dtype: torch.dtype, device) -> dict:
+    """Random diffusers-named inputs for one denoiser forward at `shape` (engine.family.BenchShape)."""
+    return _family(family).bench_inputs(denoiser, config, shape, dtype, device)
+
+
+def bench_shape(**kwargs):
+    from engine.family import BenchShape
+
+    return BenchShape(**kwargs)
+
+
+def build_denoiser(family: str, denoiser: str, config: dict, state_dict: Mapping[str, torch.Tensor], quant: str,
+                   optimize: OptimizeSpec, parallel: str, dtype: torch.dtype, device):
+    """An engine denoiser from an in-memory diffusers state dict, in the runner's order (load, quantize, optimize,
+    parallelize over the torchrun world); returns (model, forward(diffusers-named inputs))."""
+    from engine.loading import load_model
+    from engine.optimize import optimize as apply_optimize
+    from engine.quant.api import QuantSpec, quantize_model
+
+    fam = _family(family)
+    build, key_map = fam.denoiser_builder(denoiser, config)
+    model = load_model(build, key_map, state_dict, dtype, device)
+    model = apply_optimize(quantize_model(model, QuantSpec(quant), key_map), optimize)
+    if world_size(parallel) > 1:
+        from engine.parallel.config import parse_parallel
+        from engine.parallel.mesh import get_mesh, init_distributed
+
+        spec = parse_parallel(parallel)
+        init_distributed(spec, torch.device(device))
+        model = fam.sequence_parallel(model, get_mesh(spec))
+    return model, lambda inputs: fam.denoiser_forward(model, inputs)
+
+
+def quant_summary(model: torch.nn.Module) -> dict:
+    from engine.quant.api import quant_summary as _summary
+
+    return _summary(getattr(model, "inner", model))

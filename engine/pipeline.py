@@ -43,7 +43,10 @@ def denoise_loop(predict: Predict, latents: torch.Tensor, sigmas: torch.Tensor, 
 
 
 def to_uint8_images(decoded: torch.Tensor) -> np.ndarray:
-    """VAE output in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), rounded as diffusers rounds for PIL."""
+    """VAE output in [-1, 1], (B, 3, H, W) for images or (B, 3, F, H, W) for video -> uint8 media (B, F, H, W, 3),
+    rounded as diffusers rounds for PIL."""
+    if decoded.ndim == 4:
+        decoded = decoded[:, :, None]
     images = (decoded * 0.5 + 0.5).clamp(0, 1)
-    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    images = images.cpu().permute(0, 2, 3, 4, 1).float().numpy()
     return (images * 255).round().astype(np.uint8)

@@ -1,15 +1,17 @@
-"""Backend entry point of the engine: `open_runner(cfg)` loads the family's pipeline for a RunConfig, then
-applies parallelism to the built pipeline (quantization is applied while loading the transformer)."""
+"""Backend entry point of the engine: `open_runner(cfg)` builds the family's pipeline for a RunConfig in one order,
+the same for every family: load and quantize each denoiser (inside the family's pipeline), optimize each denoiser
+(cfg.optimize), then parallelize (cfg.parallel)."""
 from __future__ import annotations
 
 from engine.api import RunConfig, Runner
+from engine.families import family
+from engine.optimize import optimize
 from engine.parallel.api import apply_parallel
-from engine.pipelines.flux1 import Flux1Pipeline
-
-FAMILIES: dict[str, type] = {"flux1": Flux1Pipeline}
 
 
 def open_runner(cfg: RunConfig) -> Runner:
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"the engine has no model family {cfg.family!r}; valid: {sorted(FAMILIES)}")
-    return apply_parallel(FAMILIES[cfg.family](cfg), cfg.parallel)
+    fam = family(cfg.family)
+    pipeline = fam.pipeline(cfg)
+    for name in fam.denoisers:
+        setattr(pipeline, name, optimize(getattr(pipeline, name), cfg.optimize))
+    return apply_parallel(pipeline, cfg.parallel, fam)

@@ -7,13 +7,13 @@ from engine.api import RunConfig, Runner
 
 
 def _engine(cfg: RunConfig) -> Runner:
-    from engine.runner import open_runner
+    from engine.api import open_runner
 
     return open_runner(cfg)
 
 
 def _diffusers(cfg: RunConfig) -> Runner:
-    from reference.flux1 import open_runner
+    from reference.registry import open_runner
 
     return open_runner(cfg)
 

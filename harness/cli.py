@@ -152,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
 
     zoo = verbs.add_parser("zoo", help="synthesize model folders").add_subparsers(dest="zoo_verb", required=True)
     b = zoo.add_parser("build", help="write a deterministic diffusers-format model folder")
-    b.add_argument("family", help="model family, e.g. flux1")
+    b.add_argument("family", help="model family (an unknown name lists the valid ones)")
     b.add_argument("out", help="folder to create")
     b.add_argument("--size", default="tiny", help="tiny (CPU tests) or full (the real architecture)")
     b.add_argument("--seed", type=int, default=0)
@@ -198,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     bench = verbs.add_parser("bench", help="time one full-size denoiser forward per mode on a GPU")
-    bench.add_argument("--family", default="flux1")
+    bench.add_argument("--family", required=True, help="model family: every denoiser it declares is timed")
     bench.add_argument("--height", type=int, default=1024)
     bench.add_argument("--width", type=int, default=1024)
     bench.add_argument("--text-tokens", type=int, default=512)

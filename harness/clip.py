@@ -88,12 +88,13 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed_images(self, images, what: str = "images") -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, D) float64 image embeddings (not normalised)."""
+        """(B, F, H, W, 3) uint8 (or (B, H, W, 3)) -> (B, F, D) float64 frame embeddings (not normalised)."""
         imgs = check_images(images, what)
-        batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in imgs]).to(self.device)
+        frames = imgs.reshape(-1, *imgs.shape[2:])
+        batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in frames]).to(self.device)
         emb = self.model.encode_image(batch).double().cpu()
         check_finite(emb, f"CLIP embedding of {what}")
-        return emb
+        return emb.reshape(imgs.shape[0], imgs.shape[1], -1)
 
     @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
@@ -109,19 +110,22 @@ class ClipScorer:
     # ------------------------------------------------------------ scores
 
     def text_image_score(self, images, prompts: list[str]) -> np.ndarray:
-        """CLIPScore per image: 100 * max(cos(image_emb, text_emb), 0); (B,) float64."""
+        """CLIPScore per sample: 100 * max(cos(frame_emb, text_emb), 0), the mean over frames; (B,) float64."""
         imgs = check_images(images, "images")
         if len(prompts) != imgs.shape[0]:
             raise MetricError(f"{imgs.shape[0]} images but {len(prompts)} prompts")
-        cos = cosine(self.embed_images(imgs), self.embed_texts(prompts), what="CLIP embeddings")
-        return 100.0 * np.maximum(cos, 0.0)
+        frames = self.embed_images(imgs)
+        texts = self.embed_texts(prompts)[:, None].expand(-1, frames.shape[1], -1)
+        cos = cosine(frames.reshape(-1, frames.shape[-1]), texts.reshape(-1, texts.shape[-1]), what="CLIP embeddings")
+        return (100.0 * np.maximum(cos, 0.0)).reshape(imgs.shape[0], -1).mean(axis=1)
 
     def image_image_similarity(self, a, b) -> np.ndarray:
-        """Cosine of the image embeddings of a[i] and b[i]; (B,) float64."""
+        """Cosine of the frame embeddings of a[i] and b[i], the mean over frames; (B,) float64."""
         ia, ib = check_images(a, "test images"), check_images(b, "ref images")
-        if ia.shape[0] != ib.shape[0]:
-            raise MetricError(f"batch mismatch: test images {ia.shape} vs ref images {ib.shape}")
-        # Sizes may differ (the transform resizes), only the batch must match.
-        return cosine(self.embed_images(ia, "test images"), self.embed_images(ib, "ref images"),
-                      what="CLIP image embeddings")
+        if ia.shape[:2] != ib.shape[:2]:
+            raise MetricError(f"batch/frame mismatch: test images {ia.shape} vs ref images {ib.shape}")
+        # Sizes may differ (the transform resizes), only the batch and frame count must match.
+        ea, eb = self.embed_images(ia, "test images"), self.embed_images(ib, "ref images")
+        cos = cosine(ea.reshape(-1, ea.shape[-1]), eb.reshape(-1, eb.shape[-1]), what="CLIP image embeddings")
+        return cos.reshape(ia.shape[0], -1).mean(axis=1)
 

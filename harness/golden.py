@@ -72,4 +72,7 @@ def load_golden(path: Path, model_hash: str) -> Golden:
             f"golden {path} was made from model {meta.get('model_hash')}, this run uses {model_hash}: the weights or "
             "a numerics-relevant config value differ (library version stamps are not part of a model's identity); "
             "run `parity golden update` once the new model is accepted")
-    return Golden(tensors["final_latents"], tensors["images"].numpy(), {k: meta.get(k, "unknown") for k in VERSION_KEYS})
+    images = tensors["images"].numpy()
+    if images.ndim == 4:  # (B, H, W, 3): written before media gained their frame axis, one frame
+        images = images[:, None]
+    return Golden(tensors["final_latents"], images, {k: meta.get(k, "unknown") for k in VERSION_KEYS})

@@ -10,7 +10,6 @@ plant a bug in engine code without the engine knowing.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -24,8 +23,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from engine.api import Artifacts, RunConfig
-from engine.parallel.config import parse_parallel
+from engine.api import Artifacts, RunConfig, world_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_CHARS = 3000
@@ -37,7 +35,7 @@ class DistributedCellError(RuntimeError):
 
 def nproc_for(parallel_name: str) -> int:
     """How many processes a parallel config needs (ulysses x ring x cfg); raises on an unknown name."""
-    return parse_parallel(parallel_name).world_size
+    return world_size(parallel_name)
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -162,7 +160,7 @@ def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[s
     job, result, log_dir, agent_log = (workdir / n for n in ("job.pt", "result.pt", "logs", "torchrun.log"))
     result.unlink(missing_ok=True)
     shutil.rmtree(log_dir, ignore_errors=True)
-    torch.save({"cfgs": [dataclasses.asdict(c) for c in cfgs],
+    torch.save({"cfgs": [c.to_dict() for c in cfgs],
                 "step0_inputs": [{k: v.detach().cpu() for k, v in x.items()} for x in step0_inputs]}, job)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--log-dir={log_dir}", "--redirects=3", "--monitor-interval=0.1",

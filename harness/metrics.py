@@ -137,13 +137,17 @@ def trajectory_cosine(test_steps, ref_steps, *, what: str = "trajectory") -> np.
 # ---------------------------------------------------------------- image metrics
 
 def check_images(images, what: str) -> np.ndarray:
-    """Return `images` as a numpy array if it is a non-empty uint8 (B, H, W, 3) batch, else raise MetricError."""
+    """Return `images` as a uint8 (B, F, H, W, 3) numpy array if it is a non-empty uint8 batch of media, else raise
+    MetricError. Media are (B, F, H, W, 3) with F = 1 for images; a (B, H, W, 3) batch is read as F = 1. Every
+    metric below gives one value per sample, computed over all of its frames."""
     a = np.asarray(images)
     # Float images have an ambiguous range (0..1 or 0..255): refuse them instead of guessing.
     if a.dtype != np.uint8:
-        raise MetricError(f"{what} must be uint8 (B, H, W, 3), got dtype {a.dtype}")
-    if a.ndim != 4 or a.shape[-1] != 3:
-        raise MetricError(f"{what} must be (B, H, W, 3), got shape {a.shape}")
+        raise MetricError(f"{what} must be uint8 (B, F, H, W, 3), got dtype {a.dtype}")
+    if a.ndim == 4 and a.shape[-1] == 3:
+        a = a[:, None]
+    if a.ndim != 5 or a.shape[-1] != 3:
+        raise MetricError(f"{what} must be (B, F, H, W, 3) or (B, H, W, 3), got shape {a.shape}")
     if a.size == 0:
         raise MetricError(f"{what} are empty (shape {a.shape})")
     return a
@@ -157,7 +161,7 @@ def _images(test, ref) -> tuple[np.ndarray, np.ndarray]:
 
 
 def psnr_db(test, ref) -> np.ndarray:
-    """Per-image PSNR in dB over 0..255, capped at PSNR_CAP_DB; (B,) float64."""
+    """Per-sample PSNR in dB over 0..255 (the MSE over all frames), capped at PSNR_CAP_DB; (B,) float64."""
     t, r = _images(test, ref)
     # Identical images are capped before skimage sees them: it would divide by zero (a RuntimeWarning) for inf.
     vals = [PSNR_CAP_DB if np.array_equal(ti, ri) else peak_signal_noise_ratio(ri, ti, data_range=255)
@@ -166,22 +170,23 @@ def psnr_db(test, ref) -> np.ndarray:
 
 
 def ssim(test, ref) -> np.ndarray:
-    """Per-image SSIM (skimage, uniform window, channel_axis=-1, data_range=255); (B,) float64.
+    """Per-sample SSIM (skimage, uniform window, channel_axis=-1, data_range=255), the mean over frames; (B,) float64.
 
     The window is skimage's default 7x7, shrunk to the largest odd size that fits images smaller than 7 pixels
     on a side (skimage raises otherwise); images under 3x3 are rejected because SSIM is meaningless there.
     """
     t, r = _images(test, ref)
-    side = min(t.shape[1], t.shape[2])
+    side = min(t.shape[2], t.shape[3])
     if side < 3:
-        raise MetricError(f"images of {t.shape[1]}x{t.shape[2]} are too small for SSIM (need at least 3x3)")
+        raise MetricError(f"images of {t.shape[2]}x{t.shape[3]} are too small for SSIM (need at least 3x3)")
     win = min(SSIM_WIN_SIZE, side if side % 2 else side - 1)
-    vals = [structural_similarity(ri, ti, channel_axis=-1, data_range=255, win_size=win) for ti, ri in zip(t, r)]
+    vals = [np.mean([structural_similarity(rf, tf, channel_axis=-1, data_range=255, win_size=win)
+                     for tf, rf in zip(ti, ri)]) for ti, ri in zip(t, r)]
     return np.asarray(vals, dtype=np.float64)
 
 
 def mean_abs_diff(test, ref) -> np.ndarray:
-    """Per-image mean |test - ref| in 0..255 units; (B,) float64."""
+    """Per-sample mean |test - ref| over all frames, in 0..255 units; (B,) float64."""
     t, r = _images(test, ref)
     diff = np.abs(t.astype(np.int16) - r.astype(np.int16))  # int16: uint8 subtraction would wrap around
     return diff.reshape(diff.shape[0], -1).mean(axis=1, dtype=np.float64)

@@ -25,7 +25,7 @@ GATE_BEGIN, GATE_END = "<!-- gate:begin -->", "<!-- gate:end -->"  # gate_run_di
 
 # Column dtypes, so that parquet and csv read back identical. Nullable ints: `step` is <NA> for whole-run metrics.
 _INT = ("prompt_idx", "seed", "steps", "height", "width", "step", "weight_bytes")
-_FLOAT = ("guidance", "true_cfg_scale", "value", "quantized_fraction")
+_FLOAT = ("value", "quantized_fraction")
 _BOOL = ("clip_semantic",)
 DTYPES = {c: "Int64" if c in _INT else "float64" if c in _FLOAT else "boolean" if c in _BOOL else "str"
           for c in COLUMNS}

@@ -2,9 +2,12 @@
 per-step metrics). Every writer and reader of results goes through these names."""
 from __future__ import annotations
 
-# What defines a cell. The gate keys thresholds on GATE_KEY below (device is not part of it).
-CELL_COLUMNS = ("model", "dtype", "quant", "parallel", "device", "size", "backend")
-SAMPLE_COLUMNS = ("prompt_idx", "prompt", "seed", "steps", "height", "width", "guidance", "true_cfg_scale")
+# What defines a cell. The gate keys thresholds on GATE_KEY below (device is not part of it). `optimize` labels the
+# engine's OptimizeSpec switches ("eager" when none is on).
+CELL_COLUMNS = ("model", "dtype", "quant", "parallel", "device", "size", "backend", "optimize")
+# Sample columns every family has. Each family's sampling object adds one column per field after the schema columns
+# (harness.sweep.cell_columns reads them off the dataclass).
+SAMPLE_COLUMNS = ("prompt_idx", "prompt", "seed", "steps", "height", "width")
 MEASURE_COLUMNS = ("comparison", "metric", "step", "value", "status", "reason")
 PROVENANCE_COLUMNS = (
     "run_id", "cell", "torch_version", "diffusers_version", "transformers_version", "parity_git",

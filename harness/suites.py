@@ -1,16 +1,23 @@
 """Suites are data: a TOML file lists prompts, seeds, sampling defaults and a matrix of cells
-(model x dtype x quant x parallel x device). This module turns one into a list of frozen Cells."""
+(model x dtype x quant x parallel x device x optimize switches). This module turns one into a list of frozen Cells.
+
+Keys are flat in the TOML: a Cell field, a switch of the engine's OptimizeSpec (compile_blocks, attention...), or a
+field of the cell's family's sampling object (engine.api.sampling_type), which the cell holds as one typed object.
+Sampling defaults for one family go in `[defaults.<family>]`; every key's meaning comes from those dataclasses."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
+
+from engine.api import OptimizeSpec, dataclass_from_dict, family_names, sampling_type
 
 SUITES_DIR = Path(__file__).with_name("suites")
 QUANT_SOURCES = ("online", "checkpoint")
-AXES = ("model", "dtype", "quant", "parallel", "device", "size")
-SAMPLING = ("steps", "height", "width", "guidance", "true_cfg_scale", "negative_prompt", "max_sequence_length")
+OPTIMIZE_KEYS = tuple(f.name for f in fields(OptimizeSpec))
 
 
 class SuiteError(ValueError):
@@ -28,10 +35,8 @@ class Cell:
     steps: int
     height: int
     width: int
-    guidance: float
-    true_cfg_scale: float
-    max_sequence_length: int
-    negative_prompt: str | None = None
+    sampling: Any = None  # the family's sampling object (None: its defaults)
+    optimize: OptimizeSpec = OptimizeSpec()
     golden: bool = True
     quant_ignored: tuple[str, ...] = ()  # layers kept unquantized, matched on module-name dot boundaries
     quant_source: str = "online"  # "online": quantize a bf16 folder at load; "checkpoint": a `parity quantize` folder
@@ -39,6 +44,8 @@ class Cell:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quant_ignored", tuple(self.quant_ignored))  # TOML gives lists
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", sampling_type(self.model)())
         if self.quant_source not in QUANT_SOURCES:
             raise SuiteError(f"cell quant_source {self.quant_source!r}; valid: {list(QUANT_SOURCES)}")
         if self.quant_source == "checkpoint" and self.quant == "none":
@@ -47,8 +54,17 @@ class Cell:
     @property
     def name(self) -> str:
         quant = self.quant + ("-ckpt" if self.quant_source == "checkpoint" else "")
-        cfg = "+truecfg" if self.negative_prompt is not None and self.true_cfg_scale > 1 else ""
-        return "/".join([self.model, self.size, self.dtype, quant, self.parallel + cfg, self.device])
+        cfg = "+truecfg" if self.sampling.true_cfg else ""
+        optimized = [] if self.optimize == OptimizeSpec() else [optimize_label(self.optimize)]
+        return "/".join([self.model, self.size, self.dtype, quant, self.parallel + cfg, self.device, *optimized])
+
+
+def optimize_label(spec: OptimizeSpec) -> str:
+    """'eager' for the default spec, else its non-default switches ('compile_blocks', 'attention=math')."""
+    changed = [f for f in fields(spec) if getattr(spec, f.name) != f.default]
+    if not changed:
+        return "eager"
+    return "+".join(f.name if getattr(spec, f.name) is True else f"{f.name}={getattr(spec, f.name)}" for f in changed)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,32 @@ class Suite:
         """Add ignored-layer patterns to every quantized cell."""
         return replace(self, cells=tuple(replace(c, quant_ignored=c.quant_ignored + tuple(patterns))
                                          if c.quant != "none" else c for c in self.cells))
+
+
+_CELL_KEYS = {f.name for f in fields(Cell)} - {"sampling", "optimize"}
+_REQUIRED = {f.name for f in fields(Cell) if f.default is dataclasses.MISSING}
+
+
+def _cell(values: dict, family_defaults: dict, where: str) -> Cell:
+    """One Cell from flat TOML keys: cell fields, OptimizeSpec switches and the family's sampling fields."""
+    family = values.get("model")
+    if family not in family_names():
+        raise SuiteError(f"{where}: model {family!r} is no model family; valid: {family_names()}")
+    sampling_keys = {f.name for f in fields(sampling_type(family))}
+    values = {**family_defaults.get(family, {}), **values}
+    if bad := set(values) - _CELL_KEYS - set(OPTIMIZE_KEYS) - sampling_keys:
+        valid = sorted(_CELL_KEYS | set(OPTIMIZE_KEYS) | sampling_keys)
+        raise SuiteError(f"{where}: unknown keys {sorted(bad)} for a {family} cell; valid: {valid}")
+    if missing := _REQUIRED - set(values):
+        raise SuiteError(f"{where} leaves {sorted(missing)} unset (set them in [defaults])")
+    try:
+        sampling = dataclass_from_dict(sampling_type(family), {k: values[k] for k in sampling_keys if k in values},
+                                       what=f"{family} sampling")
+        optimize = dataclass_from_dict(OptimizeSpec, {k: values[k] for k in OPTIMIZE_KEYS if k in values},
+                                       what="optimize")
+    except (TypeError, ValueError) as e:
+        raise SuiteError(f"{where}: {e}") from None
+    return Cell(**{k: v for k, v in values.items() if k in _CELL_KEYS}, sampling=sampling, optimize=optimize)
 
 
 def available_suites() -> list[str]:
@@ -97,23 +139,18 @@ def load_suite(name_or_path: str) -> Suite:
     for key in ("prompts", "seeds", "defaults", "matrix"):
         if key not in data:
             raise SuiteError(f"{path}: missing required key {key!r}")
-    defaults = dict(data["defaults"])
-    cell_fields = {f.name for f in fields(Cell)}
-    if bad := set(defaults) - cell_fields:
-        raise SuiteError(f"{path}: unknown keys in [defaults]: {sorted(bad)}; valid: {sorted(cell_fields)}")
+    defaults = {k: v for k, v in data["defaults"].items() if not isinstance(v, dict)}
+    family_defaults = {k: v for k, v in data["defaults"].items() if isinstance(v, dict)}
+    if bad := set(family_defaults) - set(family_names()):
+        raise SuiteError(f"{path}: [defaults.{sorted(bad)[0]}] names no model family; valid: {family_names()}")
     cells: list[Cell] = []
     for i, block in enumerate(data["matrix"]):
-        if bad := set(block) - cell_fields:
-            raise SuiteError(f"{path}: unknown keys in [[matrix]] #{i}: {sorted(bad)}; valid: {sorted(cell_fields)}")
         # A list is an axis of the matrix, except for quant_ignored, whose value is itself a list of patterns.
         axes = {k: [v] if k == "quant_ignored" or not isinstance(v, list) else v for k, v in {**defaults, **block}.items()}
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             values = dict(zip(keys, combo))
-            missing = cell_fields - set(values) - {"negative_prompt", "golden", "quant_source", "quant_ignored", "timeout_s"}
-            if missing:
-                raise SuiteError(f"{path}: [[matrix]] #{i} leaves {sorted(missing)} unset (set them in [defaults])")
-            cells.append(Cell(**values))
+            cells.append(_cell(values, family_defaults, f"{path}: [[matrix]] #{i}"))
     names = [c.name for c in cells]
     if dupes := sorted({n for n in names if names.count(n) > 1}):
         raise SuiteError(f"{path}: duplicate cells {dupes}")

@@ -4,6 +4,7 @@ One failing cell becomes error rows and the sweep goes on. The run folder is wri
 and renamed when complete, so a crashed sweep never leaves a half-written report that looks finished."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from engine.api import Artifacts, RunConfig, torch_dtype
+from engine.api import Artifacts, OptimizeSpec, RunConfig, preflight as engine_preflight, weight_report
 from harness import metrics as M
 from harness import schema
 from harness.backends import open_backend
@@ -28,7 +29,7 @@ from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_
 from harness.launch import nproc_for, run_engine_distributed_many
 from harness.provenance import model_hash, versions
 from harness.report import write_run, write_summary
-from harness.suites import Cell, Suite
+from harness.suites import Cell, Suite, optimize_label
 from harness.zoo import cached_build
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
@@ -121,7 +122,7 @@ class SweepContext:
 
     def reference(self, cfg: RunConfig) -> tuple[object, dict[int, Artifacts]]:
         """diffusers runs depend on neither quant nor parallel: one runner and one run per seed, shared."""
-        key = cfg.replace(quant="none", quant_ignored=(), parallel="sp1", seed=0)
+        key = cfg.replace(quant="none", quant_ignored=(), parallel="sp1", optimize=OptimizeSpec(), seed=0)
         if key not in self._references:
             self._references.clear()  # one reference model in memory at a time
             self._references[key] = (open_backend("diffusers", key), {})
@@ -130,19 +131,18 @@ class SweepContext:
 
 def ref_key(cell: Cell) -> str:
     """Names the reference run a golden stores: what diffusers sees (not quant or parallel, which it never
-    runs), readable first, then a short hash of the sampling settings so a changed suite cannot match old files."""
-    sampling = repr((cell.steps, cell.height, cell.width, cell.guidance, cell.true_cfg_scale, cell.negative_prompt,
-                     cell.max_sequence_length))
+    runs), readable first, then a short hash of the sampling settings so a changed suite cannot match old files.
+    The family's sampling fields come from its dataclass, in declaration order."""
+    sampling = repr((cell.steps, cell.height, cell.width) + dataclasses.astuple(cell.sampling))
     return f"{cell.model}-{cell.size}-{cell.dtype}-{cell.device}-{hashlib.sha256(sampling.encode()).hexdigest()[:8]}"
 
 
 def run_config(cell: Cell, suite: Suite, model_dir: Path, seed: int = 0) -> RunConfig:
-    return RunConfig(
-        family=cell.model, model_dir=str(model_dir), prompts=suite.prompts, negative_prompt=cell.negative_prompt,
-        seed=seed, steps=cell.steps, height=cell.height, width=cell.width, guidance=cell.guidance,
-        true_cfg_scale=cell.true_cfg_scale, max_sequence_length=cell.max_sequence_length, dtype=cell.dtype,
-        device=cell.device, quant=cell.quant, quant_ignored=cell.quant_ignored, parallel=cell.parallel,
-    )
+    """The cell's RunConfig: every RunConfig field the Cell has a field of the same name for, plus the suite's
+    prompts and the seed."""
+    shared = {f.name for f in dataclasses.fields(RunConfig)} & {f.name for f in dataclasses.fields(Cell)}
+    return RunConfig(family=cell.model, model_dir=str(model_dir), prompts=suite.prompts, seed=seed,
+                     **{name: getattr(cell, name) for name in shared})
 
 
 class Rows:
@@ -218,28 +218,15 @@ def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[s
     rows.add(c, "clip_image_similarity", images(clip.image_image_similarity))
 
 
-def weight_rows(cell: Cell, ctx: SweepContext, model_dir: Path, engine_dir: Path, run_dir: Path) -> list[dict]:
-    """L0: every quantized linear's dequantized weight against the bf16 checkpoint it came from, with the model
-    built as the cell runs it (dtype, device). The minimum over layers is a gated row; the per-layer values go to
-    weights.csv next to the results. One layer is dequantized at a time: a full-size model never exists in fp32."""
-    from engine.loading import read_checkpoint, remap
-    from engine.quant.api import QuantSpec
-    from engine.quant.linear import QuantLinear
-    from engine.runner import FAMILIES
-
-    spec = QuantSpec(cell.quant, cell.quant_ignored)
-    model, key_map = FAMILIES[cell.model].build_denoiser(engine_dir / "transformer", spec, torch_dtype(cell.dtype),
-                                                         cell.device)
-    reference = remap(read_checkpoint(model_dir / "transformer"), key_map)
-    per_layer = []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            weight = module.dequantize_weight()
-            ref = reference[f"{name}.weight"].to(device=weight.device, dtype=torch.float32)
-            sqnr = M.sqnr_db(weight[None], ref[None], what=f"dequantized {name}.weight")[0]
-            per_layer.append({"cell": cell.name, "layer": name, "sqnr_db": float(sqnr)})
-    del model, reference
-    table = pd.DataFrame(per_layer, columns=["cell", "layer", "sqnr_db"])
+def weight_rows(cell: Cell, ctx: SweepContext, model_dir: Path, engine_cfg: RunConfig, run_dir: Path) -> list[dict]:
+    """L0: every quantized linear's dequantized weight, in every denoiser, against the bf16 checkpoint it came from,
+    with the model built as the cell runs it (dtype, device). The minimum over layers is a gated row; the
+    per-layer values go to weights.csv next to the results. The engine dequantizes one layer at a time: a
+    full-size model never exists in fp32."""
+    per_layer = [{"cell": cell.name, "denoiser": denoiser, "layer": layer,
+                  "sqnr_db": float(M.sqnr_db(weight[None], ref[None], what=f"dequantized {denoiser}.{layer}.weight")[0])}
+                 for denoiser, layer, weight, ref in weight_report(engine_cfg, model_dir)]
+    table = pd.DataFrame(per_layer, columns=["cell", "denoiser", "layer", "sqnr_db"])
     path = run_dir / "weights.csv"
     table.to_csv(path, mode="a", header=not path.exists(), index=False)
     rows = Rows({**cell_columns(cell, ctx), "seed": pd.NA, "model_hash": ctx.model_hash(model_dir)}, 1, ("",))
@@ -259,7 +246,8 @@ def baselines(engine_cfg: RunConfig, bf16_cfg: RunConfig) -> list[tuple[str, Run
     engine unquantized (from the bf16 folder, on one device), and the same engine on one device."""
     out = []
     if engine_cfg.quant != "none":
-        out.append((schema.ENGINE_VS_UNQUANTIZED, bf16_cfg.replace(quant="none", quant_ignored=(), parallel="sp1")))
+        out.append((schema.ENGINE_VS_UNQUANTIZED, bf16_cfg.replace(quant="none", quant_ignored=(), parallel="sp1",
+                                                                   optimize=OptimizeSpec())))
     if engine_cfg.parallel != "sp1":
         out.append((schema.PARALLEL_VS_SINGLE, engine_cfg.replace(parallel="sp1")))
     return out
@@ -281,17 +269,22 @@ def compare_golden(rows: Rows, ref: Artifacts, golden: Golden) -> None:
 
 
 def save_images(folder: Path, seed: int, test: Artifacts, ref: Artifacts) -> None:
+    """One PNG per sample and frame of each side (media are (B, F, H, W, 3)); a single frame keeps the plain name."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(len(ref.images)):
-        Image.fromarray(test.images[i]).save(folder / f"seed{seed}_p{i}_engine.png")
-        Image.fromarray(ref.images[i]).save(folder / f"seed{seed}_p{i}_reference.png")
+    for side, media in (("engine", test.images), ("reference", ref.images)):
+        for i, frames in enumerate(media):
+            for f, frame in enumerate(frames):
+                suffix = "" if len(frames) == 1 else f"_f{f}"
+                Image.fromarray(frame).save(folder / f"seed{seed}_p{i}{suffix}_{side}.png")
 
 
 def cell_columns(cell: Cell, ctx: SweepContext) -> dict:
-    return {"run_id": ctx.run_id, "cell": cell.name, "model": cell.model, "dtype": cell.dtype, "quant": cell.quant,
-            "parallel": cell.parallel, "device": cell.device, "size": cell.size, "backend": ctx.backend,
-            "steps": cell.steps, "height": cell.height, "width": cell.width, "guidance": cell.guidance,
-            "true_cfg_scale": cell.true_cfg_scale}
+    """The row columns that describe the cell: schema's cell and sample columns read off the Cell (the backend
+    and optimize label from the context and spec), then one column per field of the family's sampling object."""
+    named = {"run_id": ctx.run_id, "cell": cell.name, "backend": ctx.backend, "optimize": optimize_label(cell.optimize)}
+    generic = {c: named[c] if c in named else getattr(cell, c) for c in ("run_id", "cell") + schema.CELL_COLUMNS
+               + schema.SAMPLE_COLUMNS if c in named or hasattr(cell, c)}
+    return {**generic, **dataclasses.asdict(cell.sampling)}
 
 
 def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
@@ -303,7 +296,7 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     ref_runner, ref_runs = ctx.reference(cfg0)
     engine_cfg0 = cfg0.replace(model_dir=str(ctx.engine_model_dir(cell, model_dir)))
     if cell.quant != "none":
-        out += weight_rows(cell, ctx, model_dir, Path(engine_cfg0.model_dir), images_dir.parent)
+        out += weight_rows(cell, ctx, model_dir, engine_cfg0, images_dir.parent)
     for seed in suite.seeds:
         if seed not in ref_runs:
             ref_runs[seed] = ref_runner.generate(cfg0.replace(seed=seed))
@@ -342,15 +335,12 @@ def new_run_id(suite: Suite) -> str:
 
 def preflight(ctx: SweepContext) -> None:
     """Input errors that would make every cell fail the same way are reported before anything runs or is
-    written (the CLI turns them into exit 2): unknown families, quant specs that cannot apply."""
-    from engine.quant.api import QuantSpec
-    from engine.runner import FAMILIES
-
+    written (the CLI turns them into exit 2): quant specs that cannot apply, unknown parallel or optimize specs."""
     for cell in ctx.suite.cells:
-        if cell.model not in FAMILIES:
-            raise ValueError(f"cell {cell.name}: no engine family {cell.model!r}; valid: {sorted(FAMILIES)}")
-        spec = QuantSpec(cell.quant, cell.quant_ignored)
-        FAMILIES[cell.model].check_quant_spec(ctx.model_dir(cell) / "transformer", spec)
+        try:
+            engine_preflight(run_config(cell, ctx.suite, ctx.model_dir(cell)))
+        except ValueError as e:
+            raise ValueError(f"cell {cell.name}: {e}") from None
 
 
 def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:

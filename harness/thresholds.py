@@ -38,7 +38,7 @@ def expected_op(metric: str) -> str:
 
 
 def format_key(key: tuple) -> str:
-    """'flux1/fp32/none/sp1 engine_vs_reference psnr_db': how every message names a gate key."""
+    """'<model>/fp32/none/sp1 engine_vs_reference psnr_db': how every message names a gate key."""
     return "/".join(str(k) for k in key[:4]) + " " + " ".join(str(k) for k in key[4:])
 
 

@@ -15,25 +15,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.api import RunConfig
+from engine.api import RunConfig, assert_replicated, open_runner
 
 
 def _check_same_on_every_rank(x: torch.Tensor, device: str, what: str) -> None:
-    from engine.parallel.transformer import assert_replicated
-
     # NCCL reduces device tensors only: fingerprint on the run's device.
-    assert_replicated(x.to(device), None, what)
+    assert_replicated(x.to(device), what)
 
 
 def run(job_path: Path, out_path: Path) -> None:
     job = torch.load(job_path, weights_only=True)
-    cfgs = [RunConfig(**{**c, "prompts": tuple(c["prompts"]), "quant_ignored": tuple(c["quant_ignored"])})
-            for c in job["cfgs"]]
+    cfgs = [RunConfig.from_dict(c) for c in job["cfgs"]]
     if cfgs[0].device.startswith("cuda"):
         # Before any weight is loaded: "cuda" must mean this rank's GPU (apply_parallel checks it did).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    from engine.runner import open_runner
-
     runner = open_runner(cfgs[0])  # the configs differ only in seed: one model load for all
     runs = []
     for cfg, step0_inputs in zip(cfgs, job["step0_inputs"]):
@@ -59,7 +54,7 @@ def run(job_path: Path, out_path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=Path, required=True,
-                        help="torch.save'd {'cfgs': [RunConfig fields], 'step0_inputs': [denoiser inputs]}")
+                        help="torch.save'd {'cfgs': [RunConfig.to_dict()], 'step0_inputs': [denoiser inputs]}")
     parser.add_argument("--out", type=Path, required=True, help="where rank 0 writes the results")
     args = parser.parse_args(argv)
     run(args.job, args.out)

@@ -7,13 +7,15 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from engine.api import Artifacts, RunConfig
 
 
 class Flux1Reference:
     family = "flux1"
+    # component folder -> the diffusers class of that denoiser (what `parity bench` builds as the reference).
+    DENOISERS = {"transformer": FluxTransformer2DModel}
 
     def __init__(self, cfg: RunConfig):
         t0 = time.perf_counter()
@@ -32,7 +34,8 @@ class Flux1Reference:
         calls: list[tuple[dict, torch.Tensor]] = []
         step_latents: list[torch.Tensor] = []
         guided: list[torch.Tensor] = []
-        do_cfg = cfg.true_cfg_scale > 1 and cfg.negative_prompt is not None
+        s = cfg.sampling
+        do_cfg = s.true_cfg
 
         def on_forward(module, args, kwargs, output):
             calls.append(({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}, output[0]))
@@ -41,7 +44,7 @@ class Flux1Reference:
             step_latents.append(tensors["latents"].detach().float().cpu())
             if do_cfg:  # the pipeline calls cond then uncond and combines them as below
                 pos, neg = calls[-2][1], calls[-1][1]
-                pred = neg + cfg.true_cfg_scale * (pos - neg)
+                pred = neg + s.true_cfg_scale * (pos - neg)
             else:
                 pred = calls[-1][1]
             guided.append(pred.detach().float().cpu())
@@ -52,13 +55,13 @@ class Flux1Reference:
             t0 = time.perf_counter()
             result = self.pipe(
                 prompt=list(cfg.prompts),
-                negative_prompt=cfg.negative_prompt if do_cfg else None,
-                true_cfg_scale=cfg.true_cfg_scale,
+                negative_prompt=s.negative_prompt if do_cfg else None,
+                true_cfg_scale=s.true_cfg_scale,
                 height=cfg.height,
                 width=cfg.width,
                 num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance,
-                max_sequence_length=cfg.max_sequence_length,
+                guidance_scale=s.guidance,
+                max_sequence_length=s.max_sequence_length,
                 generator=torch.Generator("cpu").manual_seed(cfg.seed),
                 output_type="np",
                 callback_on_step_end=on_step_end,
@@ -69,18 +72,9 @@ class Flux1Reference:
             handle.remove()
         step0_inputs = {k: v.detach().cpu() for k, v in calls[0][0].items()}
         initial = step0_inputs["hidden_states"].float()
-        images = (np.asarray(result.images) * 255).round().astype(np.uint8)
+        images = (np.asarray(result.images) * 255).round().astype(np.uint8)[:, None]  # (B, F=1, H, W, 3)
         return Artifacts(
             initial_latents=initial, step_latents=torch.stack(step_latents), step_outputs=torch.stack(guided),
             final_latents=step_latents[-1], images=images, step0_inputs=step0_inputs,
             extras={"load_s": self.load_seconds, "generate_s": seconds},
         )
-
-
-BACKENDS = {"flux1": Flux1Reference}
-
-
-def open_runner(cfg: RunConfig):
-    if cfg.family not in BACKENDS:
-        raise ValueError(f"no diffusers reference for family {cfg.family!r}; valid: {sorted(BACKENDS)}")
-    return BACKENDS[cfg.family](cfg)

@@ -1,4 +1,6 @@
 """The engine's FLUX.1 against diffusers' own components, piece by piece, on the tiny zoo."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from engine.api import RunConfig
 from engine.loading import CheckpointError, load_model, read_checkpoint
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
+from engine.pipelines.flux1 import FluxSampling
 from engine.runner import open_runner
-from engine.sampling.flow_match import euler_step, flux_sigmas, shift_mu
+from engine.sampling.flow_match import euler_step, dynamic_shift_sigmas, shift_mu
 from harness.metrics import cosine
 from reference.flux1 import Flux1Reference
 
@@ -65,7 +68,7 @@ def test_sigmas_match_diffusers_scheduler(steps, seq_len):
                   num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
     sched = FlowMatchEulerDiscreteScheduler(**config)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift_mu(seq_len, config))
-    assert torch.equal(flux_sigmas(steps, seq_len, config), sched.sigmas)
+    assert torch.equal(dynamic_shift_sigmas(steps, seq_len, config), sched.sigmas)
 
 
 def test_euler_step_matches_diffusers_in_bf16():
@@ -79,7 +82,7 @@ def test_euler_step_matches_diffusers_in_bf16():
 
 def test_unsupported_scheduler_option_is_an_error():
     with pytest.raises(ValueError, match="use_karras_sigmas"):
-        flux_sigmas(4, 256, {"use_karras_sigmas": True})
+        dynamic_shift_sigmas(4, 256, {"use_karras_sigmas": True})
 
 
 def test_pipeline_matches_reference_fp32(tiny_flux_dir):
@@ -89,17 +92,17 @@ def test_pipeline_matches_reference_fp32(tiny_flux_dir):
     ours = open_runner(cfg).generate(cfg)
     assert torch.equal(ours.initial_latents, ref.initial_latents)
     assert cosine(ours.final_latents, ref.final_latents).min() >= 0.9999
-    assert ours.images.shape == ref.images.shape == (2, 64, 64, 3)
+    assert ours.images.shape == ref.images.shape == (2, 1, 64, 64, 3)  # (B, F, H, W, 3)
     assert np.abs(ours.images.astype(int) - ref.images.astype(int)).max() <= 2
 
 
 def test_true_cfg_matches_reference(tiny_flux_dir):
-    cfg = _cfg(tiny_flux_dir, negative_prompt="blurry, low quality", true_cfg_scale=3.0, steps=2)
+    cfg = _cfg(tiny_flux_dir, sampling=FluxSampling(negative_prompt="blurry, low quality", true_cfg_scale=3.0), steps=2)
     ref = Flux1Reference(cfg).generate(cfg)
     ours = open_runner(cfg).generate(cfg)
     assert cosine(ours.step_outputs[0], ref.step_outputs[0]).min() >= 0.9999
     assert cosine(ours.final_latents, ref.final_latents).min() >= 0.9999
-    plain = open_runner(cfg).generate(cfg.replace(true_cfg_scale=1.0))
+    plain = open_runner(cfg).generate(cfg.replace(sampling=dataclasses.replace(cfg.sampling, true_cfg_scale=1.0)))
     assert cosine(plain.step_outputs[0], ours.step_outputs[0]).min() < 0.9999, "CFG had no effect"
 
 

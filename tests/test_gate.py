@@ -14,7 +14,8 @@ from harness.report import ResultsError, load_results, read_results_csv, write_r
 from harness.schema import COLUMNS, ENGINE_VS_REFERENCE, REFERENCE_VS_GOLDEN
 from harness.thresholds import DEFAULT_PATH, ThresholdError, Thresholds, load_thresholds, parse_thresholds
 
-CELL = dict(model="flux1", dtype="fp32", quant="none", parallel="sp1", device="cpu", size="tiny", backend="eager")
+CELL = dict(model="flux1", dtype="fp32", quant="none", parallel="sp1", device="cpu", size="tiny", backend="eager",
+            optimize="eager")
 META = dict(run_id="r1", time="2026-11-23T08:00:00Z", torch_version="2.11", diffusers_version="0.42.1",
             transformers_version="5.17", parity_git="abc123", clip_model="tiny-random", clip_semantic=False,
             weight_bytes=1000, quantized_fraction=0.0)

@@ -261,3 +261,35 @@ def test_clip_from_pretrained_local_file(scorer, tmp_path):
     np.testing.assert_allclose(real.image_image_similarity(a, b), scorer.image_image_similarity(a, b), atol=1e-12)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ClipScorer.from_pretrained("ViT-B-32", str(tmp_path / "missing.pt"))
+
+
+def test_media_are_batches_of_frames():
+    """(B, F, H, W, 3): one value per sample over all its frames; F = 1 gives exactly the (B, H, W, 3) values."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
+    for metric in (M.psnr_db, M.ssim, M.mean_abs_diff):
+        assert np.array_equal(metric(a[:, None], b[:, None]), metric(a, b)), metric.__name__
+    # Two frames: frame 0 identical, frame 1 noisy. PSNR uses the MSE over both frames, SSIM and MAD average them.
+    video_a, video_b = np.stack([a, a], 1), np.stack([a, b], 1)
+    mse = ((a.astype(float) - b) ** 2).reshape(2, -1).mean(1) / 2
+    np.testing.assert_allclose(M.psnr_db(video_a, video_b), 10 * np.log10(255**2 / mse))
+    np.testing.assert_allclose(M.ssim(video_a, video_b), (1 + M.ssim(a, b)) / 2)
+    np.testing.assert_allclose(M.mean_abs_diff(video_a, video_b), M.mean_abs_diff(a, b) / 2)
+    with pytest.raises(MetricError, match=r"\(B, F, H, W, 3\)"):
+        M.psnr_db(a[None, None], b[None, None])
+
+
+def test_clip_scores_media_per_sample_over_frames(scorer):
+    a = images(2)
+    b = images(2, seed=1)
+    prompts = ["a red cube", "a blue sphere"]
+    assert np.array_equal(scorer.text_image_score(a[:, None], prompts), scorer.text_image_score(a, prompts))
+    assert np.array_equal(scorer.image_image_similarity(a[:, None], b[:, None]), scorer.image_image_similarity(a, b))
+    # Frames go through the encoder as one batch of B*F: a bigger batch may block the float32 GEMMs differently,
+    # hence a float32-sized tolerance rather than equality.
+    video = np.stack([a, b], 1)
+    expected = (scorer.text_image_score(a, prompts) + scorer.text_image_score(b, prompts)) / 2
+    np.testing.assert_allclose(scorer.text_image_score(video, prompts), expected, rtol=1e-5)
+    np.testing.assert_allclose(scorer.image_image_similarity(video, np.stack([a, a], 1)),
+                               (1 + scorer.image_image_similarity(b, a)) / 2, rtol=1e-5)

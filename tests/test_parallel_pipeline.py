@@ -17,12 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.api import RunConfig
+from engine.pipelines.flux1 import FluxSampling
 from harness.metrics import cosine
 
 COSINE_MIN = 0.999999
 BASE = dict(family="flux1", prompts=("a red fox in snow", "a lighthouse at dusk"), seed=5, steps=3, height=36,
             width=36, dtype="fp32")
-CFG = dict(negative_prompt="blurry, low quality", true_cfg_scale=4.0)
+CFG = dict(sampling=FluxSampling(negative_prompt="blurry, low quality", true_cfg_scale=4.0))
 
 
 @dataclass(frozen=True)
@@ -207,12 +208,15 @@ def test_apply_parallel_outside_torchrun_says_how_to_launch(monkeypatch):
 
     for var in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    pipe = SimpleNamespace(family="flux1", device=torch.device("cpu"), transformer=None)
-    assert apply_parallel(pipe, "sp1") is pipe
+    from engine.families import family
+
+    pipe = SimpleNamespace(device=torch.device("cpu"), transformer=None)
+    assert apply_parallel(pipe, "sp1", family("flux1")) is pipe
     with pytest.raises(DistributedSetupError, match="needs 4 processes.*--nproc-per-node 4"):
-        apply_parallel(pipe, "usp2x2")
-    with pytest.raises(ValueError, match="no sequence-parallel wrapper for model family 'wan'"):
-        apply_parallel(SimpleNamespace(family="wan", device=torch.device("cpu")), "ring2")
+        apply_parallel(pipe, "usp2x2", family("flux1"))
+    no_sp = SimpleNamespace(name="wan", denoiser=("transformer",), sequence_parallel=None)
+    with pytest.raises(ValueError, match="model family 'wan' declares no sequence-parallel layout"):
+        apply_parallel(SimpleNamespace(device=torch.device("cpu")), "ring2", no_sp)
 
 
 def test_swapping_attention_after_wrapping_keeps_sequence_parallelism():

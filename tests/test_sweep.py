@@ -1,5 +1,6 @@
 """End to end through the `parity` CLI: the smoke suite passes, and each planted engine bug makes the gate
 fail (exit 1) with the failing rows in summary.md; a gate that cannot find a threshold errors (exit 2)."""
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -61,6 +62,29 @@ def test_planted_engine_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, plan
     assert code == 1
     gate = failing_metrics(run)
     assert "FAIL" in gate and "single_step_cosine" in gate and "final_latent_cosine" in gate
+
+
+def test_whole_forward_compile_fails_the_gate_on_the_compiled_cell(tmp_path, zoo_root, monkeypatch):
+    """The README's compile bug: compiling the whole forward (not block by block) lets inductor skip the bf16
+    rounding of timestep * 1000. Planted as the engine's compile switch, the smoke suite's compiled cell must fail
+    on the metrics that see it, while its (regionally compiled) twin passes in test_smoke_suite_passes_its_gate."""
+    import engine.runner as runner
+
+    optimize = runner.optimize
+
+    def whole_forward(model, spec):
+        model = optimize(model, dataclasses.replace(spec, compile_blocks=False))
+        if spec.compile_blocks:
+            model.compile(mode=spec.compile_mode, dynamic=False)
+        return model
+
+    monkeypatch.setattr(runner, "optimize", whole_forward)
+    code, run = sweep(tmp_path, zoo_root, "--cells", "compile_blocks", "--no-golden", suite="smoke")
+    assert code == 1
+    frame = pd.read_parquet(run / "results.parquet")
+    assert set(frame.cell) == {"flux1/tiny/bf16/none/sp1/cpu/compile_blocks"} and set(frame.optimize) == {"compile_blocks"}
+    gate = failing_metrics(run)
+    assert "FAIL" in gate and "compile_blocks" in gate and "single_step_cosine" in gate
 
 
 def test_nan_in_engine_output_fails_with_the_reason(tmp_path, zoo_root, monkeypatch):

@@ -24,7 +24,7 @@ def rope_frequencies(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float
     """Multi-axis RoPE tables for position ids (S, n_axes): cos and sin of shape (S, sum(axes_dims)), float32.
 
     Frequencies are computed in float64 (on devices that have it) and each pair of channels shares one angle
-    (interleaved layout), as in the original FLUX code."""
+    (interleaved layout), as the original rotary DiT code pairs them."""
     if ids.shape[-1] != len(axes_dims):
         raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dims has {len(axes_dims)}")
     freq_dtype = torch.float32 if ids.device.type == "mps" else torch.float64

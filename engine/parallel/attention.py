@@ -2,7 +2,7 @@
 joined to a sharded image sequence.
 
 Each rank calls the backend with its local q, k, v (B, T + S_local, H, D): the whole text (T tokens, identical on
-every rank) as a prefix ([text | image], FLUX.1) or a suffix ([image | text]), and its own image shard. It returns
+every rank) as a prefix ([text | image]) or a suffix ([image | text]), and its own image shard. It returns
 the attention output for the same tokens in the same order, equal to what one device computes for them.
 
 - Ulysses (degree U): an all-to-all trades heads for sequence inside the Ulysses group, so each rank holds the

@@ -3,7 +3,7 @@ ids on entry (text stays replicated), run the unchanged model with the SP attent
 image output on exit. Every rank passes full-length inputs and gets the full-length output.
 
 Family knowledge (which arguments are image tokens and ids, whether text comes before or after the image in the
-joint sequence) lives in one small subclass per family, registered in WRAPPERS.
+joint sequence) lives in one small subclass per family, in the family's own pipeline file (Family.sequence_parallel).
 """
 from __future__ import annotations
 
@@ -95,22 +95,3 @@ class SequenceParallelTransformer(nn.Module):
         self.sp_attention.configure(text_len, self.text_first, plan)
         out = call(shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
         return plan.gather(out, 1, sp.group)
-
-
-class Flux1SequenceParallel(SequenceParallelTransformer):
-    """FLUX.1: joint sequence [text | image] in both block kinds; RoPE tables from cat(txt_ids, img_ids)."""
-
-    text_first = True
-
-    def __init__(self, inner: nn.Module, mesh: Mesh):
-        heads = inner.config.num_attention_heads
-        if heads % mesh.ulysses.size:
-            raise ValueError(f"Ulysses degree {mesh.ulysses.size} must divide FLUX.1's {heads} attention heads")
-        super().__init__(inner, mesh)
-
-    def forward(self, img, txt, timestep, pooled, img_ids, txt_ids, guidance=None):
-        return self.run_sharded(img, img_ids, txt.shape[1], lambda x, ids: self.inner(
-            x, txt, timestep, pooled, ids, txt_ids, guidance))
-
-
-WRAPPERS: dict[str, type[SequenceParallelTransformer]] = {"flux1": Flux1SequenceParallel}

@@ -4,20 +4,40 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+from torch import nn
 
 from engine.api import Artifacts, RunConfig
-from engine.loading import read_config
+from engine.denoisers import load_denoiser, summary
+from engine.family import BenchShape, Family
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
+from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
-from engine.quant.api import QuantSpec, build_transformer, quant_summary, select_linears
-from engine.quant.names import packed_from_key_map
-from engine.sampling.flow_match import flux_sigmas
+from engine.quant.api import QuantSpec
+from engine.sampling.flow_match import dynamic_shift_sigmas
+
+
+@dataclass(frozen=True)
+class FluxSampling:
+    """FLUX.1's sampling parameters. `guidance` feeds the guidance-distilled embedder; true CFG runs only with a
+    negative prompt and true_cfg_scale > 1 (as diffusers' FluxPipeline decides)."""
+
+    guidance: float = 3.5
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    max_sequence_length: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1 and self.negative_prompt is not None
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +63,10 @@ class Flux1Pipeline:
     family = "flux1"
 
     def __init__(self, cfg: RunConfig):
+        # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
         t0 = time.perf_counter()
         root = Path(cfg.model_dir)
         if not (root / "model_index.json").is_file():
@@ -55,28 +79,12 @@ class Flux1Pipeline:
         self.text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=self.dtype).to(self.device).eval()
         self.vae = AutoencoderKL.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        self.transformer, key_map = self.build_denoiser(root / "transformer", QuantSpec(cfg.quant, cfg.quant_ignored),
-                                                        self.dtype, self.device)
+        self.transformer, _ = load_denoiser(FAMILY, "transformer", root / "transformer",
+                                            QuantSpec(cfg.quant, cfg.quant_ignored), self.dtype, self.device)
         self.transformer_config = self.transformer.config
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.cfg_executor = serial_cfg  # how the two guidance branches run; CFG parallelism swaps it
         self.load_seconds = time.perf_counter() - t0
-
-    @staticmethod
-    def build_denoiser(component_dir: Path, spec: QuantSpec, dtype: torch.dtype, device) -> tuple[Flux1Transformer, dict]:
-        """The (quantized) transformer of a folder and its checkpoint key map; also used for weight-level checks."""
-        config = Flux1Config.from_diffusers(read_config(component_dir))
-        key_map = diffusers_key_map(config)
-        return build_transformer(lambda: Flux1Transformer(config), key_map, component_dir, spec, dtype, device), key_map
-
-    @staticmethod
-    def check_quant_spec(component_dir: Path, spec: QuantSpec) -> None:
-        """Fail before any work if the spec cannot apply (an ignored-layer pattern that matches nothing, a
-        layer shape the format cannot take): built on the meta device, so it costs no memory."""
-        config = Flux1Config.from_diffusers(read_config(component_dir))
-        with torch.device("meta"):
-            model = Flux1Transformer(config)
-        select_linears(model, spec, packed_from_key_map(diffusers_key_map(config), None))
 
     # --- conditioning -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,29 +115,24 @@ class Flux1Pipeline:
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One denoiser call on diffusers-named inputs (what the reference's transformer receives)."""
-        to = lambda x: None if x is None else x.to(self.device)  # noqa: E731
-        return self.transformer(
-            to(inputs["hidden_states"]), to(inputs["encoder_hidden_states"]), to(inputs["timestep"]),
-            to(inputs["pooled_projections"]), to(inputs["img_ids"]), to(inputs["txt_ids"]), to(inputs.get("guidance")),
-        )
+        return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in inputs.items()})
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
-        for key in ("model_dir", "dtype", "device", "quant", "quant_ignored", "parallel"):
-            if getattr(cfg, key) != getattr(self.model_cfg, key):
-                raise ValueError(f"runner was loaded for {key}={getattr(self.model_cfg, key)!r}, asked for {getattr(cfg, key)!r}")
+        self.model_cfg.check_same_model(cfg)
+        s: FluxSampling = cfg.sampling
         prompts = list(cfg.prompts)
         batch = len(prompts)
-        embeds, pooled, txt_ids = self.encode_prompt(prompts, cfg.max_sequence_length)
-        do_cfg = cfg.true_cfg_scale > 1 and cfg.negative_prompt is not None
+        embeds, pooled, txt_ids = self.encode_prompt(prompts, s.max_sequence_length)
+        do_cfg = s.true_cfg
         if do_cfg:
-            neg_embeds, neg_pooled, neg_txt_ids = self.encode_prompt([cfg.negative_prompt] * batch, cfg.max_sequence_length)
+            neg_embeds, neg_pooled, neg_txt_ids = self.encode_prompt([s.negative_prompt] * batch, s.max_sequence_length)
         h, w = self.latent_size(cfg.height, cfg.width)
         latents = self.initial_latents(batch, cfg.height, cfg.width, cfg.seed)
         img_ids = image_ids(h // 2, w // 2).to(device=self.device, dtype=self.dtype)
-        guidance = (torch.full([batch], cfg.guidance, device=self.device, dtype=torch.float32)
+        guidance = (torch.full([batch], s.guidance, device=self.device, dtype=torch.float32)
                     if self.transformer_config.guidance_embeds else None)
-        sigmas = flux_sigmas(cfg.steps, latents.shape[1], self.scheduler_config)
+        sigmas = dynamic_shift_sigmas(cfg.steps, latents.shape[1], self.scheduler_config)
         step0: dict[str, torch.Tensor] = {}
 
         def predict(x, i, t):
@@ -142,7 +145,7 @@ class Flux1Pipeline:
                 lambda: self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance),
                 lambda: self.transformer(x, neg_embeds, t, neg_pooled, img_ids, neg_txt_ids, guidance),
             )
-            return v_neg + cfg.true_cfg_scale * (v - v_neg)
+            return v_neg + s.true_cfg_scale * (v - v_neg)
 
         t0 = time.perf_counter()
         initial = latents.detach().float().cpu()
@@ -153,9 +156,59 @@ class Flux1Pipeline:
             initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
             final_latents=traj.final.detach().float().cpu(), images=to_uint8_images(decoded),
             step0_inputs={k: v.detach().cpu() for k, v in step0.items() if v is not None},
-            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **quant_summary(self.transformer)},
+            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **summary(FAMILY, self)},
         )
 
     def decode_input(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
         cfg = self.vae.config
         return unpack_latents(latents, h, w) / cfg.scaling_factor + cfg.shift_factor
+
+
+# --- the family's hooks for generic code ---------------------------------------------------------------------------
+def denoiser_builder(name: str, config: dict):
+    cfg = Flux1Config.from_diffusers(config)
+    return (lambda: Flux1Transformer(cfg)), diffusers_key_map(cfg)
+
+
+def denoiser_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One call on diffusers-named inputs (FluxTransformer2DModel's keyword arguments)."""
+    return model(inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"],
+                 inputs["pooled_projections"], inputs["img_ids"], inputs["txt_ids"], inputs.get("guidance"))
+
+
+def bench_inputs(name: str, config: dict, shape: BenchShape, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Random denoiser inputs at `shape`, drawn on the CPU, ids as the pipeline makes them; guidance stays float32
+    as the pipeline passes it."""
+    g = torch.Generator("cpu").manual_seed(shape.seed)
+    h, w = shape.height // 16, shape.width // 16  # VAE /8, then 2x2 packing
+    return dict(
+        hidden_states=torch.randn(shape.batch, h * w, config["in_channels"], generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(shape.batch, shape.text_tokens, config["joint_attention_dim"],
+                                          generator=g).to(device, dtype),
+        pooled_projections=torch.randn(shape.batch, config["pooled_projection_dim"], generator=g).to(device, dtype),
+        timestep=torch.full([shape.batch], 0.75).to(device, dtype), guidance=torch.full([shape.batch], 3.5, device=device),
+        img_ids=image_ids(h, w).to(device, dtype), txt_ids=torch.zeros(shape.text_tokens, 3).to(device, dtype),
+    )
+
+
+class Flux1SequenceParallel(SequenceParallelTransformer):
+    """FLUX.1: joint sequence [text | image] in both block kinds; RoPE tables from cat(txt_ids, img_ids)."""
+
+    text_first = True
+
+    def __init__(self, inner: nn.Module, mesh):
+        heads = inner.config.num_attention_heads
+        if heads % mesh.ulysses.size:
+            raise ValueError(f"Ulysses degree {mesh.ulysses.size} must divide FLUX.1's {heads} attention heads")
+        super().__init__(inner, mesh)
+
+    def forward(self, img, txt, timestep, pooled, img_ids, txt_ids, guidance=None):
+        return self.run_sharded(img, img_ids, txt.shape[1], lambda x, ids: self.inner(
+            x, txt, timestep, pooled, ids, txt_ids, guidance))
+
+
+FAMILY = Family(
+    name="flux1", diffusers_pipeline="FluxPipeline", sampling=FluxSampling, denoisers=("transformer",),
+    pipeline=Flux1Pipeline, denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward,
+    bench_inputs=bench_inputs, sequence_parallel=Flux1SequenceParallel,
+)

@@ -6,7 +6,7 @@
   build_transformer load a DiT from a diffusers-format folder, plain or pre-quantized, as the spec says
 
 Which linears are quantized by default: those inside a numbered block (a name segment that is an integer, i.e. a
-ModuleList entry: FLUX's double_blocks.N / single_blocks.N, T5's block.N, CLIP's layers.N), adaLN modulation
+ModuleList entry: a DiT's double_blocks.N / single_blocks.N, T5's block.N, CLIP's layers.N), adaLN modulation
 linears included. Everything outside the blocks stays in the compute dtype: input embedders (x_embedder,
 context_embedder), the time/guidance/text embedders and the final layer (norm_out, proj_out). That follows ModelOpt's
 diffusion recipes, which leave those out because they are small and sit where errors reach the output unfiltered.

@@ -7,7 +7,7 @@ One class per storage format; a flag picks weight-only or weight+activation quan
                quantize-dequantized, weights dequantized, and the matmul runs in the compute dtype.
   MXFP4Linear  OCP MXFP4 weights and activations, emulated the same way.
 
-A fused engine linear (QKV, FLUX's linear1) is built from several checkpoint tensors stacked along the output
+A fused engine linear (QKV, a single-stream block's linear1) is built from several checkpoint tensors stacked along the output
 rows. NVFP4 keeps one global scale per such segment (`segments` holds their row counts), so a fused module
 dequantizes to exactly the tensors a per-module ModelOpt export holds, and online quantization of a bf16 folder
 gives the same weights as the checkpoint written from it.

@@ -1,4 +1,4 @@
-"""Rectified-flow Euler sampling with FLUX's resolution-dependent (dynamic) shift.
+"""Rectified-flow Euler sampling with a resolution-dependent (dynamic) shift of the schedule.
 
 Pure functions of the scheduler config found in a model folder, so the schedule of a real checkpoint is the
 one it was trained with. The shift runs on float32 sigmas (numpy keeps float32 against Python scalars), as the
@@ -20,7 +20,7 @@ def shift_mu(image_seq_len: int, config: dict) -> float:
     return image_seq_len * slope + (base_shift - slope * base_len)
 
 
-def flux_sigmas(steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
+def dynamic_shift_sigmas(steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
     """steps + 1 noise levels from 1 (pure noise) down to 0, float32."""
     unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                                "stochastic_sampling", "shift_terminal") if config.get(k)]

@@ -2,8 +2,9 @@
 
 A family is a module in FAMILIES with this interface:
     SIZES: tuple[str, ...]
-    transformer_config(size) -> dict                 the diffusers transformer's constructor arguments
-    transformer_specs(size) -> list[synth.ParamSpec]  the transformer's tensors, read from a meta-device build
+    transformer_config(size, denoiser) -> dict                 a denoiser's diffusers constructor arguments
+    transformer_specs(size, denoiser) -> list[synth.ParamSpec]  that denoiser's tensors, from a meta-device build
+                                                               (denoiser: its component folder, e.g. "transformer")
     write(folder, size, seed, dtype=None) -> None     every pipeline component, into an existing empty folder
 Everything here is generic: no family names below FAMILIES.
 """
@@ -40,19 +41,20 @@ def _sized(family: str, size: str):
     return fam
 
 
-def transformer_config(family: str, size: str) -> dict:
-    """The diffusers config dict (constructor arguments) of the family's transformer at `size`."""
-    return _sized(family, size).transformer_config(size)
+def transformer_config(family: str, size: str, denoiser: str = "transformer") -> dict:
+    """The diffusers config dict (constructor arguments) of the family's denoiser (component folder name) at `size`."""
+    return _sized(family, size).transformer_config(size, denoiser)
 
 
 def synthesize_transformer_state_dict(family: str, size: str = "tiny", seed: int = 0, device="cpu",
-                                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                                      dtype: torch.dtype = torch.float32,
+                                      denoiser: str = "transformer") -> dict[str, torch.Tensor]:
     """The transformer's full state dict, synthesized tensor by tensor directly on `device` (no CPU copy, no disk).
 
     On CPU in float32 it equals the transformer weights `build` writes for the same (family, size, seed). On CUDA a
     CUDA generator draws the values: deterministic, but different from the CPU values (see synth's docstring)."""
     fam = _sized(family, size)
-    return synth.synthesize(fam.transformer_specs(size), seed, "transformer", device=device, dtype=dtype)
+    return synth.synthesize(fam.transformer_specs(size, denoiser), seed, denoiser, device=device, dtype=dtype)
 
 
 def _provenance(family: str, size: str, seed: int, dtype) -> dict:

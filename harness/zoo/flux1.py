@@ -67,14 +67,19 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
 MODULATION_GAIN = 1.0
 
 
-def _check(size: str) -> None:
+DENOISERS = ("transformer",)
+
+
+def _check(size: str, denoiser: str = "transformer") -> None:
     if size not in SIZES:
         raise ValueError(f"unknown flux1 size {size!r}; valid sizes: {', '.join(SIZES)}")
+    if denoiser not in DENOISERS:
+        raise ValueError(f"flux1 has no denoiser {denoiser!r}; valid: {list(DENOISERS)}")
 
 
-def transformer_config(size: str) -> dict:
+def transformer_config(size: str, denoiser: str = "transformer") -> dict:
     """The FluxTransformer2DModel constructor arguments of `size` (a copy: callers may edit it)."""
-    _check(size)
+    _check(size, denoiser)
     return json.loads(json.dumps(TRANSFORMER[size]))
 
 
@@ -96,10 +101,10 @@ def _meta(build):
         return build()
 
 
-def transformer_specs(size: str) -> list[synth.ParamSpec]:
+def transformer_specs(size: str, denoiser: str = "transformer") -> list[synth.ParamSpec]:
     from diffusers import FluxTransformer2DModel
 
-    model = _meta(lambda: FluxTransformer2DModel(**transformer_config(size)))
+    model = _meta(lambda: FluxTransformer2DModel(**transformer_config(size, denoiser)))
     return synth.specs_from_module(model, _gain)
 
 

@@ -5,14 +5,14 @@ sha256(f"{seed}:{name}"), with name = "<component>/<state-dict key>" (e.g. "tran
 keys in two components get different values. Adding, removing or reordering other tensors never changes a tensor, and
 a full-size model can be synthesized tensor by tensor straight onto a GPU.
 
-Why the scales matter: random weights with a default init either vanish or explode through 57 FLUX blocks, and
+Why the scales matter: random weights with a default init either vanish or explode through a 57-block DiT, and
 Gaussian weights without outliers make quantization look far better than on trained checkpoints (a per-row fp8 or a
 16-element fp4 block scale is set by its largest element). So linear weights are N(0, 1/fan_in) with a few heavy input
 columns and a few heavy output rows, norm weights sit near 1, biases are small, and the adaLN modulation linears carry
 no outliers and a per-family gain so that shift/scale/gate stay O(0.1..1).
 
 Device: on CPU (the default) the values are the reference values, bit-identical across runs. With a CUDA device the
-draws use a CUDA generator for speed (FLUX.1-dev's 11.9B parameters in ~12 s on an H100): the same seed then gives
+draws use a CUDA generator for speed (a 12B-parameter DiT in ~12 s on an H100): the same seed then gives
 DIFFERENT values than on CPU (still deterministic for a given GPU, torch version and seed), so never compare CPU-built
 and CUDA-built weights with each other. CPU values do not depend on the thread count.
 """

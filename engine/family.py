@@ -1,0 +1,54 @@
+"""What a model family gives the engine: one frozen record per family, registered in engine/families.py.
+
+Generic code (the runner, quantization tools, the weight report, parallelism, bench) reaches a family only through
+this record, so a new family is its own files plus one registry line. Pipelines with several denoisers are the
+general case: every denoiser named in `denoisers` is loaded, quantized, optimized and parallelized alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+KeyMap = dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    # model_index.json `_class_name` of the diffusers folders this family loads (how a bare folder is recognised).
+    diffusers_pipeline: str
+    # The frozen dataclass of the family's sampling parameters (RunConfig.sampling holds one). Its fields are suite
+    # keys, report columns and part of the golden key; it has a `true_cfg` property (two guidance branches per step:
+    # what cfg2 parallelism splits, and the cell name's "+truecfg").
+    sampling: type
+    # Component folders that hold a denoiser, in the order the pipeline uses them; attributes of the same names on
+    # the pipeline object hold the built models.
+    denoisers: tuple[str, ...]
+    # pipeline(cfg) -> a Runner whose denoisers are loaded and quantized as cfg says (not yet optimized/parallel).
+    pipeline: Callable[[Any], Any]
+    # (denoiser name, its diffusers config dict) -> (meta-buildable constructor, checkpoint key map).
+    denoiser_builder: Callable[[str, dict], tuple[Callable[[], nn.Module], KeyMap]]
+    # (denoiser module, diffusers-named inputs) -> output: one denoiser call, as the reference's model is called.
+    denoiser_forward: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+    # (denoiser name, diffusers config, BenchShape, dtype, device) -> diffusers-named inputs: the bench's input hook.
+    bench_inputs: Callable[..., dict[str, torch.Tensor]]
+    # SequenceParallelTransformer subclass (where text and image sit in the joint sequence); None: no SP support.
+    sequence_parallel: type | None = None
+
+    def __post_init__(self) -> None:
+        if not self.denoisers:
+            raise ValueError(f"family {self.name!r} declares no denoiser")
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """The input size a bench forward runs at; each family's bench_inputs turns it into tensors."""
+
+    height: int = 1024
+    width: int = 1024
+    text_tokens: int = 512
+    batch: int = 1
+    seed: int = 0

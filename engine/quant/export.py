@@ -1,0 +1,55 @@
+"""Quantize one denoiser checkpoint into the ModelOpt layout, tensor by tensor, with the engine's own walk.
+
+Which modules are quantized is decided by select_linears on a meta-device build, and each checkpoint tensor is
+quantized by the same linear class the engine's online path uses, so a folder written from these tensors
+dequantizes to exactly the weights online quantization of the source folder gives (when the engine loads in the
+stored dtype: online quantization starts from the weights cast to the compute dtype)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.loading import KeyMap, safetensors_files
+from engine.quant.api import QuantSpec, checkpoint_shapes, packed_from_key_map, select_linears
+
+# format -> (quant_algo written to hf_quant_config.json, engine quant mode whose walk and linear class are used)
+FORMATS = {"nvfp4": ("NVFP4", "nvfp4"), "fp8-wo": ("FP8_PER_CHANNEL_PER_TOKEN", "fp8-wo")}
+
+
+def quantize_checkpoint(build: Callable[[], nn.Module], key_map: KeyMap, src: Path, fmt: str,
+                        keep_bf16: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, hf_quant_config) of the quantized copy of the denoiser checkpoint in `src`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantized format {fmt!r}; valid: {sorted(FORMATS)}")
+    algo, mode = FORMATS[fmt]
+    spec = QuantSpec(mode, ignored=keep_bf16)
+    with torch.device("meta"):
+        model = build()
+    packed = packed_from_key_map(key_map, checkpoint_shapes(src))
+    chosen = select_linears(model, spec, packed)
+    quantized = {s for name in chosen for s in packed[name].sources}
+    linears = {s for name, m in model.named_modules() if isinstance(m, nn.Linear) for s in packed[name].sources}
+    cls, options = spec.handler.linear_cls, spec.linear_options()
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(src):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                t = f.get_tensor(key)
+                if module in quantized and leaf == "weight":
+                    # One checkpoint tensor at a time, as one segment: its own NVFP4 global scale.
+                    q = cls.from_float(t, None, (t.shape[0],), t.dtype, options).checkpoint_tensors()
+                    tensors.update({f"{module}.{k}": v.contiguous() for k, v in q.items()})
+                else:
+                    tensors[key] = t
+    config = {
+        "producer": {"name": "parity.harness.quantize", "torch": torch.__version__},
+        "quantization": {"quant_algo": algo, **({"group_size": 16} if algo == "NVFP4" else {}),
+                         "exclude_modules": sorted(linears - quantized)},
+    }
+    return tensors, config

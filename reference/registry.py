@@ -1,0 +1,23 @@
+"""The reference's registry: family name -> its runner around the pinned diffusers pipeline. The only generic
+module of the reference that names a family; adding one is reference/<family>.py plus one line here.
+
+A runner class takes a RunConfig, serves generate(cfg) and transformer_forward(inputs), and names the diffusers
+class of each denoiser in DENOISERS (component folder -> class)."""
+from __future__ import annotations
+
+from reference.flux1 import Flux1Reference
+
+REFERENCES: dict[str, type] = {
+    "flux1": Flux1Reference,
+}
+
+
+def reference(family: str) -> type:
+    try:
+        return REFERENCES[family]
+    except KeyError:
+        raise ValueError(f"no diffusers reference for family {family!r}; valid: {sorted(REFERENCES)}") from None
+
+
+def open_runner(cfg):
+    return reference(cfg.family)(cfg)
