@@ -94,7 +94,7 @@ def test_writer_metadata_tensor_order_and_docs_do_not(tiny, tmp_path):
 def _artifacts():
     class A:  # the two fields compare_golden reads
         final_latents = torch.linspace(-1, 1, 2 * 8 * 4).reshape(2, 8, 4)
-        images = np.full((2, 8, 8, 3), 100, dtype=np.uint8)
+        images = np.full((2, 1, 8, 8, 3), 100, dtype=np.uint8)  # (B, F, H, W, 3)
     return A()
 
 
