@@ -4,6 +4,7 @@ files) are one <error> testcase of their own, so a CI page never shows green whe
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from harness.gate import GateResult
 from harness.runfiles import atomic_write, cell_label, fmt
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+# XML 1.0 forbids most control characters; a crash reason may hold any (terminal colours, NUL).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _x(text: str) -> str:
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def junit_xml(result: GateResult, suite: str = "parity") -> str:
@@ -32,16 +39,17 @@ def junit_xml(result: GateResult, suite: str = "parity") -> str:
             lines.append(f"regression {r['comparison']} {r['metric']} prompt_idx {fmt(r['prompt_idx'])} "
                          f"seed {fmt(r['seed'])}: {r['why']}")
         if lines:
-            failure = ET.SubElement(case, "failure", message=f"{len(lines)} failing row(s): {lines[0]}",
+            failure = ET.SubElement(case, "failure", message=_x(f"{len(lines)} failing row(s): {lines[0]}"),
                                     type="GateFailure")
-            failure.text = "\n".join(lines)
+            failure.text = _x("\n".join(lines))
         else:
             closest = tables.per_cell(grp).closest.iloc[0]
-            ET.SubElement(case, "system-out").text = "closest: " + tables.describe_closest(closest)
+            ET.SubElement(case, "system-out").text = _x("closest: " + tables.describe_closest(closest))
         cases.append(case)
     if result.errors:
         case = ET.Element("testcase", classname=f"{suite}.gate", name="gate decision")
-        ET.SubElement(case, "error", message=result.errors[0][:500], type="GateError").text = "\n".join(result.errors)
+        ET.SubElement(case, "error", message=_x(result.errors[0][:500]), type="GateError").text = _x(
+            "\n".join(result.errors))
         cases.append(case)
     n_fail = sum(c.find("failure") is not None for c in cases)
     n_err = sum(c.find("error") is not None for c in cases)
