@@ -213,10 +213,19 @@ def compare_runs(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
         rows.append({"cell": cell, "comparison": comparison, "metric": metric, "worst_a": worst_a,
                      "worst_b": worst_b, "delta": worst_b - worst_a,
                      "max_abs_sample_delta": float(d.abs().max()) if len(d) else math.nan,
-                     "worse_pct": (cb / ca - 1) * 100 if ca > 0 else (0.0 if cb == 0 else math.inf),
+                     "worse_pct": _worse_pct(ca, cb),
                      "samples_a": int(grp["value_a"].notna().sum()), "samples_b": int(grp["value_b"].notna().sum())})
     return pd.DataFrame(rows, columns=["cell", "comparison", "metric", "worst_a", "worst_b", "delta",
                                        "max_abs_sample_delta", "worse_pct", "samples_a", "samples_b"])
+
+
+def _worse_pct(error_a: float, error_b: float) -> float:
+    """How much larger B's error is than A's, in percent; inf when A was exact and B is not."""
+    if math.isnan(error_a) or math.isnan(error_b):
+        return math.nan
+    if error_a > 0:
+        return (error_b / error_a - 1) * 100
+    return 0.0 if error_b == 0 else math.inf
 
 
 def load_pair(run_a: str | Path, run_b: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

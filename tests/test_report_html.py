@@ -1,11 +1,9 @@
 """report.html on a small synthetic run: what it holds (verdict first, thresholds with margins, image triplets,
 frames side by side, plots), that it reaches for nothing outside itself, and that a real browser (headless
-Chromium, Debian's `chromium` package) renders the verdict, every image and every plot."""
+Chromium, Debian's `chromium` package; harness/browser.py) renders the verdict, every image and every plot."""
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -14,10 +12,8 @@ import pytest
 from PIL import Image
 
 import report_fixtures as F
-from harness import html_report
-from harness.gate import gate
+from harness import browser, html_report
 from harness.runfiles import load_results
-from harness.thresholds import load_thresholds
 from harness.verdict import gate_run_dir
 
 
@@ -103,48 +99,14 @@ def test_rendering_leaves_no_global_matplotlib_state(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "headless Chromium is needed for this test: apt-get install -y chromium (Debian package)"
-    return exe
-
-
-# Added to a copy of the page: after load, record every <img>'s natural size, and whether the verdict is shown.
-_PROBE = """<script>window.addEventListener('load', () => {
-  const imgs = [...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);
-  const v = document.getElementById('verdict');
-  const r = v ? v.getBoundingClientRect() : null;
-  document.body.setAttribute('data-probe', JSON.stringify({imgs, verdict: v ? v.textContent : null,
-                                                          verdictHeight: r ? r.height : 0}));
-});</script></body>"""
-
-
-def browser_check(page, shot=None) -> dict:
-    probe = page.with_name("probe.html")
-    probe.write_text(page.read_text().replace("</body>", _PROBE))
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-            "--disable-extensions", f"--user-data-dir={page.parent / '.chromium'}", "--virtual-time-budget=10000"]
-    dom = subprocess.run(base + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    m = re.search(r"data-probe=\"([^\"]*)\"", dom.stdout)
-    assert m, "the probe never ran: " + dom.stdout[:500]
-    probe.unlink()
-    if shot is not None:
-        out = subprocess.run(base + ["--window-size=1400,2400", f"--screenshot={shot}", page.as_uri()],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0 and shot.is_file(), out.stderr[-2000:]
-    shutil.rmtree(page.parent / ".chromium", ignore_errors=True)
-    return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-
-
 def test_browser_renders_verdict_images_and_plots(gated_run):
     page = gated_run / "report.html"
-    probe = browser_check(page, shot=gated_run / "report.png")
+    probe = browser.probe(page)
     assert probe["verdict"] == "PASS" and probe["verdictHeight"] > 0
     imgs = probe["imgs"]
     assert len(imgs) == 30 + 2
-    broken = [alt for alt, complete, w, h in imgs if not (complete and w > 0 and h > 0)]
-    assert broken == []
+    assert browser.broken(probe) == []
+    browser.screenshot(page, gated_run / "report.png")
     plots = [w for alt, _, w, _ in imgs if "plot" in alt]
     assert len(plots) == 2 and min(plots) >= 300
     shot = np.asarray(Image.open(gated_run / "report.png").convert("RGB"))
@@ -157,5 +119,4 @@ def test_browser_check_catches_a_broken_image(gated_run):
     text = page.read_text()
     start = text.index('src="data:image/png;base64,') + len('src="data:image/png;base64,')
     page.write_text(text[:start] + "AAAA" + text[start + 4:])
-    broken = [alt for alt, complete, w, h in browser_check(page)["imgs"] if not w]
-    assert len(broken) == 1
+    assert len(browser.broken(browser.probe(page))) == 1
