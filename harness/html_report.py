@@ -215,6 +215,10 @@ def _index(cells, metrics: pd.DataFrame, regressed) -> str:
         if lines is not None and cell in lines.index:
             r = lines.loc[cell]
             verdict, closest = r["verdict"], tables.describe_closest(r["closest"])
+            trouble = ", ".join(filter(None, [f"{r['failed']} failing row(s)" if r["failed"] else "",
+                                              f"{r['regressed']} regression(s)" if r["regressed"] else ""]))
+            if trouble:  # a failing cell leads with why it failed, then how close the rest came
+                closest = f"{trouble}; first: {r['first_failure'] or 'see the cell'} | closest: {closest}"
         else:
             verdict, closest = "", "not gated"
         rows.append(f"<tr><td class='{verdict}'>{verdict}</td><td><a href='#cell{i}'>{html.escape(cell)}</a></td>"
