@@ -65,7 +65,7 @@ def _quiet_loading() -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.gate import gate_run_dir
+    from harness.verdict import gate_run_dir
     from harness.suites import load_suite
     from harness.sweep import SweepContext, new_run_id, run_sweep
 
@@ -91,13 +91,61 @@ def cmd_sweep(args) -> int:
     print(f"report: {run_dir}")
     if args.no_gate:
         return EXIT_PASS
-    return gate_run_dir(run_dir, args.thresholds)
+    return gate_run_dir(run_dir, args.thresholds, _baseline_arg(args), args.junit)
+
+
+def _baseline_arg(args):
+    from harness.gate import AUTO
+
+    if args.no_baseline and args.baseline:
+        raise UsageError("--baseline and --no-baseline contradict each other")
+    if args.baseline and not Path(args.baseline).is_file():
+        raise UsageError(f"--baseline {args.baseline}: no such file (`parity baseline accept RUN` writes one)")
+    return None if args.no_baseline else args.baseline or AUTO
 
 
 def cmd_gate(args) -> int:
-    from harness.gate import gate_run_dir
+    from harness.verdict import gate_run_dir
 
-    return gate_run_dir(Path(args.run_dir), args.thresholds)
+    return gate_run_dir(Path(args.run_dir), args.thresholds, _baseline_arg(args), args.junit)
+
+
+def cmd_baseline_accept(args) -> int:
+    """Only a run that passes its thresholds may become the baseline: a baseline that already fails would make
+    every later run look fine next to it."""
+    from harness.baseline import BaselineError, accept
+    from harness.gate import format_verdict, judge_run
+
+    for run in [args.run_dir] + list(args.repeat or []):
+        result, _ = judge_run(run, args.thresholds, baseline=None)
+        if result.exit_code != 0:
+            print(format_verdict(result))
+            raise UsageError(f"{run} does not pass its thresholds (gate {result.verdict}); "
+                             "only a clean run can be accepted as the baseline")
+    try:
+        path = accept(args.run_dir, args.repeat or [], args.out)
+    except BaselineError as e:
+        raise UsageError(str(e)) from None
+    print(f"accepted {args.run_dir} as the baseline ({len(args.repeat or [])} repeat run(s) measure its noise): {path}")
+    return EXIT_PASS
+
+
+def cmd_compare(args) -> int:
+    from harness.baseline import BaselineError, compare_runs, load_pair
+
+    try:
+        a, b = load_pair(args.run_a, args.run_b)
+    except BaselineError as e:
+        raise UsageError(str(e)) from None
+    table = compare_runs(a, b)
+    out = Path(args.out) if args.out else Path(args.run_b) / "compare.csv"
+    table.to_csv(out, index=False)
+    changed = table[table["max_abs_sample_delta"].fillna(1.0) != 0]
+    print(f"{len(table)} cell x comparison x metric; {len(changed)} changed "
+          f"(worse_pct: how much larger the worst sample's error got, in the margins error scale)")
+    print((changed if args.changed_only else table).to_string(index=False))
+    print(f"wrote {out}")
+    return EXIT_PASS
 
 
 def cmd_golden_update(args) -> int:
@@ -183,6 +231,27 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir")
     g.add_argument("--thresholds", help="thresholds TOML (default golden/thresholds.toml)")
     g.set_defaults(func=cmd_gate)
+    for p_ in (s, g):
+        p_.add_argument("--baseline", help="baseline parquet (default: golden/baseline/<suite>.parquet if accepted)")
+        p_.add_argument("--no-baseline", action="store_true", help="gate against the thresholds only")
+        p_.add_argument("--junit", metavar="PATH", help="also write the JUnit XML here (junit.xml is always in the run)")
+
+    base = verbs.add_parser("baseline", help="accepted baselines the gate checks regressions against"
+                            ).add_subparsers(dest="baseline_verb", required=True)
+    ba = base.add_parser("accept", help="store a clean run's per-sample values as its suite's baseline")
+    ba.add_argument("run_dir")
+    ba.add_argument("--repeat", nargs="+", metavar="RUN",
+                    help="clean repeat runs of the same suite and seeds: their spread is the stored noise")
+    ba.add_argument("--out", help="baseline file (default golden/baseline/<suite>.parquet)")
+    ba.add_argument("--thresholds", help="thresholds the runs must pass (default golden/thresholds.toml)")
+    ba.set_defaults(func=cmd_baseline_accept)
+
+    c = verbs.add_parser("compare", help="per-metric deltas of two runs (e.g. main vs a pull request)")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--out", help="CSV to write (default RUN_B/compare.csv)")
+    c.add_argument("--changed-only", action="store_true", help="print only metrics whose values changed")
+    c.set_defaults(func=cmd_compare)
 
     gold = verbs.add_parser("golden", help="manage golden reference outputs").add_subparsers(dest="golden_verb", required=True)
     u = gold.add_parser("update", help="re-run the diffusers reference and overwrite the suite's goldens")

@@ -1,31 +1,29 @@
-"""The merge gate: compare a run's results with golden/thresholds.toml. Exit 0 pass, 1 fail, 2 error.
+"""The merge gate: judge a run's results against golden/thresholds.toml and, where one was accepted, against the
+baseline of its suite. Reads and judges; writes nothing (harness/report.py writes, harness/verdict.py does both).
+Exit codes: 0 pass, 1 fail, 2 error.
 
 Rules, in order, for each row:
   - status other than "ok" fails with its reason, whatever the metric (a crashed cell or a refused metric means
     the run cannot vouch for that output);
   - an "ok" row whose value is NaN or Inf fails (schema: only "ok" rows carry finite values, so this is a bug);
   - a gated metric is compared with its threshold, |value| for absolute metrics;
+  - a gated metric with a baseline sample must not be worse than it by more than its tolerance (harness/baseline.py);
   - other metrics are not judged here; they stay in the results and the report.
 Anything that stops a verdict (no threshold for a gated key, ambiguous thresholds, unreadable files) is an error,
 exit 2, never a default.
-
-    python -m harness.gate RUN_DIR [--thresholds PATH]
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness import baseline as B
 from harness.metrics import METRICS, metric_spec
-from harness.report import (SUMMARY_MD, ResultsError, cell_label, fmt, load_meta, load_results,
-                            update_gate_section, write_summary)
+from harness.runfiles import SUMMARY_MD, ResultsError, cell_label, fmt, load_meta, load_results
 from harness.schema import GATE_KEY, OK
 from harness.thresholds import Threshold, ThresholdError, Thresholds, format_key, load_thresholds
 
@@ -33,6 +31,7 @@ PASS, FAIL, ERROR = 0, 1, 2
 VERDICTS = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR"}
 NEEDED = GATE_KEY + ("value", "status", "reason")
 ADDED = ("threshold", "op", "passed", "why")
+AUTO = "auto"  # baseline argument: the suite's accepted baseline if there is one
 
 
 @dataclass
@@ -41,6 +40,8 @@ class GateResult:
     errors: list[str] = field(default_factory=list)
     placeholders: int = 0  # distinct thresholds used whose source is still a placeholder
     thresholds_path: Path | None = None
+    regressions: pd.DataFrame | None = None  # baseline.regressions(): one row per sample judged against it
+    baseline_note: str = "no baseline"  # which baseline was used, or why none
 
     @classmethod
     def error(cls, message: str) -> GateResult:
@@ -51,8 +52,14 @@ class GateResult:
         return self.rows[self.rows["passed"].eq(False).fillna(False).astype(bool)]
 
     @property
+    def regressed(self) -> pd.DataFrame:
+        if self.regressions is None or self.regressions.empty:
+            return pd.DataFrame(columns=list(B.KEY) + ["value", "baseline", "why"])
+        return self.regressions[~self.regressions["passed"].astype(bool)]
+
+    @property
     def exit_code(self) -> int:
-        return ERROR if self.errors else FAIL if len(self.failed) else PASS
+        return ERROR if self.errors else FAIL if len(self.failed) or len(self.regressed) else PASS
 
     @property
     def verdict(self) -> str:
@@ -63,10 +70,13 @@ class GateResult:
         text = f"{bad} of {n} evaluated rows failed" if bad else f"{n} evaluated rows, none failed"
         undecided = int(self.rows["passed"].isna().sum())
         text += f", {undecided} undecided (no threshold)" if undecided else ""
+        if self.regressions is not None:
+            text += f"; {len(self.regressed)} of {len(self.regressions)} samples regressed against the baseline"
         return text + (f", {len(self.errors)} error(s)" if self.errors else "")
 
 
-def gate(results: pd.DataFrame, thresholds: Thresholds) -> GateResult:
+def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame | None = None,
+         tolerances: B.Tolerances | None = None) -> GateResult:
     """Judge every row that the rules above apply to. Pure: reads nothing, writes nothing, prints nothing."""
     missing_cols = [c for c in NEEDED if c not in results.columns]
     if missing_cols:
@@ -104,7 +114,19 @@ def gate(results: pd.DataFrame, thresholds: Thresholds) -> GateResult:
     rows["passed"] = pd.array([p for p, _ in verdicts], dtype="boolean")
     rows["why"] = [w for _, w in verdicts]
     placeholders = len({t.index for t in used if t is not None and t.placeholder})
-    return GateResult(rows, errors, placeholders, thresholds.path)
+    result = GateResult(rows, errors, placeholders, thresholds.path)
+    if baseline is not None:
+        if tolerances is None:
+            raise ValueError("a baseline needs its tolerances (baseline.load_tolerances())")
+        try:
+            result.regressions = B.regressions(results, baseline, tolerances)
+            new, gone = B.unmatched(results, baseline)
+            result.baseline_note = (f"{len(result.regressions)} samples compared with the baseline"
+                                    + (f"; {new} sample(s) have no baseline yet (new cells)" if new else "")
+                                    + (f"; {gone} baseline sample(s) absent from this run" if gone else ""))
+        except B.BaselineError as e:
+            result.errors.append(str(e))
+    return result
 
 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:
@@ -139,6 +161,36 @@ def _judge(status, reason, value: float, rule: Threshold | None) -> tuple[object
     return False, f"{shown} is not {rule.op} {fmt(rule.value)}{note}"
 
 
+def judge_run(run_dir: str | Path, thresholds_path: str | Path | None = None,
+              baseline: str | Path | None = AUTO) -> tuple[GateResult, pd.DataFrame | None]:
+    """Read run_dir and judge it: (result, results or None when unreadable). baseline: a path, AUTO (the
+    accepted baseline of the run's suite when one exists) or None (thresholds only). Never raises on bad input."""
+    results = None
+    try:
+        results = load_results(run_dir)
+        base, tolerances, note = _baseline_for(run_dir, baseline)
+        result = gate(results, load_thresholds(thresholds_path), base, tolerances)
+        if base is None:
+            result.baseline_note = note
+    except (ResultsError, ThresholdError, B.BaselineError) as e:
+        result = GateResult.error(str(e))
+    return result, results
+
+
+def _baseline_for(run_dir, baseline) -> tuple[pd.DataFrame | None, B.Tolerances | None, str]:
+    if baseline is None:
+        return None, None, "baseline not checked (--no-baseline)"
+    if baseline == AUTO:
+        suite = load_meta(run_dir).get("suite")
+        path = B.baseline_path(suite) if suite else None
+        if path is None or not path.is_file():
+            return None, None, (f"no accepted baseline for suite {suite!r} (`parity baseline accept RUN` "
+                                f"writes {B.BASELINE_DIR.name}/{suite}.parquet)" if suite else
+                                "no baseline: meta.json names no suite")
+        baseline = path
+    return B.load_baseline(baseline), B.load_tolerances(), f"baseline {baseline}"
+
+
 def format_verdict(result: GateResult, limit: int = 10) -> str:
     """What the gate prints: the verdict, counts, the errors and the first `limit` failing rows."""
     lines = [f"GATE {result.verdict}: {result.counts()}"]
@@ -151,42 +203,13 @@ def format_verdict(result: GateResult, limit: int = 10) -> str:
             lines.append(f"  {label} {r['comparison']} {r['metric']} {where}: {r['why']}")
         if len(failed) > limit:
             lines.append(f"  ... and {len(failed) - limit} more failing rows (all are listed in {SUMMARY_MD})")
+    regressed = result.regressed
+    for _, r in regressed.head(limit).iterrows():
+        where = " ".join(f"{c} {fmt(r[c])}" for c in ("prompt_idx", "seed") if pd.notna(r[c]))
+        lines.append(f"  REGRESSION {r['cell']} {r['comparison']} {r['metric']} {where}: {r['why']}")
+    if len(regressed) > limit:
+        lines.append(f"  ... and {len(regressed) - limit} more regressions (all are listed in {SUMMARY_MD})")
+    lines.append(f"  {result.baseline_note}")
     if result.placeholders:
         lines.append(f"  note: {result.placeholders} threshold(s) used are PLACEHOLDERs, not measured values")
     return "\n".join(lines)
-
-
-def gate_run_dir(run_dir: str | Path, thresholds_path: str | Path | None = None) -> int:
-    """Gate run_dir/results.parquet, print the verdict, rewrite the gate section of summary.md; return 0/1/2."""
-    run_dir = Path(run_dir)
-    results = None
-    try:
-        results = load_results(run_dir)
-        result = gate(results, load_thresholds(thresholds_path))
-    except (ResultsError, ThresholdError) as e:
-        result = GateResult.error(str(e))
-    except Exception:  # an uncaught crash exits 1, which would read as "accuracy failed"; it is an error
-        result = GateResult.error("gate crashed:\n" + traceback.format_exc())
-    print(format_verdict(result))
-    if run_dir.is_dir():
-        try:
-            if (run_dir / SUMMARY_MD).is_file() or results is None:
-                update_gate_section(run_dir, result)
-            else:
-                write_summary(run_dir, results, result, load_meta(run_dir))
-        except Exception:  # the verdict stands, but a summary that could not be written is still an error
-            print("GATE ERROR: could not write summary:\n" + traceback.format_exc(), file=sys.stderr)
-            return ERROR
-    return result.exit_code
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--thresholds", type=Path, default=None, help="default: golden/thresholds.toml")
-    args = parser.parse_args(argv)
-    return gate_run_dir(args.run_dir, args.thresholds)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,8 +28,10 @@ from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
 from harness.launch import nproc_for, run_engine_distributed_many
 from harness.provenance import model_hash, versions
-from harness.report import write_run, write_summary
+from harness.progress import Progress
+from harness.report import write_run
 from harness.suites import Cell, Suite, optimize_label
+from harness.verdict import write_reports
 from harness.zoo import cached_build
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
@@ -357,9 +359,9 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     provenance = {**versions(), **ctx.clip.provenance()}
     rows: list[dict] = []
     started = time.perf_counter()
+    progress = Progress(len(ctx.suite.cells), ctx.log)
     for cell in ctx.suite.cells:
-        ctx.log(f"cell {cell.name}")
-        t0 = time.perf_counter()
+        progress.start(cell.name)
         try:
             rows += run_cell(cell, ctx, tmp / "images")
         except Exception as e:  # one failing cell never takes down a sweep: it becomes error rows
@@ -370,7 +372,7 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
                          ctx.suite.prompts)
                 r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated), reason)
                 rows += r.rows
-        ctx.log(f"  done in {time.perf_counter() - t0:.1f}s")
+        progress.done()
     frame = pd.DataFrame(rows)
     for column in schema.MODEL_COLUMNS:  # absent when no cell reported them (all crashed, or another backend)
         if column not in frame:
@@ -382,6 +384,6 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
             "seconds": round(time.perf_counter() - started, 1), **provenance}
     write_run(tmp, frame, meta)
-    write_summary(tmp, frame, None, meta)
+    write_reports(tmp, frame, None, meta)  # summary.md and report.html, marked 'not gated' until the gate runs
     tmp.rename(final)
     return final, frame

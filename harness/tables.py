@@ -1,0 +1,68 @@
+"""The judged rows of a gate, aggregated for readers: one row per cell x comparison x metric (its worst sample
+against its threshold, with the margin) and one line per cell (the metric closest to its threshold). Pure
+pandas on GateResult frames; the summary, the HTML report and the JUnit file all read these."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from harness.margins import budget_used, margin
+from harness.runfiles import cell_label, fmt
+from harness.schema import OK
+
+METRIC_COLUMNS = ["cell", "comparison", "metric", "samples", "failed", "value", "op", "threshold", "margin",
+                  "budget_used", "prompt_idx", "seed", "why"]
+
+
+def per_metric(rows: pd.DataFrame) -> pd.DataFrame:
+    """rows: GateResult.rows. The worst sample is the one using most of its threshold's error budget; a row that
+    is not ok (crash, refused metric) or has no threshold is shown by its reason instead of a value."""
+    if rows.empty:
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+    rows = rows.assign(cell=cell_label(rows))
+    out = []
+    for (cell, comparison, metric), grp in rows.groupby(["cell", "comparison", "metric"], sort=True, dropna=False):
+        judged = grp[grp["status"].eq(OK).fillna(False).astype(bool) & grp["threshold"].notna()
+                     & grp["value"].map(lambda v: pd.notna(v) and math.isfinite(v))]
+        failed = grp[grp["passed"].eq(False).fillna(False).astype(bool)]
+        row = {"cell": cell, "comparison": comparison, "metric": metric, "samples": len(grp),
+               "failed": len(failed), "value": math.nan, "op": "", "threshold": math.nan, "margin": math.nan,
+               "budget_used": math.nan, "prompt_idx": pd.NA, "seed": pd.NA,
+               "why": failed["why"].iloc[0] if len(failed) else ""}
+        if len(judged):
+            budgets = [budget_used(metric, v, t) for v, t in zip(judged["value"], judged["threshold"])]
+            i = max(range(len(budgets)), key=budgets.__getitem__)
+            worst = judged.iloc[i]
+            row.update(value=float(worst["value"]), op=worst["op"], threshold=float(worst["threshold"]),
+                       margin=margin(metric, float(worst["value"]), worst["op"], float(worst["threshold"])),
+                       budget_used=budgets[i], prompt_idx=worst.get("prompt_idx", pd.NA),
+                       seed=worst.get("seed", pd.NA))
+        elif len(grp) and not len(failed):
+            row["why"] = grp["why"].iloc[0]  # e.g. "no threshold"
+        out.append(row)
+    return pd.DataFrame(out, columns=METRIC_COLUMNS)
+
+
+def per_cell(metrics: pd.DataFrame, regressed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One line per cell: PASS/FAIL, failing rows, regressions, and the metric closest to its threshold."""
+    lines = []
+    regressed = regressed if regressed is not None else pd.DataFrame(columns=["cell"])
+    for cell, grp in metrics.groupby("cell", sort=True):
+        n_failed, n_regressed = int(grp["failed"].sum()), int((regressed["cell"] == cell).sum())
+        judged = grp[grp["budget_used"].notna()]
+        closest = judged.loc[judged["budget_used"].idxmax()] if len(judged) else None
+        lines.append({"cell": cell, "verdict": "FAIL" if n_failed or n_regressed else "PASS",
+                      "failed": n_failed, "regressed": n_regressed,
+                      "closest": closest, "first_failure": next((w for w in grp["why"] if w), "")})
+    return pd.DataFrame(lines, columns=["cell", "verdict", "failed", "regressed", "closest", "first_failure"])
+
+
+def describe_closest(c) -> str:
+    """'engine_vs_reference single_step_cosine 0.998 (>= 0.99695): margin +0.00105, 50% of its error budget'."""
+    if c is None or (isinstance(c, float) and math.isnan(c)):
+        return "no judged metric"
+    where = ", ".join(f"{k} {fmt(c[k])}" for k in ("seed", "prompt_idx") if pd.notna(c[k]))
+    budget = "100%+" if math.isinf(c["budget_used"]) else f"{c['budget_used'] * 100:.3g}%"
+    return (f"{c['comparison']} {c['metric']} {fmt(c['value'])} ({c['op']} {fmt(c['threshold'])}): "
+            f"margin {c['margin']:+.4g}, {budget} of its error budget" + (f" [{where}]" if where else ""))
