@@ -18,7 +18,7 @@ META = dict(run_id="r1", time="2026-11-27T08:00:00Z", suite="synthetic", torch_v
 def row(metric: str, value: float, cell=("flux1", "bf16", "fp8", "sp1"), **kw) -> dict:
     model, dtype, quant, parallel = cell
     base = {"model": model, "dtype": dtype, "quant": quant, "parallel": parallel, "device": "cpu", "size": "tiny",
-            "backend": "engine", "cell": f"{model}/tiny/{dtype}/{quant}/{parallel}/cpu", "prompt_idx": 0,
+            "backend": "engine", "optimize": "eager", "cell": f"{model}/tiny/{dtype}/{quant}/{parallel}/cpu", "prompt_idx": 0,
             "prompt": "a red cube", "seed": 0, "steps": 4, "height": 16, "width": 16, "guidance": 3.5,
             "true_cfg_scale": 1.0, "comparison": ENGINE_VS_REFERENCE, "metric": metric, "step": pd.NA,
             "value": value, "status": "ok", "reason": None, "model_hash": "h0", "weight_bytes": 1000,
