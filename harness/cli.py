@@ -86,6 +86,9 @@ def _resume_args(args) -> tuple[argparse.Namespace, Path]:
 
     out_root, run_id = locate(args.resume)
     recorded = read_plan(out_root / f".tmp-{run_id}")["options"]
+    if set(recorded) != set(RUN_OPTIONS):
+        raise UsageError(f"run {run_id} did not record the options of a `parity sweep` command line; "
+                         "it can only be resumed by the code that started it")
     defaults = parser().parse_args(["sweep"])
     for key in RUN_OPTIONS:
         given = getattr(args, key)
@@ -254,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
                    "(combine the shards with `parity merge`)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sweep (its <out>/.tmp-<run id> "
                    "folder) with the options it began with: complete cells are not run again")
-    s.add_argument("--executor", default="local", choices=["local", "ray"],
+    s.add_argument("--executor", default="local",
                    help="local: cells one after another here (default); ray: each cell a Ray task")
     s.add_argument("--ray-address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     s.set_defaults(func=cmd_sweep)

@@ -76,7 +76,7 @@ class RayExecutor:
             task = ray.remote(run_cell_task)
             threads = torch.get_num_threads()  # CPU results depend on the thread count: match this process
             pending = {task.options(**task_resources(cell), max_retries=0, name=f"parity {cell.name}")
-                       .remote(shipped, cell, self.clip, threads): cell for cell in cells}
+                       .remote(shipped, cell, self.clip, threads, str(REPO_ROOT)): cell for cell in cells}
             mine = versions()
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -119,7 +119,17 @@ def portable(ctx: SweepContext) -> SweepContext:
                    _reference_runs={}, _engine_runners={}, _engine_runs={}, _hashes={})
 
 
-def run_cell_task(ctx: SweepContext, cell: Cell, clip: tuple[str, str] | None, threads: int) -> dict:
+def _rebase(path: Path, driver_repo: Path) -> Path:
+    """A path inside the driver's checkout (the default zoo, goldens, cache) means the same place in the copy of
+    the checkout this task runs from, which on a cluster node lives elsewhere."""
+    try:
+        return REPO_ROOT / Path(path).relative_to(driver_repo)
+    except ValueError:
+        return Path(path)
+
+
+def run_cell_task(ctx: SweepContext, cell: Cell, clip: tuple[str, str] | None, threads: int,
+                  driver_repo: str) -> dict:
     """One cell inside a Ray worker: rows plus the files it wrote (images, weight table), brought back as bytes
     so the driver needs no storage shared with the workers."""
     import time
@@ -131,6 +141,10 @@ def run_cell_task(ctx: SweepContext, cell: Cell, clip: tuple[str, str] | None, t
 
     torch.set_num_threads(threads)
     _quiet_loading()
+    repo = Path(driver_repo)
+    ctx.zoo_root, ctx.golden_root = _rebase(ctx.zoo_root, repo), _rebase(ctx.golden_root, repo)
+    if ctx.ref_cache is not None:
+        ctx.ref_cache.root = _rebase(ctx.ref_cache.root, repo)
     ctx.clip = ClipScorer.from_pretrained(*clip) if clip else ClipScorer.default()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="parity-ray-cell-") as tmp:
@@ -140,18 +154,24 @@ def run_cell_task(ctx: SweepContext, cell: Cell, clip: tuple[str, str] | None, t
             "seconds": time.perf_counter() - t0}
 
 
-EXECUTORS = ("local", "ray")
+def _local(address: str | None, clip) -> Executor:
+    if address:
+        raise ValueError("--ray-address needs --executor ray")
+    return LocalExecutor()
+
+
+def _ray(address: str | None, clip) -> Executor:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("--executor ray needs Ray: pip install 'parity[ray]'") from None
+    return RayExecutor(address, clip)
+
+
+EXECUTORS = {"local": _local, "ray": _ray}
 
 
 def make_executor(name: str, address: str | None = None, clip: tuple[str, str] | None = None) -> Executor:
-    if name == "local":
-        if address:
-            raise ValueError("--ray-address needs --executor ray")
-        return LocalExecutor()
-    if name == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ValueError("--executor ray needs Ray: pip install 'parity[ray]'") from None
-        return RayExecutor(address, clip)
-    raise ValueError(f"unknown executor {name!r}; valid: {list(EXECUTORS)}")
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; valid: {sorted(EXECUTORS)}")
+    return EXECUTORS[name](address, clip)

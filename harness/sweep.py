@@ -406,6 +406,8 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     tmp = tmp_dir(out_root, ctx.run_id)
     plan = make_plan(ctx.suite, cells, str(ctx.shard) if ctx.shard else None, ctx.backend, ctx.golden, versions(),
                      ctx.options)
+    if tmp.exists() and not ctx.resume:
+        ctx.log(f"discarding the unfinished {tmp} (`parity sweep --resume {tmp}` would have continued it)")
     store = CellStore.reopen(tmp, plan) if ctx.resume else CellStore.create(tmp, plan)
     if ctx.clip is None:
         ctx.clip = ClipScorer.default()
