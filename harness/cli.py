@@ -64,13 +64,56 @@ def _quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+# The options that define what a sweep runs: recorded in its run folder, replayed by --resume.
+RUN_OPTIONS = ("suite", "device", "cells", "quant_ignored_layers", "backend", "model_dir", "zoo_root", "clip_model",
+               "clip_pretrained", "no_golden", "golden_root", "shard")
+
+
+def _recorded_options(args) -> dict:
+    out = {k: getattr(args, k) for k in RUN_OPTIONS}
+    for k in ("zoo_root", "golden_root", "clip_pretrained"):  # a resume may start from another directory
+        out[k] = out[k] and str(Path(out[k]).absolute())
+    if out["suite"].endswith(".toml"):
+        out["suite"] = str(Path(out["suite"]).absolute())
+    out["model_dir"] = out["model_dir"] and [f"{f}={Path(p).absolute()}" for f, _, p in
+                                             (pair.partition("=") for pair in out["model_dir"])]
+    return out
+
+
+def _resume_args(args) -> tuple[argparse.Namespace, Path]:
+    """args with the recorded options of the run folder --resume names; an option given again must agree."""
+    from harness.runstore import locate, read_plan
+
+    out_root, run_id = locate(args.resume)
+    recorded = read_plan(out_root / f".tmp-{run_id}")["options"]
+    if set(recorded) != set(RUN_OPTIONS):
+        raise UsageError(f"run {run_id} did not record the options of a `parity sweep` command line; "
+                         "it can only be resumed by the code that started it")
+    defaults = parser().parse_args(["sweep"])
+    for key in RUN_OPTIONS:
+        given = getattr(args, key)
+        if given != getattr(defaults, key) and given != recorded[key]:
+            raise UsageError(f"--resume runs with the options the run began with: --{key.replace('_', '-')} "
+                             f"{given!r} differs from the recorded {recorded[key]!r} (drop it, or start a new run)")
+    if args.run_id and args.run_id != run_id:
+        raise UsageError(f"--resume continues run {run_id!r}; --run-id {args.run_id!r} names another")
+    return argparse.Namespace(**{**vars(args), **recorded, "run_id": run_id}), out_root
+
+
 def cmd_sweep(args) -> int:
+    from harness.executors import make_executor
     from harness.verdict import gate_run_dir
+    from harness.refcache import RefCache
+    from harness.shards import Shard
     from harness.suites import load_suite
     from harness.sweep import SweepContext, new_run_id, run_sweep
 
+    out_root = Path(args.out)
+    if args.resume:
+        args, out_root = _resume_args(args)
     suite = load_suite(args.suite)
-    _device_check(args.device)
+    if args.executor == "local":  # Ray tasks run on the cluster's devices, not this machine's
+        _device_check(args.device)
     if args.device:
         suite = suite.with_device(args.device)
     if args.quant_ignored_layers:
@@ -81,13 +124,20 @@ def cmd_sweep(args) -> int:
             raise UsageError(f"--cells {args.cells} matches none of {[c.name for c in suite.cells]}")
         suite = type(suite)(suite.name, suite.description, suite.prompts, suite.seeds, cells, suite.path)
     ctx = SweepContext(suite=suite, run_id=args.run_id or new_run_id(suite), backend=args.backend,
-                       model_dirs=_model_dirs(args.model_dir), golden=not args.no_golden, clip=_clip(args))
+                       model_dirs=_model_dirs(args.model_dir), golden=not args.no_golden, clip=_clip(args),
+                       ref_cache=None if args.no_ref_cache else RefCache(args.ref_cache),
+                       shard=Shard.parse(args.shard) if args.shard else None, resume=bool(args.resume),
+                       executor=make_executor(args.executor, args.ray_address, args.clip_model and (
+                           args.clip_model, str(Path(args.clip_pretrained).absolute()))),
+                       options=_recorded_options(args))
     if args.zoo_root:
         ctx.zoo_root = Path(args.zoo_root)
     if args.golden_root:
         ctx.golden_root = Path(args.golden_root)
     _quiet_loading()
-    run_dir, frame = run_sweep(ctx, Path(args.out))
+    run_dir, frame = run_sweep(ctx, out_root)
+    if ctx.ref_cache is not None:
+        print(f"reference cache {ctx.ref_cache.root}: {ctx.ref_cache.hits} hits, {ctx.ref_cache.misses} misses")
     print(f"report: {run_dir}")
     if args.no_gate:
         return EXIT_PASS
@@ -145,6 +195,29 @@ def cmd_compare(args) -> int:
           f"(worse_pct: how much larger the worst sample's error got, in the margins error scale)")
     print((changed if args.changed_only else table).to_string(index=False))
     print(f"wrote {out}")
+    return EXIT_PASS
+
+
+def cmd_merge(args) -> int:
+    from harness.gate import gate_run_dir
+    from harness.merge import merge_runs
+
+    out = merge_runs([Path(d) for d in args.run_dirs], Path(args.out))
+    print(f"merged {len(args.run_dirs)} shard(s) into {out}")
+    return EXIT_PASS if args.no_gate else gate_run_dir(out, args.thresholds)
+
+
+def cmd_cache_prune(args) -> int:
+    from harness.refcache import RefCache, parse_size
+
+    if args.older_than is None and args.max_size is None:
+        raise UsageError("cache prune needs --older-than DAYS and/or --max-size SIZE")
+    if args.older_than is not None and args.older_than < 0:
+        raise UsageError(f"--older-than {args.older_than}: must be >= 0 days")
+    cache = RefCache(args.dir)
+    result = cache.prune(args.older_than, parse_size(args.max_size) if args.max_size else None)
+    print(f"{cache.root}: removed {result.removed} entries ({result.freed_bytes / 2**20:.1f} MiB), "
+          f"kept {result.kept} ({result.kept_bytes / 2**20:.1f} MiB)")
     return EXIT_PASS
 
 
@@ -225,7 +298,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-gate", action="store_true", help="write the report without gating")
     s.add_argument("--no-golden", action="store_true", help="skip the reference-vs-golden drift comparison")
     s.add_argument("--golden-root", help="folder holding <suite>/ goldens (default golden/)")
+    s.add_argument("--ref-cache", metavar="DIR", help="reference cache folder, shared storage for a fleet "
+                   "(default: $PARITY_REF_CACHE, else .cache/reference)")
+    s.add_argument("--no-ref-cache", action="store_true", help="run diffusers for every reference, store nothing")
+    s.add_argument("--shard", metavar="K/N", help="run only the K-th of N deterministic slices of the cells "
+                   "(combine the shards with `parity merge`)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted sweep (its <out>/.tmp-<run id> "
+                   "folder) with the options it began with: complete cells are not run again")
+    s.add_argument("--executor", default="local",
+                   help="local: cells one after another here (default); ray: each cell a Ray task")
+    s.add_argument("--ray-address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     s.set_defaults(func=cmd_sweep)
+
+    m = verbs.add_parser("merge", help="combine the run folders of `sweep --shard K/N` into one report, gate it")
+    m.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    m.add_argument("--out", required=True, help="the merged run folder to create")
+    m.add_argument("--thresholds", help="thresholds TOML (default golden/thresholds.toml)")
+    m.add_argument("--no-gate", action="store_true", help="write the merged report without gating")
+    m.set_defaults(func=cmd_merge)
+
+    cache = verbs.add_parser("cache", help="manage the reference cache").add_subparsers(dest="cache_verb",
+                                                                                        required=True)
+    pr = cache.add_parser("prune", help="delete entries unused for DAYS, then least recently used ones over SIZE")
+    pr.add_argument("--dir", help="cache folder (default: $PARITY_REF_CACHE, else .cache/reference)")
+    pr.add_argument("--older-than", type=float, metavar="DAYS", help="delete entries unused for this long")
+    pr.add_argument("--max-size", metavar="SIZE", help="then keep at most this much, e.g. 20G")
+    pr.set_defaults(func=cmd_cache_prune)
 
     g = verbs.add_parser("gate", help="gate a finished run folder: exit 0 pass, 1 fail, 2 error")
     g.add_argument("run_dir")

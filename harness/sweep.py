@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 import tempfile
 import time
 import traceback
@@ -28,8 +27,10 @@ from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
 from harness.launch import nproc_for, run_engine_distributed_many
 from harness.provenance import model_hash, versions
-from harness.progress import Progress
+from harness.refcache import RefCache
 from harness.report import write_run
+from harness.runstore import CellStore, make_plan, tmp_dir
+from harness.shards import Shard
 from harness.suites import Cell, Suite, optimize_label
 from harness.verdict import write_reports
 from harness.zoo import cached_build
@@ -52,7 +53,13 @@ class SweepContext:
     golden_root: Path = GOLDEN_DIR
     clip: ClipScorer | None = None
     log: Callable[[str], None] = print
+    ref_cache: RefCache | None = None  # reference runs on disk (harness.refcache); None: run diffusers every time
+    shard: Shard | None = None  # run only this slice of the cells (harness.shards)
+    executor: object = None  # runs the cells (harness.executors); None: one after another in this process
+    resume: bool = False  # continue the unfinished run folder of run_id instead of starting afresh
+    options: dict = field(default_factory=dict)  # the command line that defines the run, kept for --resume
     _references: dict = field(default_factory=dict)
+    _reference_runs: dict = field(default_factory=dict)
     _engine_runners: dict = field(default_factory=dict)
     _engine_runs: dict = field(default_factory=dict)
     _hashes: dict = field(default_factory=dict)
@@ -129,6 +136,26 @@ class SweepContext:
             self._references.clear()  # one reference model in memory at a time
             self._references[key] = (open_backend("diffusers", key), {})
         return self._references[key]
+
+    def reference_run(self, cfg: RunConfig, model_hash: str) -> Artifacts:
+        """The reference's artifacts for cfg (seed included), with its single-step output on its own step-0
+        inputs in extras["single_step"]: from this process, else from the reference cache, else from diffusers
+        (whose model is loaded only on a cache miss)."""
+        key = cfg.replace(quant="none", quant_ignored=(), parallel="sp1", optimize=OptimizeSpec(), seed=0)
+        runs = self._reference_runs.setdefault(key, {})
+        if len(self._reference_runs) > 1:  # one reference's runs in memory at a time, as for its model
+            self._reference_runs = {key: runs}
+        if cfg.seed not in runs:
+            run_cfg = key.replace(seed=cfg.seed)
+            art = self.ref_cache.get(run_cfg, model_hash) if self.ref_cache is not None else None
+            if art is None:
+                runner, _ = self.reference(key)
+                art = runner.generate(run_cfg)
+                art.extras["single_step"] = runner.transformer_forward(art.step0_inputs)
+                if self.ref_cache is not None:
+                    self.ref_cache.put(run_cfg, model_hash, art)
+            runs[cfg.seed] = art
+        return runs[cfg.seed]
 
 
 def ref_key(cell: Cell) -> str:
@@ -295,14 +322,10 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     base = {**cell_columns(cell, ctx), "model_hash": ctx.model_hash(model_dir)}
     out: list[dict] = []
     cfg0 = run_config(cell, suite, model_dir)
-    ref_runner, ref_runs = ctx.reference(cfg0)
     engine_cfg0 = cfg0.replace(model_dir=str(ctx.engine_model_dir(cell, model_dir)))
     if cell.quant != "none":
         out += weight_rows(cell, ctx, model_dir, engine_cfg0, images_dir.parent)
-    for seed in suite.seeds:
-        if seed not in ref_runs:
-            ref_runs[seed] = ref_runner.generate(cfg0.replace(seed=seed))
-            ref_runs[seed].extras["single_step"] = ref_runner.transformer_forward(ref_runs[seed].step0_inputs)
+    ref_runs = {seed: ctx.reference_run(cfg0.replace(seed=seed), base["model_hash"]) for seed in suite.seeds}
     if nproc_for(cell.parallel) > 1:
         ctx.prefetch_distributed([engine_cfg0.replace(seed=s) for s in suite.seeds],
                                  [ref_runs[s].step0_inputs for s in suite.seeds], cell.timeout_s)
@@ -345,35 +368,53 @@ def preflight(ctx: SweepContext) -> None:
             raise ValueError(f"cell {cell.name}: {e}") from None
 
 
+def cell_rows(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
+    """run_cell, except that a failing cell becomes error rows: one failing cell never takes down a sweep."""
+    try:
+        return run_cell(cell, ctx, images_dir)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        ctx.log(f"  ERROR {reason}\n{traceback.format_exc(limit=6)}")
+        return error_rows(cell, ctx, reason)
+
+
+def error_rows(cell: Cell, ctx: SweepContext, reason: str) -> list[dict]:
+    rows = []
+    for seed in ctx.suite.seeds:
+        r = Rows({**cell_columns(cell, ctx), "seed": seed, "model_hash": ""}, len(ctx.suite.prompts), ctx.suite.prompts)
+        r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated), reason)
+        rows += r.rows
+    return rows
+
+
 def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
+    """Run the suite's cells (ctx.shard's slice of them) with ctx.executor into <out_root>/.tmp-<run id>/, one
+    cell committed at a time (harness.runstore), then write the report and rename the folder to <run id>.
+    With ctx.resume the unfinished folder is continued: complete cells are not run again."""
+    from harness.executors import LocalExecutor
+
     out_root = Path(out_root)
     preflight(ctx)
     final = out_root / ctx.run_id
     if final.exists():
         raise FileExistsError(f"report folder {final} already exists; pick another --run-id")
-    tmp = out_root / f".tmp-{ctx.run_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    cells = ctx.shard.select(ctx.suite.cells) if ctx.shard else ctx.suite.cells
+    tmp = tmp_dir(out_root, ctx.run_id)
+    plan = make_plan(ctx.suite, cells, str(ctx.shard) if ctx.shard else None, ctx.backend, ctx.golden, versions(),
+                     ctx.options)
+    if tmp.exists() and not ctx.resume:
+        ctx.log(f"discarding the unfinished {tmp} (`parity sweep --resume {tmp}` would have continued it)")
+    store = CellStore.reopen(tmp, plan) if ctx.resume else CellStore.create(tmp, plan)
     if ctx.clip is None:
         ctx.clip = ClipScorer.default()
     provenance = {**versions(), **ctx.clip.provenance()}
-    rows: list[dict] = []
     started = time.perf_counter()
-    progress = Progress(len(ctx.suite.cells), ctx.log)
-    for cell in ctx.suite.cells:
-        progress.start(cell.name)
-        try:
-            rows += run_cell(cell, ctx, tmp / "images")
-        except Exception as e:  # one failing cell never takes down a sweep: it becomes error rows
-            reason = f"{type(e).__name__}: {e}"
-            ctx.log(f"  ERROR {reason}\n{traceback.format_exc(limit=6)}")
-            for seed in ctx.suite.seeds:
-                r = Rows({**cell_columns(cell, ctx), "seed": seed, "model_hash": ""}, len(ctx.suite.prompts),
-                         ctx.suite.prompts)
-                r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated), reason)
-                rows += r.rows
-        progress.done()
-    frame = pd.DataFrame(rows)
+    todo = [c for c in cells if not store.done(c)]
+    if ctx.resume:
+        ctx.log(f"resuming {tmp}: {len(cells) - len(todo)} of {len(cells)} cells complete, running {len(todo)}")
+    (ctx.executor or LocalExecutor()).run(todo, ctx, store)
+    frame = store.frame(cells)
+    store.write_weights(cells)
     for column in schema.MODEL_COLUMNS:  # absent when no cell reported them (all crashed, or another backend)
         if column not in frame:
             frame[column] = np.nan
@@ -383,7 +424,10 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     frame = frame[list(schema.COLUMNS) + [c for c in frame.columns if c not in schema.COLUMNS]]
     meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
             "seconds": round(time.perf_counter() - started, 1), **provenance}
+    if ctx.shard:
+        meta["shard"] = str(ctx.shard)
     write_run(tmp, frame, meta)
     write_reports(tmp, frame, None, meta)  # summary.md and report.html, marked 'not gated' until the gate runs
+    store.close()  # the per-cell rows are all in results.parquet now
     tmp.rename(final)
     return final, frame

@@ -6,6 +6,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ref_cache_root(tmp_path_factory):
+    """Sweeps in tests keep their reference cache to the session: never the developer's .cache/reference."""
+    before = os.environ.get("PARITY_REF_CACHE")
+    os.environ["PARITY_REF_CACHE"] = str(tmp_path_factory.mktemp("ref-cache"))
+    yield os.environ["PARITY_REF_CACHE"]
+    if before is None:
+        os.environ.pop("PARITY_REF_CACHE")
+    else:
+        os.environ["PARITY_REF_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def zoo_root(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo")
