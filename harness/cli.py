@@ -199,7 +199,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from harness.gate import gate_run_dir
+    from harness.verdict import gate_run_dir
     from harness.merge import merge_runs
 
     out = merge_runs([Path(d) for d in args.run_dirs], Path(args.out))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report import load_meta, load_results, write_run, write_summary
+from harness.runfiles import load_meta, load_results, write_run
+from harness.verdict import write_reports
 from harness.runstore import CHECKED, IMAGES, PLAN, WEIGHTS, read_plan
 
 SAME = tuple(k for k in CHECKED if k not in ("cells", "shard"))  # what every shard of one sweep shares
@@ -97,7 +98,7 @@ def merge_runs(run_dirs: list[Path], out: Path) -> Path:
         plan = {**plans[0], "cells": order, "shard": None, "merged_from": [str(d) for d in run_dirs]}
         (tmp / PLAN).write_text(json.dumps(plan, indent=2, default=str))
         write_run(tmp, frame, meta)
-        write_summary(tmp, frame, None, meta)
+        write_reports(tmp, frame, None, meta)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

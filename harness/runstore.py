@@ -21,7 +21,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from harness.report import DTYPES
+from harness.runfiles import DTYPES
 from harness.schema import ERROR
 from harness.suites import Cell, Suite
 

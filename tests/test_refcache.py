@@ -1,5 +1,6 @@
 """The reference cache: keyed by what determines the reference output, atomic under concurrent writers, prunable,
 and in a sweep a hit gives the same report values without running diffusers."""
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from engine.api import Artifacts, RunConfig
+from engine.api import Artifacts, OptimizeSpec, RunConfig
 from harness import backends, refcache
 from harness.cli import main
 from harness.refcache import RefCache, cache_key, key_fields, parse_size
@@ -23,7 +24,7 @@ def artifacts(fill: float, n: int = 4096) -> Artifacts:
     """Every tensor filled with `fill`, so a reader can tell which writer an entry came from, and whether it mixes."""
     t = lambda *shape: torch.full(shape, fill)  # noqa: E731
     art = Artifacts(initial_latents=t(1, n, 16), step_latents=t(2, 1, n, 16), step_outputs=t(2, 1, n, 16),
-                    final_latents=t(1, n, 16), images=np.full((1, 64, 64, 3), int(fill) % 256, np.uint8),
+                    final_latents=t(1, n, 16), images=np.full((1, 1, 64, 64, 3), int(fill) % 256, np.uint8),
                     step0_inputs={"hidden_states": t(1, n, 16), "timestep": t(1)}, extras={"seconds": 1.5})
     art.extras["single_step"] = t(1, n, 16)
     return art
@@ -35,13 +36,18 @@ def fills(art: Artifacts) -> set[float]:
     return {float(v) for x in tensors for v in x.unique()} | {float(v) for v in np.unique(art.images)}
 
 
+def sampled(**changes) -> RunConfig:
+    return CFG.replace(sampling=dataclasses.replace(CFG.sampling, **changes))
+
+
 def test_key_has_what_determines_the_reference_output(monkeypatch):
     base = cache_key(key_fields(CFG, "hash-a"))
     # The reference never runs quant or parallel, and a model is its identity, not its path.
-    same = [CFG.replace(quant="fp8"), CFG.replace(parallel="ulysses2"), CFG.replace(model_dir="/mnt/b")]
+    same = [CFG.replace(quant="fp8"), CFG.replace(parallel="ulysses2"), CFG.replace(model_dir="/mnt/b"),
+            CFG.replace(optimize=OptimizeSpec(compile_blocks=True))]
     assert {cache_key(key_fields(c, "hash-a")) for c in same} == {base}
-    changed = [CFG.replace(seed=1), CFG.replace(steps=3), CFG.replace(dtype="bf16"), CFG.replace(guidance=4.0),
-               CFG.replace(prompts=("a cat",)), CFG.replace(negative_prompt="blurry"), CFG.replace(height=128)]
+    changed = [CFG.replace(seed=1), CFG.replace(steps=3), CFG.replace(dtype="bf16"), sampled(guidance=4.0),
+               CFG.replace(prompts=("a cat",)), sampled(negative_prompt="blurry"), CFG.replace(height=128)]
     keys = {cache_key(key_fields(c, "hash-a")) for c in changed} | {cache_key(key_fields(CFG, "hash-b"))}
     assert base not in keys and len(keys) == len(changed) + 1
     assert key_fields(CFG, "h")["device_kind"].startswith("cpu:")
