@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -78,3 +78,12 @@ class Runner(Protocol):
     def generate(self, cfg: RunConfig) -> Artifacts: ...
 
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+def sensitivity_probe(cfg: RunConfig, synthesize: Callable[[str], tuple[dict, Mapping[str, torch.Tensor]]] | None = None):
+    """A quantization sensitivity probe (engine/quant/sensitivity.py) for quant mode cfg.quant over every denoiser of
+    cfg.family: loaded with its pipeline from cfg.model_dir (to capture step-0 inputs), or built alone on cfg.device
+    from `synthesize(denoiser) -> (diffusers config, state dict)`."""
+    from engine.quant.sensitivity import open_probe
+
+    return open_probe(cfg, synthesize)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
+from torch import nn
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -39,8 +40,14 @@ def image_ids(h2: int, w2: int) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3)
 
 
+def _check_denoiser(name: str) -> None:
+    if name not in Flux1Pipeline.denoisers:
+        raise ValueError(f"flux1 has no denoiser {name!r}; valid: {list(Flux1Pipeline.denoisers)}")
+
+
 class Flux1Pipeline:
     family = "flux1"
+    denoisers = ("transformer",)  # the denoiser components: folder names and attributes of a loaded pipeline
 
     def __init__(self, cfg: RunConfig):
         t0 = time.perf_counter()
@@ -68,6 +75,20 @@ class Flux1Pipeline:
         config = Flux1Config.from_diffusers(read_config(component_dir))
         key_map = diffusers_key_map(config)
         return build_transformer(lambda: Flux1Transformer(config), key_map, component_dir, spec, dtype, device), key_map
+
+    @staticmethod
+    def denoiser_parts(name: str, config: dict) -> tuple[Callable[[], nn.Module], dict]:
+        """How to build denoiser `name` from its diffusers config on any device, and its checkpoint key map."""
+        _check_denoiser(name)
+        model_cfg = Flux1Config.from_diffusers(config)
+        return (lambda: Flux1Transformer(model_cfg)), diffusers_key_map(model_cfg)
+
+    @staticmethod
+    def denoiser_call(name: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
+        """Denoiser `name`'s positional arguments for diffusers-named step-0 inputs (what the reference receives)."""
+        _check_denoiser(name)
+        return tuple(inputs.get(k) for k in ("hidden_states", "encoder_hidden_states", "timestep", "pooled_projections",
+                                             "img_ids", "txt_ids", "guidance"))
 
     @staticmethod
     def check_quant_spec(component_dir: Path, spec: QuantSpec) -> None:
