@@ -191,3 +191,18 @@ def test_bad_input_exits_2_and_writes_nothing(bad, message, suite_file, tmp_path
     code = main(["sensitivity", "--model", "flux1", "--suite", str(suite_file), "--out", str(out)] + bad)
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_groups_whose_patterns_miss_their_layers_are_refused(monkeypatch):
+    """Planted: pattern derivation that reaches more than the group (a whole block for one layer). The check that
+    every group's patterns reach exactly its layers must refuse it rather than advise a wrong list."""
+    from engine.api import RunConfig, sensitivity_probe
+    from harness import sensitivity
+
+    cfg = RunConfig(family="flux1", model_dir="", prompts=("p",), dtype="bf16", quant="fp8")
+    probe = sensitivity_probe(cfg, lambda d: (zoo.transformer_config("flux1", "tiny"),
+                                              zoo.synthesize_transformer_state_dict("flux1", "tiny")))
+    assert len(sensitivity.make_groups(probe, "layer")) == 26
+    monkeypatch.setattr(sensitivity, "_candidate_patterns", lambda layers, grouping: ["transformer_blocks.1"])
+    with pytest.raises(RuntimeError, match="no --quant-ignored-layers patterns reach exactly group"):
+        sensitivity.make_groups(probe, "layer")
