@@ -82,9 +82,10 @@ def test_zoo_plant_is_data_only_and_recorded(planted_dir, tiny_flux_dir):
         zoo.synthesize_transformer_state_dict("flux1", "tiny", sensitive_layer="transformer_blocks.1.attn.to_q")
 
 
-# Targets between the planted model all-quantized and the unplanted one all-quantized (measured, tiny, bf16, worst
-# sample: fp8 0.963 vs 0.998, nvfp4 0.960 vs 0.980), so the planted layer is what the target asks to keep.
-TARGETS = {"fp8": 0.99, "nvfp4": 0.97}
+# Each target sits midway between the planted model all-quantized and the same with the planted layer kept in bf16
+# (measured, tiny, bf16, worst sample on seed 0 / held-out seed 7: fp8 0.978 / 0.977 vs 0.9989 / 0.9983, where
+# the unplanted model all-quantized is also 0.9989 / 0.9983; nvfp4 0.942 / 0.945 vs 0.973 / 0.970).
+TARGETS = {"fp8": 0.99, "nvfp4": 0.96}
 
 
 @pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
