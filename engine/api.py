@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -274,3 +274,12 @@ def quant_summary(model: torch.nn.Module) -> dict:
     from engine.quant.api import quant_summary as _summary
 
     return _summary(getattr(model, "inner", model))
+
+
+def sensitivity_probe(cfg: RunConfig, synthesize: Callable[[str], tuple[dict, Mapping[str, torch.Tensor]]] | None = None):
+    """A quantization sensitivity probe (engine/quant/sensitivity.py) for quant mode cfg.quant over every denoiser of
+    cfg.family: loaded with its pipeline from cfg.model_dir (to capture step-0 inputs), or built alone on cfg.device
+    from `synthesize(denoiser) -> (diffusers config, state dict)`."""
+    from engine.quant.sensitivity import open_probe
+
+    return open_probe(cfg, synthesize)

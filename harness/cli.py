@@ -29,7 +29,8 @@ def _model_dirs(pairs: list[str]) -> dict[str, str]:
 def cmd_zoo_build(args) -> int:
     from harness.zoo import build
 
-    path = build(args.family, args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    path = build(args.family, args.out, size=args.size, seed=args.seed, overwrite=args.overwrite,
+                 sensitive_layer=args.sensitive_layer)
     print(f"wrote {args.family} ({args.size}, seed {args.seed}) to {path}")
     return EXIT_PASS
 
@@ -266,6 +267,28 @@ def cmd_bench(args) -> int:
     return EXIT_PASS
 
 
+def cmd_sensitivity(args) -> int:
+    from harness.sensitivity import SensitivityConfig, default_out, ignored_argument, run_sensitivity
+
+    if args.model_dir and not (Path(args.model_dir) / "model_index.json").is_file():
+        raise UsageError(f"--model-dir {args.model_dir} is not a diffusers model folder (no model_index.json)")
+    _device_check(args.device)
+    cfg = SensitivityConfig(family=args.model, quant=args.quant, model_dir=args.model_dir, size=args.size,
+                            suite=args.suite, group=args.group, target_cosine=args.target_cosine,
+                            holdout_seeds=tuple(args.holdout_seeds or ()), device=args.device, dtype=args.dtype,
+                            height=args.height, width=args.width, max_sequence_length=args.max_sequence_length)
+    out = Path(args.out) if args.out else default_out(cfg, REPO / "reports")
+    _quiet_loading()
+    advice = run_sensitivity(cfg, out)
+    print(f"report: {out}\n{ignored_argument(advice)}\nworst held-out cosine: all quantized "
+          f"{advice['holdout_worst_cosine_all_quantized']:.6f}, advised {advice['holdout_worst_cosine_advised']:.6f} "
+          f"(target {cfg.target_cosine}); {advice['bytes_kept_in_bf16']:,} bytes kept in bf16")
+    if not advice["holdout_reached"]:
+        print("the advice does not reach the target on the held-out seeds", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_PASS
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0] + " Accuracy gates for "
                                 "diffusion engines against the diffusers reference.")
@@ -278,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default="tiny", help="tiny (CPU tests) or full (the real architecture)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    b.add_argument("--sensitive-layer", metavar="NAME", help="plant a massive input activation on this layer "
+                   "(diffusers name): a deliberately quantization-sensitive model")
     b.set_defaults(func=cmd_zoo_build)
 
     s = verbs.add_parser("sweep", help="run a suite and gate it")
@@ -363,6 +388,26 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-bf16", nargs="+", metavar="PATTERN",
                    help="layers to keep in bf16 (module names, dot boundaries; diffusers names)")
     q.set_defaults(func=cmd_quantize)
+
+    sens = verbs.add_parser("sensitivity", help="rank layers by quantization error; advise which to keep in bf16")
+    sens.add_argument("--model", required=True, help="model family, e.g. flux1")
+    sens.add_argument("--model-dir", help="a diffusers model folder (inputs captured by running its pipeline); "
+                                          "default: weights and inputs synthesized by the zoo on --device")
+    sens.add_argument("--size", default="tiny", help="zoo size when synthesizing: tiny or full")
+    sens.add_argument("--quant", required=True, help="quant mode: fp8, fp8-wo, nvfp4, nvfp4-wo, mxfp4")
+    sens.add_argument("--target-cosine", type=float, default=0.99,
+                      help="worst single-step cosine the advice must reach (default 0.99)")
+    sens.add_argument("--group", default="layer", help="layer, block or kind (one linear in every block)")
+    sens.add_argument("--device", default="cpu")
+    sens.add_argument("--dtype", default="bf16")
+    sens.add_argument("--suite", default="smoke", help="prompts, seeds and sampling settings")
+    sens.add_argument("--holdout-seeds", type=int, nargs="+", help="seeds to check the advice on (default: as "
+                                                                     "many seeds after the suite's largest)")
+    sens.add_argument("--height", type=int, help="image height (default: the suite's)")
+    sens.add_argument("--width", type=int)
+    sens.add_argument("--max-sequence-length", type=int, help="text tokens (default: the suite's)")
+    sens.add_argument("--out", help="folder to create (default reports/<time>-sensitivity-...)")
+    sens.set_defaults(func=cmd_sensitivity)
 
     bench = verbs.add_parser("bench", help="time one full-size denoiser forward per mode on a GPU")
     bench.add_argument("--family", required=True, help="model family: every denoiser it declares is timed")

@@ -39,6 +39,7 @@ class Cell:
     optimize: OptimizeSpec = OptimizeSpec()
     golden: bool = True
     quant_ignored: tuple[str, ...] = ()  # layers kept unquantized, matched on module-name dot boundaries
+    quant_ignored_from: str | None = None  # an advice.json of `parity sensitivity`: its patterns join quant_ignored
     quant_source: str = "online"  # "online": quantize a bf16 folder at load; "checkpoint": a `parity quantize` folder
     timeout_s: float = 600.0  # multi-process cells are killed after this
 
@@ -46,6 +47,16 @@ class Cell:
         object.__setattr__(self, "quant_ignored", tuple(self.quant_ignored))  # TOML gives lists
         if self.sampling is None:
             object.__setattr__(self, "sampling", sampling_type(self.model)())
+        if self.quant_ignored_from is not None:
+            from harness.sensitivity import load_advice
+
+            try:
+                advised = load_advice(self.quant_ignored_from, self.quant)
+            except ValueError as e:
+                raise SuiteError(str(e)) from None
+            # dataclasses.replace re-runs this with the patterns already added: add each once.
+            extra = tuple(p for p in advised if p not in self.quant_ignored)
+            object.__setattr__(self, "quant_ignored", self.quant_ignored + extra)
         if self.quant_source not in QUANT_SOURCES:
             raise SuiteError(f"cell quant_source {self.quant_source!r}; valid: {list(QUANT_SOURCES)}")
         if self.quant_source == "checkpoint" and self.quant == "none":
@@ -150,6 +161,8 @@ def load_suite(name_or_path: str) -> Suite:
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             values = dict(zip(keys, combo))
+            if values.get("quant_ignored_from"):  # relative to the suite file
+                values["quant_ignored_from"] = str(path.parent / values["quant_ignored_from"])
             cells.append(_cell(values, family_defaults, f"{path}: [[matrix]] #{i}"))
     names = [c.name for c in cells]
     if dupes := sorted({n for n in names if names.count(n) > 1}):

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -59,8 +59,14 @@ def image_ids(h2: int, w2: int) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3)
 
 
+def _check_denoiser(name: str) -> None:
+    if name not in Flux1Pipeline.denoisers:
+        raise ValueError(f"flux1 has no denoiser {name!r}; valid: {list(Flux1Pipeline.denoisers)}")
+
+
 class Flux1Pipeline:
     family = "flux1"
+    denoisers = ("transformer",)  # the denoiser components: folder names and attributes of a loaded pipeline
 
     def __init__(self, cfg: RunConfig):
         # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.

@@ -3,9 +3,11 @@
 A family is a module in FAMILIES with this interface:
     SIZES: tuple[str, ...]
     transformer_config(size, denoiser) -> dict                 a denoiser's diffusers constructor arguments
-    transformer_specs(size, denoiser) -> list[synth.ParamSpec]  that denoiser's tensors, from a meta-device build
-                                                               (denoiser: its component folder, e.g. "transformer")
-    write(folder, size, seed, dtype=None) -> None     every pipeline component, into an existing empty folder
+    transformer_specs(size, denoiser, sensitive_layer=None) -> list[synth.ParamSpec]  that denoiser's tensors, from
+                                                               a meta-device build (denoiser: its component folder)
+    write(folder, size, seed, dtype=None, sensitive_layer=None) -> None     every component, into an empty folder
+    denoiser_inputs(size, denoiser, prompt_seeds, seed, height, width, text_tokens, guidance) -> dict  step-0 inputs
+`sensitive_layer` names one layer that gets a planted massive input activation (a quantization hazard, nothing else).
 Everything here is generic: no family names below FAMILIES.
 """
 from __future__ import annotations
@@ -47,17 +49,23 @@ def transformer_config(family: str, size: str, denoiser: str = "transformer") ->
 
 
 def synthesize_transformer_state_dict(family: str, size: str = "tiny", seed: int = 0, device="cpu",
-                                      dtype: torch.dtype = torch.float32,
-                                      denoiser: str = "transformer") -> dict[str, torch.Tensor]:
+                                      dtype: torch.dtype = torch.float32, denoiser: str = "transformer",
+                                      sensitive_layer: str | None = None) -> dict[str, torch.Tensor]:
     """The transformer's full state dict, synthesized tensor by tensor directly on `device` (no CPU copy, no disk).
 
     On CPU in float32 it equals the transformer weights `build` writes for the same (family, size, seed). On CUDA a
     CUDA generator draws the values: deterministic, but different from the CPU values (see synth's docstring)."""
     fam = _sized(family, size)
-    return synth.synthesize(fam.transformer_specs(size, denoiser), seed, denoiser, device=device, dtype=dtype)
+    return synth.synthesize(fam.transformer_specs(size, denoiser, sensitive_layer), seed, denoiser, device=device,
+                            dtype=dtype)
 
 
-def _provenance(family: str, size: str, seed: int, dtype) -> dict:
+def denoiser_inputs(family: str, size: str, denoiser: str, **kwargs) -> dict[str, torch.Tensor]:
+    """Synthesized step-0 inputs of one denoiser (diffusers names), for runs without text encoders."""
+    return _sized(family, size).denoiser_inputs(size, denoiser, **kwargs)
+
+
+def _provenance(family: str, size: str, seed: int, dtype, sensitive_layer: str | None = None) -> dict:
     import diffusers
     import transformers
 
@@ -67,6 +75,8 @@ def _provenance(family: str, size: str, seed: int, dtype) -> dict:
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
         "transformers_version": transformers.__version__,
+        # Only when planted, so that every plain folder (and its hash, which goldens record) stays as it was.
+        **({"sensitive_layer": sensitive_layer} if sensitive_layer else {}),
     }
 
 
@@ -75,7 +85,7 @@ def _nonempty(path: Path) -> bool:
 
 
 def build(family: str, out_dir, size: str = "tiny", seed: int = 0, *, overwrite: bool = False,
-          dtype: torch.dtype | None = None) -> Path:
+          dtype: torch.dtype | None = None, sensitive_layer: str | None = None) -> Path:
     """Write a complete diffusers-format folder for (family, size, seed) at `out_dir` and return its path.
 
     The folder is written into a temp dir next to `out_dir` and renamed into place, so `out_dir` either does not
@@ -91,8 +101,8 @@ def build(family: str, out_dir, size: str = "tiny", seed: int = 0, *, overwrite:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should read like any other
-        fam.write(tmp, size, seed, dtype)
-        meta = _provenance(family, size, seed, dtype or getattr(fam, "STORAGE_DTYPE", {}).get(size))
+        fam.write(tmp, size, seed, dtype, **({"sensitive_layer": sensitive_layer} if sensitive_layer else {}))
+        meta = _provenance(family, size, seed, dtype or getattr(fam, "STORAGE_DTYPE", {}).get(size), sensitive_layer)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _publish(tmp, out_dir, overwrite)
     except BaseException:
@@ -114,21 +124,24 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(trash)
 
 
-def cache_key(family: str, size: str, seed: int) -> str:
-    """The cached folder's name: family, size, seed and a short hash of ZOO_VERSION."""
+def cache_key(family: str, size: str, seed: int, sensitive_layer: str | None = None) -> str:
+    """The cached folder's name: family, size, seed (and the planted sensitive layer) and a short hash of
+    ZOO_VERSION."""
     _sized(family, size)
     version = hashlib.sha256(ZOO_VERSION.encode()).hexdigest()[:8]
-    return f"{family}-{size}-seed{seed}-{version}"
+    planted = f"-sensitive-{sensitive_layer}" if sensitive_layer else ""
+    return f"{family}-{size}-seed{seed}{planted}-{version}"
 
 
-def cached_build(family: str, size: str = "tiny", seed: int = 0, root=".zoo") -> Path:
+def cached_build(family: str, size: str = "tiny", seed: int = 0, root=".zoo", sensitive_layer: str | None = None
+                 ) -> Path:
     """Build (family, size, seed) into root/<cache_key> once and reuse it. Safe against concurrent callers: the
     loser of a race discards its copy and returns the winner's."""
-    path = Path(root).absolute() / cache_key(family, size, seed)
+    path = Path(root).absolute() / cache_key(family, size, seed, sensitive_layer)
     if (path / MARKER).is_file():
         return path
     try:
-        return build(family, path, size, seed)
+        return build(family, path, size, seed, sensitive_layer=sensitive_layer)
     except (FileExistsError, OSError):
         if (path / MARKER).is_file():  # another process published the same build first
             return path

@@ -7,6 +7,7 @@ configs are written by the libraries' own serializers so that loading sees exact
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -101,11 +102,41 @@ def _meta(build):
         return build()
 
 
-def transformer_specs(size: str, denoiser: str = "transformer") -> list[synth.ParamSpec]:
+def transformer_specs(size: str, denoiser: str = "transformer", sensitive_layer: str | None = None
+                      ) -> list[synth.ParamSpec]:
     from diffusers import FluxTransformer2DModel
 
     model = _meta(lambda: FluxTransformer2DModel(**transformer_config(size, denoiser)))
-    return synth.specs_from_module(model, _gain)
+    specs = synth.specs_from_module(model, _gain)
+    return specs if sensitive_layer is None else _plant(specs, size, sensitive_layer)
+
+
+# --- a deliberately quantization-sensitive layer ----------------------------------------------------------------------
+# The MLP output projections and the linear whose input they feed alone: their input is gelu(fc1(x)), so a constant
+# on one fc1 bias arrives unchanged on that input channel only (in single blocks after the dim attention channels).
+SENSITIVE_LAYERS = {
+    r"transformer_blocks\.(\d+)\.ff\.net\.2": r"transformer_blocks.\1.ff.net.0.proj",
+    r"transformer_blocks\.(\d+)\.ff_context\.net\.2": r"transformer_blocks.\1.ff_context.net.0.proj",
+    r"single_transformer_blocks\.(\d+)\.proj_out": r"single_transformer_blocks.\1.proj_mlp",
+}
+# The planted constant, ~2e6 times the median channel RMS of that input on the tiny zoo: under a per-token FP8 scale
+# every other channel of a token falls below e4m3's smallest subnormal, and under NVFP4's per-tensor activation scale
+# most block scales do. Measured on transformer_blocks.1.ff.net.2 (tiny, bf16): the layer's own output SQNR falls
+# from ~29 to 0.5 dB (fp8) and from ~17 to 2.1 dB (nvfp4); 2**18 left 10-11 dB, and nvfp4 then ranked it 4th.
+MASSIVE_ACTIVATION = 2.0**20
+
+
+def _plant(specs: list[synth.ParamSpec], size: str, layer: str) -> list[synth.ParamSpec]:
+    for pattern, producer in SENSITIVE_LAYERS.items():
+        if re.fullmatch(pattern, layer):
+            cfg = TRANSFORMER[size]
+            dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+            offset = dim if layer.startswith("single_") else 0  # proj_out reads [attention | mlp]
+            channel = synth.name_seed(0, layer) % (4 * dim)  # the MLP is 4 x dim wide
+            return synth.plant_massive_activation(specs, re.sub(pattern, producer, layer), layer, channel,
+                                                  MASSIVE_ACTIVATION, offset)
+    raise ValueError(f"flux1 cannot make {layer!r} sensitive; valid: names matching {sorted(SENSITIVE_LAYERS)}, "
+                     "e.g. transformer_blocks.0.ff.net.2")
 
 
 def _t5_config(size: str, vocab_size: int):
@@ -118,8 +149,10 @@ def _t5_config(size: str, vocab_size: int):
     return config
 
 
-def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None) -> None:
-    """Write every FluxPipeline component of `size` into the existing empty `folder`."""
+def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None, sensitive_layer: str | None = None
+          ) -> None:
+    """Write every FluxPipeline component of `size` into the existing empty `folder`; `sensitive_layer` (a
+    diffusers module name) plants a massive activation on that layer's input (see transformer_specs)."""
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
@@ -136,8 +169,10 @@ def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None) 
         model = _meta(lambda: cls(**kw))
         (folder / sub).mkdir()
         model.save_config(folder / sub)
-        synth.write_safetensors(synth.specs_from_module(model, gain), seed, sub, folder / sub,
-                                "diffusion_pytorch_model", dtype)
+        specs = synth.specs_from_module(model, gain)
+        if sub == "transformer" and sensitive_layer is not None:
+            specs = _plant(specs, size, sensitive_layer)
+        synth.write_safetensors(specs, seed, sub, folder / sub, "diffusion_pytorch_model", dtype)
 
     clip_config = CLIPTextConfig(**CLIP[size])
     clip_config.architectures = ["CLIPTextModel"]
@@ -158,3 +193,28 @@ def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None) 
         "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def denoiser_inputs(size: str, denoiser: str, prompt_seeds: list[int], seed: int, height: int, width: int,
+                    text_tokens: int, guidance: float) -> dict[str, torch.Tensor]:
+    """Step-0 inputs of the transformer (diffusers names, float32, CPU) without running the text encoders: for
+    full-size runs whose weights are synthesized on the device, where no encoder exists. Latent noise is drawn from
+    `seed` as the pipeline draws it; each prompt's text conditioning from its own seed in `prompt_seeds`, N(0, 1) like
+    the zoo encoders' layer-normed outputs. Timestep 1: the first step of every FLUX.1 schedule."""
+    _check(size)
+    if denoiser != "transformer":
+        raise ValueError(f"flux1 has one denoiser, 'transformer'; got {denoiser!r}")
+    cfg = TRANSFORMER[size]
+    h2, w2 = height // 16, width // 16  # VAE /8, then 2x2 packing
+    noise = torch.randn(len(prompt_seeds), h2 * w2, cfg["in_channels"], generator=torch.Generator().manual_seed(seed))
+    texts = [torch.Generator().manual_seed(s) for s in prompt_seeds]
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h2)[:, None], torch.arange(w2)[None, :]
+    return dict(
+        hidden_states=noise,
+        encoder_hidden_states=torch.stack([torch.randn(text_tokens, cfg["joint_attention_dim"], generator=g)
+                                           for g in texts]),
+        pooled_projections=torch.stack([torch.randn(cfg["pooled_projection_dim"], generator=g) for g in texts]),
+        timestep=torch.ones(len(prompt_seeds)), guidance=torch.full([len(prompt_seeds)], float(guidance)),
+        img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3),
+    )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,10 +57,14 @@ class ParamSpec:
     shape: tuple[int, ...]
     kind: str
     gain: float = 1.0
+    edits: tuple[tuple, ...] = ()  # (op, *args) applied after drawing, in order; ops in EDITS
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown tensor kind {self.kind!r} for {self.name}; valid: {KINDS}")
+        for op, *_ in self.edits:
+            if op not in EDITS:
+                raise ValueError(f"unknown tensor edit {op!r} for {self.name}; valid: {sorted(EDITS)}")
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -114,7 +118,48 @@ def synth_tensor(spec: ParamSpec, seed: int, namespace: str, device="cpu", dtype
         t = BIAS_STD * spec.gain * torch.randn(shape, generator=gen, device=device)
     else:  # EMBEDDING, OTHER
         t = spec.gain * torch.randn(shape, generator=gen, device=device)
+    for op, *args in spec.edits:
+        t = EDITS[op](t, *args)
     return t.to(dtype)
+
+
+# --- planted hazards: data-level edits of single tensors, applied after drawing -------------------------------------
+def _add_at(t: torch.Tensor, index: int, value: float) -> torch.Tensor:
+    t = t.clone()
+    t[index] += value
+    return t
+
+
+def _zero_column(t: torch.Tensor, index: int) -> torch.Tensor:
+    t = t.clone()
+    t[:, index] = 0.0
+    return t
+
+
+EDITS = {"add_at": _add_at, "zero_column": _zero_column}
+
+
+def plant_massive_activation(specs: list[ParamSpec], producer: str, consumer: str, channel: int, value: float,
+                             offset: int = 0) -> list[ParamSpec]:
+    """Give `consumer`'s input channel `offset + channel` a massive constant activation: `producer` gets `value` added
+    to its bias element `channel`, and the consumer's weight column for that input is zeroed so the constant never
+    reaches its output. The family names a producer whose output channel reaches that consumer input and nothing
+    else, through operations that pass a large constant on unchanged (GELU: gelu(C + y) = C + y once C is large).
+
+    Trained transformers carry such channels ("massive activations": a few input-independent values thousands of
+    times the median, acting as biases); they are what makes per-token FP8 and NVFP4 activation scales fail on one
+    layer while the rest of the model quantizes well. Unquantized, the planted model computes what the unplanted one
+    computes with that one weight column zeroed."""
+    by_name = {s.name: s for s in specs}
+    for key in (f"{producer}.bias", f"{consumer}.weight"):
+        if key not in by_name:
+            raise ValueError(f"cannot plant a massive activation: no tensor {key!r}")
+    width = by_name[f"{producer}.bias"].shape[0]
+    if by_name[f"{consumer}.weight"].shape[1] < offset + width or not 0 <= channel < width:
+        raise ValueError(f"channel {channel} is outside {producer}'s {width} outputs or {consumer}'s inputs")
+    planted = {f"{producer}.bias": ("add_at", channel, float(value)),
+               f"{consumer}.weight": ("zero_column", offset + channel)}
+    return [replace(s, edits=s.edits + (planted[s.name],)) if s.name in planted else s for s in specs]
 
 
 def synthesize(specs: list[ParamSpec], seed: int, namespace: str, device="cpu", dtype=torch.float32) -> dict:
