@@ -14,6 +14,7 @@ cell reads with quant_ignored_from).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -28,7 +29,7 @@ import pandas as pd
 
 from harness import metrics as M
 from harness import schema
-from harness.provenance import folder_hash, versions
+from harness.provenance import model_hash as identity_of, versions
 
 GROUPINGS = ("layer", "block", "kind")
 ADVICE_JSON, RESULTS_PARQUET, SUMMARY_MD = "advice.json", "results.parquet", "summary.md"
@@ -262,28 +263,31 @@ def open_session(cfg: SensitivityConfig, log) -> tuple[Session, tuple, tuple, st
 
     suite, cell, holdout = _sampling(cfg)
     height, width = cfg.height or cell.height, cfg.width or cell.width
-    text_tokens = cfg.max_sequence_length or cell.max_sequence_length
-    run = RunConfig(family=cfg.family, model_dir=cfg.model_dir or "", prompts=suite.prompts, steps=cell.steps,
-                    height=height, width=width, guidance=cell.guidance, max_sequence_length=text_tokens,
-                    dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
+    # The text length is a field of the family's sampling object where it has one (its name is the diffusers one).
+    text_tokens = cfg.max_sequence_length or getattr(cell.sampling, "max_sequence_length", 512)
+    sampling = cell.sampling
+    if cfg.max_sequence_length and "max_sequence_length" in {f.name for f in dataclasses.fields(sampling)}:
+        sampling = dataclasses.replace(sampling, max_sequence_length=cfg.max_sequence_length)
+    run = RunConfig(family=cfg.family, model_dir=cfg.model_dir or "", prompts=suite.prompts, sampling=sampling,
+                    steps=cell.steps, height=height, width=width, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     seeds = tuple(suite.seeds) + tuple(holdout)
     if cfg.model_dir:
         probe = sensitivity_probe(run)
         calls = {seed: probe.capture(run.replace(seed=seed, quant="none")) for seed in seeds}
-        model_hash = folder_hash(cfg.model_dir)
+        model_hash = identity_of(cfg.model_dir)
     else:
         from harness import zoo
 
         def synthesize(denoiser: str):
-            return (zoo.transformer_config(cfg.family, cfg.size),
+            return (zoo.transformer_config(cfg.family, cfg.size, denoiser),
                     zoo.synthesize_transformer_state_dict(cfg.family, cfg.size, seed=0, device=cfg.device,
-                                                          dtype=torch_dtype(cfg.dtype)))
+                                                          dtype=torch_dtype(cfg.dtype), denoiser=denoiser))
 
         probe = sensitivity_probe(run, synthesize)
         prompt_seeds = [int.from_bytes(hashlib.sha256(p.encode()).digest()[:7], "little") for p in suite.prompts]
         calls = {seed: {d: probe.call_from(d, _cast(zoo.denoiser_inputs(
             cfg.family, cfg.size, d, prompt_seeds=prompt_seeds, seed=seed, height=height, width=width,
-            text_tokens=text_tokens, guidance=cell.guidance), torch_dtype(cfg.dtype))) for d in probe.models}
+            text_tokens=text_tokens, sampling=cell.sampling), torch_dtype(cfg.dtype))) for d in probe.models}
             for seed in seeds}
         model_hash = f"zoo:{cfg.family}-{cfg.size}-seed0-v{zoo.ZOO_VERSION}-synthesized-on-{cfg.device}"
     return Session(probe, calls, suite.prompts, log), tuple(suite.seeds), tuple(holdout), model_hash

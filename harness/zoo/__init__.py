@@ -6,7 +6,7 @@ A family is a module in FAMILIES with this interface:
     transformer_specs(size, denoiser, sensitive_layer=None) -> list[synth.ParamSpec]  that denoiser's tensors, from
                                                                a meta-device build (denoiser: its component folder)
     write(folder, size, seed, dtype=None, sensitive_layer=None) -> None     every component, into an empty folder
-    denoiser_inputs(size, denoiser, prompt_seeds, seed, height, width, text_tokens, guidance) -> dict  step-0 inputs
+    denoiser_inputs(size, denoiser, prompt_seeds, seed, height, width, text_tokens, sampling) -> dict  step-0 inputs
 `sensitive_layer` names one layer that gets a planted massive input activation (a quantization hazard, nothing else).
 Everything here is generic: no family names below FAMILIES.
 """

@@ -196,11 +196,12 @@ def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None, 
 
 
 def denoiser_inputs(size: str, denoiser: str, prompt_seeds: list[int], seed: int, height: int, width: int,
-                    text_tokens: int, guidance: float) -> dict[str, torch.Tensor]:
+                    text_tokens: int, sampling) -> dict[str, torch.Tensor]:
     """Step-0 inputs of the transformer (diffusers names, float32, CPU) without running the text encoders: for
     full-size runs whose weights are synthesized on the device, where no encoder exists. Latent noise is drawn from
     `seed` as the pipeline draws it; each prompt's text conditioning from its own seed in `prompt_seeds`, N(0, 1) like
-    the zoo encoders' layer-normed outputs. Timestep 1: the first step of every FLUX.1 schedule."""
+    the zoo encoders' layer-normed outputs. Timestep 1: the first step of every FLUX.1 schedule; guidance from the
+    family's sampling object."""
     _check(size)
     if denoiser != "transformer":
         raise ValueError(f"flux1 has one denoiser, 'transformer'; got {denoiser!r}")
@@ -215,6 +216,6 @@ def denoiser_inputs(size: str, denoiser: str, prompt_seeds: list[int], seed: int
         encoder_hidden_states=torch.stack([torch.randn(text_tokens, cfg["joint_attention_dim"], generator=g)
                                            for g in texts]),
         pooled_projections=torch.stack([torch.randn(cfg["pooled_projection_dim"], generator=g) for g in texts]),
-        timestep=torch.ones(len(prompt_seeds)), guidance=torch.full([len(prompt_seeds)], float(guidance)),
+        timestep=torch.ones(len(prompt_seeds)), guidance=torch.full([len(prompt_seeds)], float(sampling.guidance)),
         img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3),
     )
