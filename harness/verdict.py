@@ -32,9 +32,8 @@ def gate_run_dir(run_dir: str | Path, thresholds_path: str | Path | None = None,
         result, results = judge_run(run_dir, thresholds_path, baseline)
     except Exception:  # an uncaught crash exits 1, which would read as "accuracy failed"; it is an error
         result, results = GateResult.error("gate crashed:\n" + traceback.format_exc()), None
-    print(format_verdict(result))
     code = result.exit_code
-    try:
+    try:  # reports first, the printed verdict last: a closed stdout (`| head`) must not cost the files
         suite = str(load_meta(run_dir).get("suite", "parity")) if run_dir.is_dir() else "parity"
         if junit is not None:
             write_junit(junit, result, suite)
@@ -48,6 +47,8 @@ def gate_run_dir(run_dir: str | Path, thresholds_path: str | Path | None = None,
             write_junit(run_dir / JUNIT_XML, result, suite)
         append_step_summary(f"# parity gate: {run_dir.name}\n\n" + gate_section(result))
     except Exception:  # the verdict stands, but reports that could not be written are still an error
+        print(format_verdict(result))
         print("GATE ERROR: could not write the reports:\n" + traceback.format_exc(), file=sys.stderr)
         return ERROR
+    print(format_verdict(result))
     return code
