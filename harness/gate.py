@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import selfcheck
 from harness.metrics import METRICS, metric_spec
 from harness.report import (SUMMARY_MD, ResultsError, cell_label, fmt, load_meta, load_results,
                             update_gate_section, write_summary)
@@ -75,6 +76,9 @@ def gate(results: pd.DataFrame, thresholds: Thresholds) -> GateResult:
         return GateResult.error("results table is empty: nothing to gate")
 
     results = results.reset_index(drop=True)  # rows are matched back by label below; labels must be unique
+    results, controls = selfcheck.split(results)  # issue 16: negative controls are judged against engine thresholds
+    if results.empty:
+        return GateResult.error("results hold only negative controls: nothing to gate")
     errors: list[str] = []
     ok = results["status"].eq(OK).fillna(False).astype(bool)
     unknown = sorted(set(results.loc[ok, "metric"].astype(str)) - set(METRICS))
@@ -104,7 +108,8 @@ def gate(results: pd.DataFrame, thresholds: Thresholds) -> GateResult:
     rows["passed"] = pd.array([p for p, _ in verdicts], dtype="boolean")
     rows["why"] = [w for _, w in verdicts]
     placeholders = len({t.index for t in used if t is not None and t.placeholder})
-    return GateResult(rows, errors, placeholders, thresholds.path)
+    return selfcheck.extend(GateResult(rows, errors, placeholders, thresholds.path),
+                            *selfcheck.judge_controls(controls, thresholds))
 
 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:
@@ -163,6 +168,7 @@ def gate_run_dir(run_dir: str | Path, thresholds_path: str | Path | None = None)
     try:
         results = load_results(run_dir)
         result = gate(results, load_thresholds(thresholds_path))
+        result = selfcheck.extend(result, *selfcheck.run_failures(results, load_meta(run_dir)))  # issue 16
     except (ResultsError, ThresholdError) as e:
         result = GateResult.error(str(e))
     except Exception:  # an uncaught crash exits 1, which would read as "accuracy failed"; it is an error

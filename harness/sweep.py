@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.api import Artifacts, RunConfig, torch_dtype
 from harness import metrics as M
-from harness import schema
+from harness import schema, selfcheck
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
@@ -321,7 +321,9 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
                          quantized_fraction=test.extras.get("quantized_param_fraction", np.nan),
                          fp8_scaled_mm_linears=test.extras.get("n_fp8_scaled_mm_linears", np.nan))
         ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
+        rows.base[selfcheck.PROVENANCE_COLUMN] = selfcheck.reference_stamp(ref)  # issue 16 (a)
         compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip)
+        selfcheck.add_rows(rows, test, ref, cell, seed)  # issue 16 (c), (d): negative controls, cross-checks
         for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):
             compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None)
         if ctx.golden and cell.golden:
@@ -390,7 +392,9 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     frame["step"] = frame["step"].astype("Int64")
     frame = frame[list(schema.COLUMNS) + [c for c in frame.columns if c not in schema.COLUMNS]]
     meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
-            "seconds": round(time.perf_counter() - started, 1), **provenance}
+            "seconds": round(time.perf_counter() - started, 1), **provenance,
+            "expected_rows": selfcheck.expected_rows(ctx.suite.cells, len(ctx.suite.seeds), len(ctx.suite.prompts),
+                                                     golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16 (b)
     write_run(tmp, frame, meta)
     write_summary(tmp, frame, None, meta)
     tmp.rename(final)
