@@ -359,7 +359,7 @@ CATALOGUE: dict[str, Plant] = _all(
     # --- FLUX.1 DiT
     Plant("rope_axes_swapped", "dit", "RoPE row and column axes swapped", FP32, _rope_axes_swapped, fast=True),
     Plant("timestep_not_scaled", "dit", "sigma passed to the timestep embedding without the x1000 scale", FP32,
-          lambda p: p.set("timestep_scale", 1.0), fast=True),
+          lambda p: p.set("timestep_scale", 1.0)),
     Plant("guidance_embedding_dropped", "dit", "guidance embedding never added to the modulation vector", FP32,
           _guidance_dropped),
     Plant("modulation_shift_scale_swapped", "dit", "adaLN shift and scale swapped", FP32,
@@ -373,7 +373,7 @@ CATALOGUE: dict[str, Plant] = _all(
     Plant("rope_theta_wrong", "dit", "RoPE theta 1000 instead of 10000", FP32, _rope_theta),
     # --- pipeline and sampler
     Plant("euler_sign_flipped", "pipeline", "Euler update walks against the velocity", FP32,
-          lambda p: p.wrap("euler_step", lambda f: lambda x, v, s, sn: f(x, -v, s, sn)), fast=True),
+          lambda p: p.wrap("euler_step", lambda f: lambda x, v, s, sn: f(x, -v, s, sn))),
     Plant("sigma_shift_dropped", "pipeline", "resolution-dependent sigma shift ignored", FP32,
           lambda p: p.wrap("flux_sigmas", lambda f: lambda steps, n, cfg: f(steps, n, {**cfg, "use_dynamic_shifting": False}))),
     Plant("noise_seed_offset", "pipeline", "initial noise drawn from seed + 1", FP32,
