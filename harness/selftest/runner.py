@@ -200,6 +200,7 @@ def run_selftest(opts: Options, log=print) -> tuple[int, pd.DataFrame, Path]:
         if code == 0:
             records.append({**base, "comparison": "", "metric": "", "why": "ESCAPED: the gate passed"})
         log(f"{plant.name:36s} exit {code}  {seconds:6.1f}s")
+        write(finish(pd.DataFrame(records)), out)  # after every plant: an interrupted selftest keeps what it found
     matrix = finish(pd.DataFrame(records))
     matrix.attrs["seconds"] = round(time.perf_counter() - started, 1)
     write(matrix, out)
