@@ -198,7 +198,8 @@ def run_selftest(opts: Options, log=print) -> tuple[int, pd.DataFrame, Path]:
             for _, m in margins(result.failed).iterrows():
                 records.append({**base, **m.to_dict()})
         if code == 0:
-            records.append({**base, "comparison": "", "metric": "", "why": "ESCAPED: the gate passed"})
+            gap = f" (known gap: {plant.known_gap})" if plant.known_gap else ""
+            records.append({**base, "comparison": "", "metric": "", "why": f"ESCAPED: the gate passed{gap}"})
         log(f"{plant.name:36s} exit {code}  {seconds:6.1f}s")
         write(finish(pd.DataFrame(records)), out)  # after every plant: an interrupted selftest keeps what it found
     matrix = finish(pd.DataFrame(records))
