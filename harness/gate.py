@@ -168,7 +168,7 @@ def gate_run_dir(run_dir: str | Path, thresholds_path: str | Path | None = None)
     try:
         results = load_results(run_dir)
         result = gate(results, load_thresholds(thresholds_path))
-        result = selfcheck.extend(result, *selfcheck.run_failures(results, load_meta(run_dir)))  # issue 16
+        result = selfcheck.extend(result, *selfcheck.run_failures(results, load_meta(run_dir), run_dir))  # issue 16
     except (ResultsError, ThresholdError) as e:
         result = GateResult.error(str(e))
     except Exception:  # an uncaught crash exits 1, which would read as "accuracy failed"; it is an error

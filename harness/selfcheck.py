@@ -2,7 +2,7 @@
 
 (a) provenance: every reference artifact says which backend made it (reference code stamps it, nothing else);
     a run whose reference did not come from the reference backend is an error (exit 2);
-(b) row count: the sweep records in meta.json how many rows each cell x comparison x metric must have (from the
+(b) row count: the sweep records (expected_rows.json, named in meta.json) how many rows each cell x comparison x metric must have (from the
     suite's design, not from the rows written); the gate fails for every missing row;
 (c) negative controls (comparison `negative_control`): the reference's single-step output and final latents with
     noise added at a known SNR, below every SQNR floor of the cell; each control row must FAIL the cell's
@@ -91,6 +91,20 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
             for metric in metrics:
                 out[f"{cell.name}|{comparison}|{metric}"] = n
     return out
+
+
+EXPECTED_ROWS_FILE = "expected_rows.json"
+
+
+def write_expected_rows(run_dir, suite, *, golden: bool, clip: bool) -> dict:
+    """Write run_dir/expected_rows.json; returns the meta.json entries that point at it (the gate insists on the
+    file when meta names it, so deleting it cannot switch the check off)."""
+    import json
+    from pathlib import Path
+
+    expected = expected_rows(suite.cells, len(suite.seeds), len(suite.prompts), golden=golden, clip=clip)
+    (Path(run_dir) / EXPECTED_ROWS_FILE).write_text(json.dumps(expected, indent=1, sort_keys=True))
+    return {"expected_rows_file": EXPECTED_ROWS_FILE, "expected_rows_total": sum(expected.values())}
 
 
 def missing_rows(results: pd.DataFrame, expected: dict[str, int]) -> list[tuple[str, str, str, int, int]]:
@@ -254,13 +268,20 @@ def extend(result, rows: pd.DataFrame, errors: list[str]):
     return result
 
 
-def run_failures(results: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, list[str]]:
+def run_failures(results: pd.DataFrame, meta: dict, run_dir=None) -> tuple[pd.DataFrame, list[str]]:
     """(a) and (b) for a run folder: failing rows for missing results, errors for a foreign reference.
-    Runs whose meta.json has no expected_rows predate the self-checks and are gated without them."""
-    if "expected_rows" not in meta:
+    Runs whose meta.json names no expected-rows file predate the self-checks and are gated without them."""
+    import json
+    from pathlib import Path
+
+    if "expected_rows_file" not in meta:
         return pd.DataFrame(), []
     errors = provenance_errors(results)
-    missing = missing_rows(results, meta["expected_rows"])
+    path = Path(run_dir or ".") / meta["expected_rows_file"]
+    if not path.is_file():
+        return pd.DataFrame(), errors + [f"{path}: the run's expected row counts are missing; cannot tell whether "
+                                         "rows were dropped"]
+    missing = missing_rows(results, json.loads(path.read_text()))
     rows = []
     for cell, comparison, metric, n, have in missing:
         template = results[results["cell"] == cell].head(1)

@@ -34,7 +34,8 @@ from harness.zoo import cached_build
 DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 
 # Which metrics each comparison produces: the error rows of a crashed cell list the same names.
-ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_"))
+ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_")
+                       and name != selfcheck.CROSSCHECK_METRIC)  # the cross-check has its own comparison
 GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")
 
 
@@ -393,8 +394,7 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     frame = frame[list(schema.COLUMNS) + [c for c in frame.columns if c not in schema.COLUMNS]]
     meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
             "seconds": round(time.perf_counter() - started, 1), **provenance,
-            "expected_rows": selfcheck.expected_rows(ctx.suite.cells, len(ctx.suite.seeds), len(ctx.suite.prompts),
-                                                     golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16 (b)
+            **selfcheck.write_expected_rows(tmp, ctx.suite, golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16
     write_run(tmp, frame, meta)
     write_summary(tmp, frame, None, meta)
     tmp.rename(final)

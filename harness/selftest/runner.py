@@ -143,7 +143,7 @@ def run_once(suite, run_id: str, out: Path, zoo_root: Path | None, references: d
         run_dir, _ = run_sweep(ctx, out)
         results = load_results(run_dir)
         result = gate(results, load_thresholds())
-        result = selfcheck.extend(result, *selfcheck.run_failures(results, load_meta(run_dir)))
+        result = selfcheck.extend(result, *selfcheck.run_failures(results, load_meta(run_dir), run_dir))
     except Exception as e:  # a plant that crashes the whole run is caught, loudly
         return 2, None, f"{type(e).__name__}: {e}"
     return result.exit_code, result, None
