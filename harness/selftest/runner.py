@@ -78,6 +78,8 @@ def margins(failed: pd.DataFrame) -> pd.DataFrame:
             elif comparison == "negative_control":  # a control that passed: the threshold is dead, no distance
                 m, rel = math.nan, math.nan
             else:
+                from harness.metrics import metric_spec
+                value = abs(value) if metric_spec(metric).absolute else value  # the gate judges |delta|
                 m = (thr - value) if op == ">=" else (value - thr)
                 perfect = None if r.get("reason") == selfcheck.MISSING_ROWS else _perfect(metric)
                 # dB metrics have no finite perfect value: their margin is read against the threshold itself.
