@@ -413,7 +413,7 @@ CATALOGUE: dict[str, Plant] = _all(
     Plant("rope_shard_offset", "parallel", "each shard's RoPE positions one token early", ("/bf16/none/ulysses2/",),
           _rope_offset, where="ranks"),
     Plant("uneven_tail_padded", "parallel", "uneven shard tail zero-padded with no key mask",
-          ("/bf16/none/ring2/",), _padded, where="ranks", overrides={"height": 36, "width": 36})  # 9x9 = 81 tokens: odd,
+          ("/bf16/none/ring2/",), _padded, where="ranks", overrides={"height": 36, "width": 36}),  # 81 tokens: odd
     Plant("cfg_ranks_different_noise", "parallel", "CFG ranks draw different noise", ("/bf16/none/cfg2",),
           _cfg_noise, where="ranks"),
     Plant("cfg_noise_guard_silenced", "parallel", "CFG ranks draw different noise and the replication guard is off",
