@@ -289,6 +289,18 @@ def cmd_sensitivity(args) -> int:
     return EXIT_PASS
 
 
+def cmd_selftest(args) -> int:
+    """The gate proves itself (issue 16): every planted bug of harness/selftest/catalogue.py must fail the gate."""
+    from harness.selftest.runner import Options, markdown, run_selftest
+
+    _quiet_loading()
+    code, matrix, out = run_selftest(Options(suite=args.suite, only=args.only, out=Path(args.out),
+                                             zoo_root=Path(args.zoo_root) if args.zoo_root else None))
+    print(markdown(matrix))
+    print(f"detection matrix: {out}/detection.parquet, {out}/detection.md")
+    return code
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0] + " Accuracy gates for "
                                 "diffusion engines against the diffusers reference.")
@@ -408,6 +420,12 @@ def parser() -> argparse.ArgumentParser:
     sens.add_argument("--max-sequence-length", type=int, help="text tokens (default: the suite's)")
     sens.add_argument("--out", help="folder to create (default reports/<time>-sensitivity-...)")
     sens.set_defaults(func=cmd_sensitivity)
+    st = verbs.add_parser("selftest", help="plant every catalogued bug, run the sweep and gate: exit 1 if any escapes")
+    st.add_argument("--suite", default="smoke", help="suite whose cells the plants run on")
+    st.add_argument("--only", nargs="+", metavar="PATTERN", help="plants whose name contains PATTERN, or an area")
+    st.add_argument("--out", default=str(REPO / "reports" / "selftest"), help="parent folder of the selftest run")
+    st.add_argument("--zoo-root", help="where synthesized zoo folders are cached (default .zoo/)")
+    st.set_defaults(func=cmd_selftest)
 
     bench = verbs.add_parser("bench", help="time one full-size denoiser forward per mode on a GPU")
     bench.add_argument("--family", required=True, help="model family: every denoiser it declares is timed")

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from harness import baseline as B
+from harness import selfcheck
 from harness.metrics import METRICS, metric_spec
 from harness.runfiles import SUMMARY_MD, ResultsError, cell_label, fmt, load_meta, load_results
 from harness.schema import GATE_KEY, OK
@@ -85,6 +86,9 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
         return GateResult.error("results table is empty: nothing to gate")
 
     results = results.reset_index(drop=True)  # rows are matched back by label below; labels must be unique
+    results, controls = selfcheck.split(results)  # issue 16: negative controls are judged against engine thresholds
+    if results.empty:
+        return GateResult.error("results hold only negative controls: nothing to gate")
     errors: list[str] = []
     ok = results["status"].eq(OK).fillna(False).astype(bool)
     unknown = sorted(set(results.loc[ok, "metric"].astype(str)) - set(METRICS))
@@ -126,7 +130,7 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
                                     + (f"; {gone} baseline sample(s) absent from this run" if gone else ""))
         except B.BaselineError as e:
             result.errors.append(str(e))
-    return result
+    return selfcheck.extend(result, *selfcheck.judge_controls(controls, thresholds))
 
 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:
@@ -170,6 +174,7 @@ def judge_run(run_dir: str | Path, thresholds_path: str | Path | None = None,
         results = load_results(run_dir)
         base, tolerances, note = _baseline_for(run_dir, baseline)
         result = gate(results, load_thresholds(thresholds_path), base, tolerances)
+        result = selfcheck.extend(result, *selfcheck.run_failures(results, load_meta(run_dir), run_dir))  # issue 16
         if base is None:
             result.baseline_note = note
     except (ResultsError, ThresholdError, B.BaselineError) as e:

@@ -247,6 +247,9 @@ METRICS: dict[str, MetricSpec] = _registry(
     MetricSpec("weight_sqnr_db_min", True, True, "dB",
                "L0: minimum over quantized linears of the SQNR of the dequantized weight vs the bf16 checkpoint "
                "(one value per cell; per-layer values in weights.csv)"),
+    MetricSpec("metric_crosscheck_error", False, True, "",
+               "self-check: worst disagreement of the run's metrics with exact or independently recomputed values "
+               "(harness/selfcheck.py); relative, 0 when every metric is computed right"),
 )
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.api import Artifacts, OptimizeSpec, RunConfig, preflight as engine_preflight, weight_report
 from harness import metrics as M
-from harness import schema
+from harness import schema, selfcheck
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
@@ -38,7 +38,8 @@ from harness.zoo import cached_build
 DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 
 # Which metrics each comparison produces: the error rows of a crashed cell list the same names.
-ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_"))
+ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_")
+                       and name != selfcheck.CROSSCHECK_METRIC)  # the cross-check has its own comparison
 GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")
 
 
@@ -339,7 +340,9 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
                          quantized_fraction=test.extras.get("quantized_param_fraction", np.nan),
                          fp8_scaled_mm_linears=test.extras.get("n_fp8_scaled_mm_linears", np.nan))
         ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
+        rows.base[selfcheck.PROVENANCE_COLUMN] = selfcheck.reference_stamp(ref)  # issue 16 (a)
         compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip)
+        selfcheck.add_rows(rows, test, ref, cell, seed)  # issue 16 (c), (d): negative controls, cross-checks
         for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):
             compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None)
         if ctx.golden and cell.golden:
@@ -423,7 +426,8 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     frame["step"] = frame["step"].astype("Int64")
     frame = frame[list(schema.COLUMNS) + [c for c in frame.columns if c not in schema.COLUMNS]]
     meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
-            "seconds": round(time.perf_counter() - started, 1), **provenance}
+            "seconds": round(time.perf_counter() - started, 1), **provenance,
+            **selfcheck.write_expected_rows(tmp, ctx.suite, golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16
     if ctx.shard:
         meta["shard"] = str(ctx.shard)
     write_run(tmp, frame, meta)

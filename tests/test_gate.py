@@ -187,8 +187,10 @@ def test_lower_is_better_metric_uses_le():
 def test_golden_thresholds_load_and_cover_every_gated_metric():
     t = load_thresholds()
     assert t.path == DEFAULT_PATH and all(r.source for r in t.rules)
-    gated = [m for m, s in METRICS.items() if s.gated and not m.startswith("weight_")]  # weight_*: quant cells only
+    # weight_*: quant cells only; the cross-check is gated in its own comparison (self_check)
+    gated = [m for m, s in METRICS.items() if s.gated and not m.startswith("weight_") and m != "metric_crosscheck_error"]
     for dtype in ("fp32", "bf16"):
+        assert t.lookup(("flux1", dtype, "none", "sp1", "self_check", "metric_crosscheck_error")) is not None
         for m in gated:
             assert t.lookup(("flux1", dtype, "none", "sp1", ENGINE_VS_REFERENCE, m)) is not None, (dtype, m)
         for m in ("final_latent_cosine", "psnr_db"):

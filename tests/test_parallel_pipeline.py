@@ -53,64 +53,16 @@ def _config(model_dir, guidance: bool, parallel: str = "sp1") -> RunConfig:
     return RunConfig(model_dir=str(model_dir), parallel=parallel, **BASE, **(CFG if guidance else {}))
 
 
-# --- plants: each replaces one engine function, exactly as a gate-level test would from a sitecustomize -------------
+# --- plants: the product's catalogue (harness/selftest/catalogue.py), installed as the selftest installs them ------
+PLANTS = {"text_twice": "ring_text_double_counted", "rope_offset": "rope_shard_offset", "padded": "uneven_tail_padded",
+          "cfg_noise": "cfg_ranks_different_noise", "cfg_noise_unguarded": "cfg_noise_guard_silenced"}
+
+
 def install_plant(name: str | None):
     """Install a planted bug; returns an undo function."""
-    import engine.parallel.attention as A
-    import engine.parallel.transformer as T
-    from engine.parallel.sharding import ShardPlan
-    from engine.pipelines.flux1 import Flux1Pipeline
+    from harness.selftest.catalogue import install
 
-    if name is None:
-        return lambda: None
-    if name == "text_twice":  # replicated text joined to the travelling K/V block: counted once per ring rank
-        owner, attr, real = A, "ring_attention", A.ring_attention
-
-        def fake(q, k, v, axis, block_sizes, text_kv, text_first, lse_attention):
-            tk, tv = text_kv
-            return real(q, A.join_joint(tk, k, text_first), A.join_joint(tv, v, text_first), axis,
-                        tuple(s + tk.shape[1] for s in block_sizes), None, text_first, lse_attention)
-    elif name == "rope_offset":  # each shard's position ids taken one token early
-        owner, attr, real = T, "shard_positions", T.shard_positions
-
-        def fake(plan, ids, dim, index):
-            return real(plan, ids.roll(1, dims=dim), dim, index)
-    elif name == "padded":  # uneven tail zero-padded to equal shards, no key mask
-        owner, attr, real = T, "plan_shards", T.plan_shards
-
-        @dataclass(frozen=True)
-        class PaddedPlan(ShardPlan):
-            real_total: int = 0
-
-            def shard(self, x, dim, index):
-                pad = list(x.shape)
-                pad[dim] = self.total - x.shape[dim]
-                return super().shard(torch.cat([x, x.new_zeros(pad)], dim), dim, index)
-
-            def gather(self, local, dim, group):
-                return super().gather(local, dim, group).narrow(dim, 0, self.real_total)
-
-        def fake(total, parts):
-            size = -(-total // parts)
-            return PaddedPlan(total=size * parts, sizes=(size,) * parts, real_total=total)
-    elif name in ("cfg_noise", "cfg_noise_unguarded"):  # each rank draws its own noise
-        owner, attr, real = Flux1Pipeline, "initial_latents", Flux1Pipeline.initial_latents
-
-        def fake(self, batch, height, width, seed):
-            return real(self, batch, height, width, seed + dist.get_rank())
-        if name == "cfg_noise_unguarded":  # also silence the replication guard, to see what the metrics see
-            guard = T.assert_replicated
-            T.assert_replicated = lambda *a, **k: None
-            setattr(owner, attr, fake)
-
-            def undo():
-                T.assert_replicated = guard
-                setattr(owner, attr, real)
-            return undo
-    else:
-        raise ValueError(name)
-    setattr(owner, attr, fake)
-    return lambda: setattr(owner, attr, real)
+    return (lambda: None) if name is None else install(PLANTS[name])
 
 
 def _job_worker(proc: int, model_dir: str, tmp: str):

@@ -1,6 +1,7 @@
 """Multi-rank cells through the `parity` CLI (torchrun, gloo on CPU): every parallel config matches one device
 in fp32 with an odd image token count, and each planted sequence-parallel bug makes the gate fail. Plants reach
-the torchrun ranks through a sitecustomize.py on PYTHONPATH, so no product code knows about them."""
+the torchrun ranks through the catalogue's generated sitecustomize.py on PYTHONPATH, so no product code knows
+about them."""
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from harness import schema
 from harness.cli import main
+from harness.selftest.catalogue import sitecustomize_source
 
 TESTS = Path(__file__).parent
 SUITE = str(TESTS / "data" / "parallel_suite.toml")
@@ -30,11 +32,11 @@ def test_every_parallel_config_matches_one_device(tmp_path, zoo_root):
     assert len(final) == 4 * 2 and (final.value >= 0.999999).all(), final[["cell", "value"]]
 
 
-PLANTS = {  # plant name (tests/test_parallel_pipeline.py::install_plant) -> the cell it breaks
-    "text_twice": "/ring2/",  # replicated text double-counted on the ring path
-    "rope_offset": "/ulysses2/",  # a RoPE shard offset by one token
-    "padded": "/ring2/",  # the uneven tail zero-padded without a key mask
-    "cfg_noise": "/cfg2",  # CFG ranks given different noise
+PLANTS = {  # catalogue plant (harness/selftest/catalogue.py) -> the cell it breaks (tests/data/parallel_suite.toml)
+    "ring_text_double_counted": "/ring2/",
+    "rope_shard_offset": "/ulysses2/",
+    "uneven_tail_padded": "/ring2/",  # the suite's 36x36 images give an odd token count
+    "cfg_ranks_different_noise": "/cfg2",
 }
 
 
@@ -42,12 +44,7 @@ PLANTS = {  # plant name (tests/test_parallel_pipeline.py::install_plant) -> the
 def test_planted_parallel_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, plant):
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        "if 'RANK' in os.environ:  # only the torchrun ranks, never the sweep process\n"
-        f"    sys.path.insert(0, {str(TESTS)!r})\n"
-        "    from test_parallel_pipeline import install_plant\n"
-        f"    install_plant({plant!r})\n")
+    (hook / "sitecustomize.py").write_text(sitecustomize_source(plant, str(TESTS.parent)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
     code, run = sweep(tmp_path, zoo_root, [PLANTS[plant]])
     assert code == 1, (run / "summary.md").read_text()

@@ -5,14 +5,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-import engine.quant.formats.e2m1 as e2m1
-import engine.quant.formats.fp8 as fp8
-import engine.quant.formats.mxfp4 as mxfp4
-import engine.quant.formats.nvfp4 as nvfp4
 from harness import schema
 from harness.cli import main
+from harness.selftest.catalogue import install
 
 SUITE = str(Path(__file__).with_name("data") / "quant_suite.toml")
 pytestmark = pytest.mark.slow
@@ -46,32 +42,24 @@ def test_clean_quant_cells_pass(tmp_path, zoo_root):
     assert (run / "weights.csv").is_file()
 
 
-def _swapped_unpack(original):
-    return lambda packed, *a, **k: original(e2m1.swap_nibbles(packed), *a, **k)
-
-
 PLANTS = {
-    # name: (cells, function patch, metrics that must fail)
-    "nibbles_swapped": ("nvfp4-ckpt", lambda mp: mp.setattr(e2m1, "unpack", _swapped_unpack(e2m1.unpack)),
-                        {"single_step_cosine", "weight_sqnr_db_min"}),
-    "block_scales_transposed": ("nvfp4-ckpt", lambda mp: mp.setattr(
-        nvfp4, "block_scale_layout", lambda scale, n, k: scale.reshape(k // 16, n).t()),
-        {"single_step_cosine", "weight_sqnr_db_min"}),
-    "global_scale_dropped": ("nvfp4-ckpt", lambda mp: mp.setattr(
-        nvfp4, "dequantize", (lambda f: lambda p, s, s2, *a, **k: f(p, s, torch.ones_like(s2), *a, **k))(nvfp4.dequantize)),
-        {"single_step_cosine", "weight_sqnr_db_min"}),
-    "e5m2_for_e4m3": ("fp8-wo", lambda mp: mp.setattr(fp8, "DTYPE", torch.float8_e5m2), {"weight_sqnr_db_min"}),
-    "mxfp4_exponent_off_by_one": ("mxfp4", lambda mp: mp.setattr(
-        mxfp4, "shared_exponent", (lambda f: lambda *a, **k: f(*a, **k) - 1)(mxfp4.shared_exponent)),
-        {"single_step_cosine", "weight_sqnr_db_min"}),
+    # catalogue plant (harness/selftest/catalogue.py): (cell of tests/data/quant_suite.toml, metrics that must fail)
+    "nvfp4_nibbles_swapped": ("nvfp4-ckpt", {"single_step_cosine", "weight_sqnr_db_min"}),
+    "nvfp4_block_scales_transposed": ("nvfp4-ckpt", {"single_step_cosine", "weight_sqnr_db_min"}),
+    "nvfp4_global_scale_dropped": ("nvfp4-ckpt", {"single_step_cosine", "weight_sqnr_db_min"}),
+    "fp8_as_e5m2": ("fp8-wo", {"weight_sqnr_db_min"}),
+    "mxfp4_exponent_off_by_one": ("mxfp4", {"single_step_cosine", "weight_sqnr_db_min"}),
 }
 
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
-def test_planted_quant_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, plant):
-    cell, patch, must_fail = PLANTS[plant]
-    patch(monkeypatch)
-    code, run = sweep(tmp_path, zoo_root, [f"/{cell}/"])
+def test_planted_quant_bug_fails_the_gate(tmp_path, zoo_root, plant):
+    cell, must_fail = PLANTS[plant]
+    undo = install(plant)
+    try:
+        code, run = sweep(tmp_path, zoo_root, [f"/{cell}/"])
+    finally:
+        undo()
     assert code == 1, (run / "summary.md").read_text()
     assert must_fail <= set(failed(run).metric), sorted(set(failed(run).metric))
 

@@ -1,0 +1,87 @@
+"""The checks every run makes on itself (harness/selfcheck.py): each one fails on the bug it exists for."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from harness import metrics as M
+from harness import selfcheck
+from harness.thresholds import load_thresholds
+
+SUITE = str(Path(__file__).with_name("data") / "tiny_suite.toml")
+
+
+@pytest.mark.parametrize("snr", [34.0, 6.5, -1.0])
+def test_control_noise_has_exactly_the_snr_asked(snr):
+    ref = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    control = selfcheck.perturb(ref, snr, seed=3)
+    exact = selfcheck.exact_values(snr)
+    np.testing.assert_allclose(M.sqnr_db(control, ref), snr, atol=1e-9)
+    np.testing.assert_allclose(M.cosine(control, ref), exact["cosine"], atol=1e-12)
+    np.testing.assert_allclose(M.rel_error(control, ref), exact["rel_error"], atol=1e-12)
+
+
+def _rows(**kw):
+    base = {"model": "flux1", "dtype": "fp32", "quant": "none", "parallel": "sp1", "cell": "c", "status": "ok",
+            "reason": "", "comparison": "negative_control", "metric": "single_step_cosine"}
+    return pd.DataFrame([{**base, **kw}])
+
+
+def test_a_control_that_passes_its_threshold_fails_the_gate():
+    t = load_thresholds()
+    judged, errors = selfcheck.judge_controls(_rows(value=0.9998), t)  # rejected by the 0.99999 floor: good
+    assert not errors and judged.passed.iloc[0]
+    judged, _ = selfcheck.judge_controls(_rows(value=0.999999), t)  # accepted: the threshold could not fail
+    assert not judged.passed.iloc[0] and "cannot fail" in judged.why.iloc[0]
+
+
+def test_a_reference_from_another_backend_is_an_error():
+    ok = _rows(value=1.0, comparison="engine_vs_reference", reference_backend="diffusers 0.42.1")
+    assert selfcheck.provenance_errors(ok) == []
+    for stamp in ("unstamped", "engine"):
+        errors = selfcheck.provenance_errors(ok.assign(reference_backend=stamp))
+        assert errors and "did not come from the reference backend 'diffusers'" in errors[0]
+    assert selfcheck.provenance_errors(ok.drop(columns="reference_backend"))
+
+
+def test_missing_rows_are_counted_but_a_crashed_cell_is_left_to_its_error_rows():
+    rows = pd.concat([_rows(value=1.0, seed=s, prompt_idx=p, step=pd.NA) for s in (0, 1) for p in (0, 1)])
+    expected = {"c|negative_control|single_step_cosine": 4, "c|negative_control|single_step_sqnr_db": 4}
+    assert selfcheck.missing_rows(rows, expected) == [("c", "negative_control", "single_step_sqnr_db", 4, 0)]
+    assert selfcheck.missing_rows(rows.iloc[1:], expected)[0][3:] == (4, 3)
+    assert selfcheck.missing_rows(rows.assign(status="error"), expected) == []
+
+
+def test_image_crosscheck_catches_lenient_image_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    test = np.clip(ref.astype(int) + rng.integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)
+    test[1] = ref[1]  # one identical pair: SSIM must be exactly 1 and PSNR capped
+
+    def worst(metrics):
+        check = selfcheck.Crosscheck(np.zeros(2), ["", ""])
+        selfcheck._check_images(check, test, ref, metrics)
+        return check.worst
+
+    honest = {"psnr_db": M.psnr_db, "ssim": M.ssim, "mean_abs_diff": M.mean_abs_diff}
+    assert (worst(honest) <= selfcheck.CROSSCHECK_TOLERANCE).all()
+    for name, lenient in {"psnr_db": lambda t, r: M.psnr_db(t, r) + 12, "ssim": lambda t, r: M.ssim(r, r),
+                          "mean_abs_diff": lambda t, r: M.mean_abs_diff(t, r) / 2}.items():
+        assert worst({**honest, name: lenient})[0] > selfcheck.CROSSCHECK_TOLERANCE, name
+
+
+@pytest.mark.slow
+def test_sweep_with_the_engine_as_reference_exits_2_saying_so(tmp_path, zoo_root, capsys):
+    from harness.cli import main
+    from harness.selftest.catalogue import install
+
+    undo = install("reference_is_the_engine")
+    try:
+        code = main(["sweep", "--suite", SUITE, "--out", str(tmp_path), "--run-id", "run", "--zoo-root",
+                     str(zoo_root)])
+    finally:
+        undo()
+    assert code == 2
+    assert "did not come from the reference backend 'diffusers'" in capsys.readouterr().out
