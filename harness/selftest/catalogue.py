@@ -30,7 +30,7 @@ TARGETS = {
     "layer_norm": "engine.models.flux1:layer_norm",
     # pipeline and sampler
     "euler_step": "engine.pipeline:euler_step",
-    "flux_sigmas": "engine.pipelines.flux1:flux_sigmas",
+    "flux_sigmas": "engine.pipelines.flux1:dynamic_shift_sigmas",
     "initial_latents": "engine.pipelines.flux1:Flux1Pipeline.initial_latents",
     "encode_prompt": "engine.pipelines.flux1:Flux1Pipeline.encode_prompt",
     "decode_input": "engine.pipelines.flux1:Flux1Pipeline.decode_input",
