@@ -282,4 +282,4 @@ def sensitivity_probe(cfg: RunConfig, synthesize: Callable[[str], tuple[dict, Ma
     from `synthesize(denoiser) -> (diffusers config, state dict)`."""
     from engine.quant.sensitivity import open_probe
 
-    return open_probe(cfg, synthesize)
+    return open_probe(cfg, _family(cfg.family), open_runner, synthesize)

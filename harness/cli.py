@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from harness.quiet import quiet_loading as _quiet_loading
+
 REPO = Path(__file__).resolve().parents[1]
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -54,15 +56,6 @@ def _device_check(device: str | None) -> None:
         raise UsageError(f"--device {device}: no CUDA device is visible to torch on this machine")
     if not (device == "cpu" or device.startswith("cuda")):
         raise UsageError(f"--device {device!r}: valid choices are cpu, cuda, cuda:N")
-
-
-def _quiet_loading() -> None:
-    """Per-component progress bars drown the sweep log; called by the verbs that load models, never on import."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 # The options that define what a sweep runs: recorded in its run folder, replayed by --resume.
@@ -290,7 +283,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_selftest(args) -> int:
-    """The gate proves itself (issue 16): every planted bug of harness/selftest/catalogue.py must fail the gate."""
+    """The gate proves itself (issue 16): every planted bug of the selftest catalogue must fail the gate."""
     from harness.selftest.runner import Options, markdown, run_selftest
 
     _quiet_loading()
@@ -402,7 +395,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     sens = verbs.add_parser("sensitivity", help="rank layers by quantization error; advise which to keep in bf16")
-    sens.add_argument("--model", required=True, help="model family, e.g. flux1")
+    sens.add_argument("--model", required=True, help="model family (a registered engine family name)")
     sens.add_argument("--model-dir", help="a diffusers model folder (inputs captured by running its pipeline); "
                                           "default: weights and inputs synthesized by the zoo on --device")
     sens.add_argument("--size", default="tiny", help="zoo size when synthesizing: tiny or full")

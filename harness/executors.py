@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 
 from harness.launch import REPO_ROOT, nproc_for
-from harness.progress import Progress
 from harness.suites import Cell
+from harness.sweep import LocalExecutor  # the default lives with the sweep; this module adds the others
 
 if TYPE_CHECKING:
     from harness.runstore import CellStore
@@ -33,18 +33,6 @@ UPLOAD_EXCLUDES = [".git", ".venv", ".zoo", ".cache", "reports", "build", "**/__
 class Executor(Protocol):
     def run(self, cells: Sequence[Cell], ctx: SweepContext, store: CellStore) -> None:
         """Run every cell and store.commit each one as it finishes; a failing cell becomes error rows."""
-
-
-class LocalExecutor:
-    def run(self, cells: Sequence[Cell], ctx: SweepContext, store: CellStore) -> None:
-        from harness.sweep import cell_rows
-
-        progress = Progress(len(cells), ctx.log)
-        for cell in cells:
-            progress.start(cell.name)
-            stage = store.stage(cell)
-            store.commit(cell, cell_rows(cell, ctx, stage / "images"), stage)
-            progress.done()
 
 
 def task_resources(cell: Cell) -> dict:
@@ -138,13 +126,13 @@ def run_cell_task(ctx: SweepContext, cell: Cell, clip: tuple[str, str] | None, t
     so the driver needs no storage shared with the workers."""
     import time
 
-    from harness.cli import _quiet_loading
+    from harness.quiet import quiet_loading
     from harness.clip import ClipScorer
     from harness.provenance import versions
     from harness.sweep import cell_rows
 
     torch.set_num_threads(threads)
-    _quiet_loading()
+    quiet_loading()
     repo = Path(driver_repo)
     ctx.zoo_root, ctx.golden_root = _rebase(ctx.zoo_root, repo), _rebase(ctx.golden_root, repo)
     if ctx.ref_cache is not None:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from harness import metrics as M
 from harness import schema
+from harness.advice import load_advice  # noqa: F401  (read by suites through harness.advice)
 from harness.provenance import model_hash as identity_of, versions
 
 GROUPINGS = ("layer", "block", "kind")
@@ -413,16 +414,4 @@ def default_out(cfg: SensitivityConfig, root: Path) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return root / f"{stamp}-sensitivity-{cfg.family}-{cfg.quant}-{cfg.group}"
 
-
-def load_advice(path: str | Path, quant: str) -> tuple[str, ...]:
-    """The ignored-layer patterns of an advice.json, for a cell quantized with `quant` (the advice's own mode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"quant_ignored_from: {path} does not exist")
-    advice = json.loads(path.read_text())
-    if advice.get("quant") != quant:
-        raise ValueError(f"quant_ignored_from: {path} advises quant mode {advice.get('quant')!r}, the cell runs {quant!r}")
-    if not isinstance(advice.get("ignored"), list) or not all(isinstance(p, str) for p in advice["ignored"]):
-        raise ValueError(f"quant_ignored_from: {path} has no list of ignored patterns")
-    return tuple(advice["ignored"])
 

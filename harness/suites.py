@@ -48,7 +48,7 @@ class Cell:
         if self.sampling is None:
             object.__setattr__(self, "sampling", sampling_type(self.model)())
         if self.quant_ignored_from is not None:
-            from harness.sensitivity import load_advice
+            from harness.advice import load_advice
 
             try:
                 advised = load_advice(self.quant_ignored_from, self.quant)

@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
 from harness.launch import nproc_for, run_engine_distributed_many
+from harness.progress import Progress
 from harness.provenance import model_hash, versions
 from harness.refcache import RefCache
 from harness.report import write_run
@@ -381,6 +382,18 @@ def cell_rows(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
         return error_rows(cell, ctx, reason)
 
 
+class LocalExecutor:
+    """Cells one after another in this process (multi-rank cells under torchrun); each committed when done."""
+
+    def run(self, cells: Sequence[Cell], ctx: SweepContext, store: CellStore) -> None:
+        progress = Progress(len(cells), ctx.log)
+        for cell in cells:
+            progress.start(cell.name)
+            stage = store.stage(cell)
+            store.commit(cell, cell_rows(cell, ctx, stage / "images"), stage)
+            progress.done()
+
+
 def error_rows(cell: Cell, ctx: SweepContext, reason: str) -> list[dict]:
     rows = []
     for seed in ctx.suite.seeds:
@@ -394,7 +407,6 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     """Run the suite's cells (ctx.shard's slice of them) with ctx.executor into <out_root>/.tmp-<run id>/, one
     cell committed at a time (harness.runstore), then write the report and rename the folder to <run id>.
     With ctx.resume the unfinished folder is continued: complete cells are not run again."""
-    from harness.executors import LocalExecutor
 
     out_root = Path(out_root)
     preflight(ctx)

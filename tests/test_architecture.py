@@ -56,9 +56,10 @@ import tokenize  # noqa: E402
 
 PACKAGES = ("engine", "harness", "reference")
 # A family's own files, by family name (see STYLE.md): everything else is generic.
-OWN_FILES = ("engine/models/{}.py", "engine/pipelines/{}.py", "reference/{}.py", "harness/zoo/{}.py")
+OWN_FILES = ("engine/models/{}.py", "engine/pipelines/{}.py", "reference/{}.py", "harness/zoo/{}.py",
+             "harness/selftest/{}.py")
 # The registries may name a family, but only on an import or a `"name": module.ENTRY,` line.
-REGISTRIES = ("engine/families.py", "reference/registry.py", "harness/zoo/__init__.py")
+REGISTRIES = ("engine/families.py", "reference/registry.py", "harness/zoo/__init__.py", "harness/selftest/__init__.py")
 REGISTRY_LINE = re.compile(r'^\s*(from [\w.]+ import [\w, ]+|import [\w.]+'
                            r'|("[\w-]+": [\w.]+,\s*)+|\w+(: [\w\[\], .]+)? = \{("[\w-]+": [\w.]+,? ?)+\})\s*$')
 

@@ -53,14 +53,14 @@ def _config(model_dir, guidance: bool, parallel: str = "sp1") -> RunConfig:
     return RunConfig(model_dir=str(model_dir), parallel=parallel, **BASE, **(CFG if guidance else {}))
 
 
-# --- plants: the product's catalogue (harness/selftest/catalogue.py), installed as the selftest installs them ------
+# --- plants: the product's catalogue (harness/selftest/flux1.py), installed as the selftest installs them ------
 PLANTS = {"text_twice": "ring_text_double_counted", "rope_offset": "rope_shard_offset", "padded": "uneven_tail_padded",
           "cfg_noise": "cfg_ranks_different_noise", "cfg_noise_unguarded": "cfg_noise_guard_silenced"}
 
 
 def install_plant(name: str | None):
     """Install a planted bug; returns an undo function."""
-    from harness.selftest.catalogue import install
+    from harness.selftest import install
 
     return (lambda: None) if name is None else install(PLANTS[name])
 

@@ -75,7 +75,7 @@ def test_image_crosscheck_catches_lenient_image_metrics():
 @pytest.mark.slow
 def test_sweep_with_the_engine_as_reference_exits_2_saying_so(tmp_path, zoo_root, capsys):
     from harness.cli import main
-    from harness.selftest.catalogue import install
+    from harness.selftest import install
 
     undo = install("reference_is_the_engine")
     try:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.selftest.catalogue import CATALOGUE, Patcher, install
+from harness.selftest import CATALOGUE, Patcher, install
 from harness.selftest.runner import FRAGILE, markdown, margins
 
 SUITE = str(Path(__file__).with_name("data") / "tiny_suite.toml")
@@ -17,7 +17,7 @@ def test_catalogue_is_broad_and_every_target_resolves():
     assert len(CATALOGUE) >= 25
     assert {p.area for p in CATALOGUE.values()} == {"dit", "pipeline", "quant", "parallel", "harness"}
     p = Patcher()
-    for target in __import__("harness.selftest.catalogue", fromlist=["TARGETS"]).TARGETS:
+    for target in __import__("harness.selftest", fromlist=["TARGETS"]).TARGETS:
         p.get(target)  # a renamed product function fails here, not silently in a sweep
 
 
@@ -50,7 +50,8 @@ def test_fast_subset_is_caught(tmp_path, zoo_root, capsys):
 @pytest.mark.slow
 def test_an_escaping_bug_exits_1(tmp_path, zoo_root, monkeypatch):
     """A plant that changes nothing must be reported as escaped: the selftest itself can fail."""
-    from harness.selftest import catalogue, runner
+    import harness.selftest as catalogue
+    from harness.selftest import runner
 
     harmless = catalogue.Plant("harmless", "dit", "changes nothing", ("/fp32/none/sp1/",), lambda p: None)
     monkeypatch.setitem(catalogue.CATALOGUE, "harmless", harmless)

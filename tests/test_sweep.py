@@ -12,7 +12,7 @@ import torch
 import engine.models.flux1 as flux1_model
 from harness import schema
 from harness.cli import main
-from harness.selftest.catalogue import install
+from harness.selftest import install
 
 DATA = Path(__file__).with_name("data")
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_smoke_suite_passes_its_gate(tmp_path, zoo_root):
 
 @pytest.mark.parametrize("plant", ["rope_axes_swapped", "timestep_not_scaled"])
 def test_planted_engine_bug_fails_the_gate(tmp_path, zoo_root, plant):
-    undo = install(plant)  # from the product's catalogue (harness/selftest/catalogue.py)
+    undo = install(plant)  # from the product's catalogue (harness/selftest/flux1.py)
     try:
         code, run = sweep(tmp_path, zoo_root)
     finally:

@@ -10,7 +10,7 @@ import pytest
 
 from harness import schema
 from harness.cli import main
-from harness.selftest.catalogue import sitecustomize_source
+from harness.selftest import sitecustomize_source
 
 TESTS = Path(__file__).parent
 SUITE = str(TESTS / "data" / "parallel_suite.toml")
@@ -32,7 +32,7 @@ def test_every_parallel_config_matches_one_device(tmp_path, zoo_root):
     assert len(final) == 4 * 2 and (final.value >= 0.999999).all(), final[["cell", "value"]]
 
 
-PLANTS = {  # catalogue plant (harness/selftest/catalogue.py) -> the cell it breaks (tests/data/parallel_suite.toml)
+PLANTS = {  # catalogue plant (harness/selftest/flux1.py) -> the cell it breaks (tests/data/parallel_suite.toml)
     "ring_text_double_counted": "/ring2/",
     "rope_shard_offset": "/ulysses2/",
     "uneven_tail_padded": "/ring2/",  # the suite's 36x36 images give an odd token count

@@ -8,7 +8,7 @@ import pytest
 
 from harness import schema
 from harness.cli import main
-from harness.selftest.catalogue import install
+from harness.selftest import install
 
 SUITE = str(Path(__file__).with_name("data") / "quant_suite.toml")
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def test_clean_quant_cells_pass(tmp_path, zoo_root):
 
 
 PLANTS = {
-    # catalogue plant (harness/selftest/catalogue.py): (cell of tests/data/quant_suite.toml, metrics that must fail)
+    # catalogue plant (harness/selftest/flux1.py): (cell of tests/data/quant_suite.toml, metrics that must fail)
     "nvfp4_nibbles_swapped": ("nvfp4-ckpt", {"single_step_cosine", "weight_sqnr_db_min"}),
     "nvfp4_block_scales_transposed": ("nvfp4-ckpt", {"single_step_cosine", "weight_sqnr_db_min"}),
     "nvfp4_global_scale_dropped": ("nvfp4-ckpt", {"single_step_cosine", "weight_sqnr_db_min"}),

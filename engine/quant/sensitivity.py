@@ -192,14 +192,12 @@ class Probe:
         return self.float[key].weight.detach().float(), self.quant[key].dequantize_weight()
 
 
-def open_probe(cfg, synthesize: Callable[[str], tuple[dict, Mapping[str, torch.Tensor]]] | None = None) -> Probe:
+def open_probe(cfg, family, open_runner: Callable, synthesize: Callable[[str], tuple[dict, Mapping[str, torch.Tensor]]]
+               | None = None) -> Probe:
     """A probe over every denoiser of cfg.family's pipeline for quant mode cfg.quant: the pipeline loaded from
     cfg.model_dir unquantized (so it can capture step-0 inputs), or, given `synthesize(denoiser) -> (diffusers
     config, state dict)`, the denoisers alone built from those tensors on cfg.device."""
-    from engine.families import family as get_family  # above engine.quant in the import graph
-    from engine.runner import open_runner
-
-    family, spec = get_family(cfg.family), QuantSpec(cfg.quant)
+    spec = QuantSpec(cfg.quant)  # family and open_runner come from engine.api, above engine.quant
     if spec.handler is None:
         raise ValueError(f"sensitivity needs a quant mode, not {cfg.quant!r}; valid: {sorted(HANDLERS)}")
     models, packed = {}, {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import selfcheck
-from harness.selftest.catalogue import CATALOGUE, Plant, install, sitecustomize_source
+from harness.selftest import CATALOGUE, Plant, install, sitecustomize_source
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -462,5 +462,5 @@ def sitecustomize_source(name: str, repo_root: str) -> str:
     return ("import os, sys\n"
             "if 'RANK' in os.environ:  # only the torchrun ranks, never the sweep process\n"
             f"    sys.path.insert(0, {repo_root!r})\n"
-            "    from harness.selftest.catalogue import install\n"
+            "    from harness.selftest import install\n"
             f"    install({name!r})\n")
