@@ -5,8 +5,13 @@ from __future__ import annotations
 from engine.api import RunConfig, Runner
 from engine.parallel.api import apply_parallel
 from engine.pipelines.flux1 import Flux1Pipeline
+from engine.pipelines.qwen_image import QwenImageEditPipeline, QwenImagePipeline  # family registration (issue 9)
 
-FAMILIES: dict[str, type] = {"flux1": Flux1Pipeline}
+FAMILIES: dict[str, type] = {
+    "flux1": Flux1Pipeline,
+    "qwen-image": QwenImagePipeline,  # family registration (issue 9)
+    "qwen-image-edit": QwenImageEditPipeline,  # family registration (issue 9)
+}
 
 
 def open_runner(cfg: RunConfig) -> Runner:

@@ -13,9 +13,13 @@ def _engine(cfg: RunConfig) -> Runner:
 
 
 def _diffusers(cfg: RunConfig) -> Runner:
-    from reference.flux1 import open_runner
+    from reference.flux1 import BACKENDS as FLUX1
+    from reference.qwen_image import BACKENDS as QWEN_IMAGE  # family registration (issue 9)
 
-    return open_runner(cfg)
+    references = {**FLUX1, **QWEN_IMAGE}
+    if cfg.family not in references:
+        raise ValueError(f"no diffusers reference for family {cfg.family!r}; valid: {sorted(references)}")
+    return references[cfg.family](cfg)
 
 
 # Imports are deferred so that `parity gate` and `parity --help` do not pay for torch model code.
