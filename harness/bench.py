@@ -51,6 +51,38 @@ def flux1_inputs(cfg: BenchConfig, tcfg: dict, dtype) -> dict[str, torch.Tensor]
     )
 
 
+def qwen_image_inputs(cfg: BenchConfig, tcfg: dict, dtype) -> dict:
+    g = torch.Generator("cpu").manual_seed(cfg.seed)
+    h, w = cfg.height // 16, cfg.width // 16  # VAE /8, then 2x2 packing
+    dev = cfg.device
+    return dict(
+        hidden_states=torch.randn(cfg.batch, h * w, tcfg["in_channels"], generator=g).to(dev, dtype),
+        encoder_hidden_states=torch.randn(cfg.batch, cfg.text_tokens, tcfg["joint_attention_dim"], generator=g).to(dev, dtype),
+        timestep=torch.full([cfg.batch], 0.75).to(dev, dtype), img_shapes=[[(1, h, w)]] * cfg.batch,
+    )
+
+
+def qwen_rope_off_meta(model) -> None:
+    """diffusers' QwenEmbedRope keeps its tables as plain attributes, not buffers: built on the meta device they hold
+    no data and load_state_dict cannot fill them. Rebuild that one module for real (it has no weights)."""
+    rope = model.pos_embed
+    model.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+
+
+# Per-family pieces of the bench: inputs, the diffusers transformer class, the engine model module and its call on
+# the diffusers-named inputs, a fix-up of the meta-built diffusers model. (Family registration; moves onto the
+# family seam of issue 9.)
+FAMILIES = {
+    "flux1": (flux1_inputs, "FluxTransformer2DModel", "engine.models.flux1", "Flux1Config", "Flux1Transformer",
+              lambda m, x: m(x["hidden_states"], x["encoder_hidden_states"], x["timestep"], x["pooled_projections"],
+                             x["img_ids"], x["txt_ids"], x["guidance"]), None),
+    "qwen-image": (qwen_image_inputs, "QwenImageTransformer2DModel", "engine.models.qwen_image", "QwenImageConfig",
+                   "QwenImageTransformer",
+                   lambda m, x: m(x["hidden_states"], x["encoder_hidden_states"], x["timestep"], x["img_shapes"][0]),
+                   qwen_rope_off_meta),
+}
+
+
 def time_forward(fn, cfg: BenchConfig) -> tuple[list[float], torch.Tensor]:
     with torch.no_grad():
         for _ in range(cfg.warmup):
@@ -68,30 +100,34 @@ def time_forward(fn, cfg: BenchConfig) -> tuple[list[float], torch.Tensor]:
 
 
 def build_diffusers(cfg: BenchConfig, tcfg: dict, dtype):
-    from diffusers import FluxTransformer2DModel
+    import diffusers
 
+    cls = getattr(diffusers, FAMILIES[cfg.family][1])
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**{k: v for k, v in tcfg.items() if not k.startswith("_")})
+        model = cls(**{k: v for k, v in tcfg.items() if not k.startswith("_")})
     sd = synthesize_transformer_state_dict(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=dtype)
     model.load_state_dict(sd, assign=True, strict=True)
+    if FAMILIES[cfg.family][6] is not None:
+        FAMILIES[cfg.family][6](model)
     model = model.eval().requires_grad_(False)
     return model, lambda x: model(**x, return_dict=False)[0]
 
 
 def build_engine(cfg: BenchConfig, tcfg: dict, dtype, quant: str):
+    import importlib
+
     from engine.loading import load_model
-    from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
     from engine.quant.api import QuantSpec, quantize_model
 
-    fcfg = Flux1Config.from_diffusers(tcfg)
+    _, _, module, config_cls, model_cls, call, _ = FAMILIES[cfg.family]
+    module = importlib.import_module(module)
+    fcfg = getattr(module, config_cls).from_diffusers(tcfg)
     sd = synthesize_transformer_state_dict(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=dtype)
-    key_map = diffusers_key_map(fcfg)
-    model = load_model(lambda: Flux1Transformer(fcfg), key_map, sd, dtype, cfg.device)
+    key_map = module.diffusers_key_map(fcfg)
+    model = load_model(lambda: getattr(module, model_cls)(fcfg), key_map, sd, dtype, cfg.device)
     del sd
     model = quantize_model(model, QuantSpec(quant), key_map)
-    fwd = lambda x: model(x["hidden_states"], x["encoder_hidden_states"], x["timestep"],  # noqa: E731
-                          x["pooled_projections"], x["img_ids"], x["txt_ids"], x["guidance"])
-    return model, fwd
+    return model, lambda x: call(model, x)
 
 
 def parallelize(model, name: str, device: str):
@@ -120,8 +156,10 @@ def weight_bytes(model) -> int:
 
 
 def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> pd.DataFrame:
-    if cfg.family != "flux1":
-        raise ValueError(f"bench supports family 'flux1' only so far; got {cfg.family!r}")
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"bench has no family {cfg.family!r}; valid: {sorted(FAMILIES)}")
+    if cfg.parallel != "sp1" and cfg.family != "flux1":
+        raise ValueError(f"parallel bench runs FLUX.1 only so far; {cfg.family!r} has no sequence parallelism")
     if not torch.cuda.is_available():
         raise ValueError("bench needs a CUDA device")
     dtype = torch.bfloat16
@@ -131,7 +169,7 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
         torch.cuda.set_device(cfg.device)
         log = log if rank == 0 else (lambda *_: None)
     tcfg = transformer_config(cfg.family, cfg.size)
-    inputs = flux1_inputs(cfg, tcfg, dtype)
+    inputs = FAMILIES[cfg.family][0](cfg, tcfg, dtype)
     reference, rows = None, []
     for mode in modes:
         base, *options = mode.split("+")
