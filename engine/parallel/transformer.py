@@ -113,4 +113,23 @@ class Flux1SequenceParallel(SequenceParallelTransformer):
             x, txt, timestep, pooled, ids, txt_ids, guidance))
 
 
-WRAPPERS: dict[str, type[SequenceParallelTransformer]] = {"flux1": Flux1SequenceParallel}
+class QwenImageParallel(SequenceParallelTransformer):
+    """Qwen-Image / -Edit (issue 9): CFG parallelism only. Sequence parallelism needs two things this model does not
+    have yet: RoPE tables sharded with the image tokens (the model builds them from img_shapes for the whole image,
+    condition images included), and a key mask in the SP attention (padded text batches take masked SDPA)."""
+
+    def __init__(self, inner: nn.Module, mesh: Mesh):
+        if mesh.sp.size > 1:
+            raise ValueError(f"Qwen-Image has no sequence parallelism yet (asked for {mesh.sp.size} SP ranks); "
+                             "valid parallel configs for it: sp1, cfg2")
+        super().__init__(inner, mesh)
+
+    def forward(self, img, txt, timestep, img_shapes, txt_mask=None):
+        return self.run_sharded(img, None, txt.shape[1], lambda x, _: self.inner(x, txt, timestep, img_shapes, txt_mask))
+
+
+WRAPPERS: dict[str, type[SequenceParallelTransformer]] = {
+    "flux1": Flux1SequenceParallel,
+    "qwen-image": QwenImageParallel,  # family registration (issue 9)
+    "qwen-image-edit": QwenImageParallel,  # family registration (issue 9)
+}
