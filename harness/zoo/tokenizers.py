@@ -125,3 +125,42 @@ def write_t5_tokenizer(folder: Path, model_max_length: int = T5_MAX_LENGTH):
     if [loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id] != [0, 1, 2] or loaded.unk_token_id in ids:
         raise RuntimeError(f"synthetic T5 tokenizer is wrong: specials {loaded.all_special_ids}, probe ids {ids}")
     return loaded
+
+
+# --- Qwen (Qwen2.5-VL's tokenizer, for Qwen-Image) -------------------------------------------------------------------
+# A byte-level BPE with the 256 byte symbols and no merges (every byte is one token, so any text tokenizes and ids stay
+# below 256), then Qwen's special tokens. The ids differ from the real vocabulary's (151643...): the zoo's text encoder
+# configs name these ids, so a model and its tokenizer always agree.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_VOCAB_SIZE = 256 + len(QWEN_SPECIALS)
+QWEN_MAX_LENGTH = 32768
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def qwen_token_ids() -> dict[str, int]:
+    """Special token -> id in the synthetic Qwen vocabulary (after the 256 bytes, in QWEN_SPECIALS order)."""
+    return {tok: 256 + i for i, tok in enumerate(QWEN_SPECIALS)}
+
+
+def write_qwen_tokenizer(folder: Path):
+    """Write a Qwen2Tokenizer that `AutoTokenizer.from_pretrained(folder)` loads; return the loaded tokenizer."""
+    from transformers import AddedToken, AutoTokenizer, Qwen2Tokenizer
+
+    folder = Path(folder)
+    vocab = {ch: byte for byte, ch in _bytes_to_unicode().items()}  # id == byte value
+    vocab.update(qwen_token_ids())
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=QWEN_MAX_LENGTH, errors="replace")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(folder)
+    probe = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a cat<|im_end|>"
+    ids = loaded(probe).input_ids
+    want = [257, *b"user\n", 259, 262, 260, *b"a cat", 258]
+    if len(loaded) != QWEN_VOCAB_SIZE or ids != want or loaded.pad_token_id != 256:
+        raise RuntimeError(f"synthetic Qwen tokenizer is wrong: {len(loaded)} tokens, probe ids {ids}, expected {want}")
+    return loaded
