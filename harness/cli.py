@@ -390,7 +390,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     sens = verbs.add_parser("sensitivity", help="rank layers by quantization error; advise which to keep in bf16")
-    sens.add_argument("--model", required=True, help="model family, e.g. flux1")
+    sens.add_argument("--model", required=True, help="model family (a name registered in the engine's families)")
     sens.add_argument("--model-dir", help="a diffusers model folder (inputs captured by running its pipeline); "
                                           "default: weights and inputs synthesized by the zoo on --device")
     sens.add_argument("--size", default="tiny", help="zoo size when synthesizing: tiny or full")

@@ -1,6 +1,8 @@
 """Qwen-Image and Qwen-Image-Edit end to end on the tiny zoo, fp32 and bf16 on CPU: the engine against the stock
 diffusers pipelines (bit for bit where it is), true CFG with its norm rescale, and planted bugs that the gate's own
 thresholds (golden/thresholds.toml) must reject."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,13 +10,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import engine.models.qwen_image as qwen_model
 import engine.pipelines.qwen_image as qwen_pipe
-from engine.api import RunConfig
+from engine.api import RunConfig, sampling_type
 from engine.runner import open_runner
-from engine.sampling.flow_match import flux_sigmas, shift_mu
+from engine.sampling.flow_match import dynamic_shift_sigmas, shift_mu
 from harness import metrics as M
 from harness.thresholds import load_thresholds
 from harness.zoo.qwen_image import SCHEDULER
-from reference.qwen_image import BACKENDS as REFERENCES
+from reference.registry import reference as reference_class
 
 PROMPTS = ("a red fox standing in fresh snow", "a lighthouse on a cliff at dusk, oil painting")
 NEGATIVE = "blurry, low quality"
@@ -28,9 +30,13 @@ def dirs(zoo_root):
 
 
 def _cfg(dirs, family, **kw):
+    """A run config; keyword arguments that name a field of the family's sampling object go into it."""
+    sampling = sampling_type(family)
+    names = {f.name for f in dataclasses.fields(sampling)}
     base = dict(family=family, model_dir=str(dirs[family]), prompts=PROMPTS, seed=3, steps=3, height=128, width=192,
-                dtype="fp32", max_sequence_length=512)
-    return RunConfig(**{**base, **kw})
+                dtype="fp32")
+    run = {k: v for k, v in kw.items() if k not in names}
+    return RunConfig(**{**base, **run}, sampling=sampling(**{k: v for k, v in kw.items() if k in names}))
 
 
 _REFERENCE_RUNS: dict = {}
@@ -39,7 +45,7 @@ _REFERENCE_RUNS: dict = {}
 def reference(cfg: RunConfig):
     """The stock pipeline's artifacts for cfg, with its single-step output on its own step-0 inputs (cached)."""
     if cfg not in _REFERENCE_RUNS:
-        runner = REFERENCES[cfg.family](cfg)
+        runner = reference_class(cfg.family)(cfg)
         art = runner.generate(cfg)
         art.extras["single_step"] = runner.transformer_forward(art.step0_inputs)
         _REFERENCE_RUNS[cfg] = art
@@ -109,6 +115,16 @@ def test_true_cfg_changes_the_prediction(dirs, one_thread):
     assert M.cosine(plain.step_outputs[0], guided.step_outputs[0]).max() < 0.995  # measured 0.9915 and 0.9866
 
 
+def test_reference_helpers_match_the_engine_copies():
+    """The reference keeps its own condition image and img_shapes codec (it imports only engine.api)."""
+    import reference.qwen_image as ref_mod
+
+    assert np.array_equal(np.asarray(ref_mod.condition_image()), np.asarray(qwen_pipe.condition_image()))
+    shapes = [(1, 4, 6), (1, 32, 32)]
+    assert torch.equal(ref_mod.shapes_tensor(shapes, 2), qwen_pipe.shapes_tensor(shapes, 2))
+    assert ref_mod.shapes_list(qwen_pipe.shapes_tensor(shapes, 2)) == shapes
+
+
 def test_norm_rescale_is_per_token_and_exact():
     g = torch.Generator().manual_seed(0)
     pos, neg = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
@@ -122,7 +138,7 @@ def test_norm_rescale_is_per_token_and_exact():
 def test_sigmas_with_shift_terminal_match_diffusers(steps, seq_len):
     sched = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift_mu(seq_len, SCHEDULER))
-    ours = flux_sigmas(steps, seq_len, SCHEDULER)
+    ours = dynamic_shift_sigmas(steps, seq_len, SCHEDULER)
     assert torch.equal(ours, sched.sigmas) and abs(float(ours[-2]) - SCHEDULER["shift_terminal"]) < 1e-6
 
 
@@ -144,7 +160,7 @@ PLANTS = {
                                  (qwen_pipe, "true_cfg", _wrong_dim_rescale)),
     "true_cfg_without_negative_prompt": ("qwen-image", "fp32", dict(true_cfg_scale=4.0),
                                          (qwen_pipe, "negative_prompt",
-                                          lambda cfg: "" if cfg.true_cfg_scale > 1 else None)),
+                                          lambda sampling: "" if sampling.true_cfg_scale > 1 else None)),
     "edit_negative_without_condition_image": ("qwen-image-edit", "fp32", dict(true_cfg_scale=4.0, negative_prompt=NEGATIVE),
                                               (qwen_pipe.QwenImageEditPipeline, "negative_conditions",
                                                lambda self, conditions: (None, []))),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -21,13 +22,16 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+from torch import nn
+
 from engine.api import Artifacts, RunConfig
-from engine.loading import read_config
+from engine.denoisers import load_denoiser, summary
+from engine.family import BenchShape, Family
 from engine.models.qwen_image import QwenImageConfig, QwenImageTransformer, diffusers_key_map
+from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
-from engine.quant.api import QuantSpec, build_transformer, quant_summary, select_linears
-from engine.quant.names import packed_from_key_map
-from engine.sampling.flow_match import flux_sigmas
+from engine.quant.api import QuantSpec
+from engine.sampling.flow_match import dynamic_shift_sigmas
 
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
@@ -43,6 +47,37 @@ EDIT_TEMPLATE = (
 EDIT_DROP = 64
 MAX_TEXT_TOKENS = 1024  # the template's user part is truncated here
 CONDITION_AREA = 1024 * 1024  # Edit resizes the condition image to about this many pixels, keeping its aspect
+
+
+@dataclass(frozen=True)
+class QwenImageSampling:
+    """Qwen-Image's sampling parameters. True CFG (with the per-token norm rescale) runs only with a negative prompt
+    and true_cfg_scale > 1, as diffusers' QwenImagePipeline decides; an empty negative prompt counts as given."""
+
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    max_sequence_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1 and self.negative_prompt is not None
+
+
+@dataclass(frozen=True)
+class QwenImageEditSampling:
+    """Qwen-Image-Edit's sampling parameters: true CFG as Qwen-Image's. No max_sequence_length: the Edit pipeline
+    keeps every prompt token (diffusers' accepts the argument and never applies it)."""
+
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.true_cfg_scale > 1 and self.negative_prompt is not None
 
 
 def condition_image() -> Image.Image:
@@ -73,10 +108,10 @@ def true_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor
     return comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
 
-def negative_prompt(cfg: RunConfig) -> str | None:
+def negative_prompt(sampling) -> str | None:
     """The negative prompt when true CFG runs, else None: CFG needs both true_cfg_scale > 1 and a negative prompt
     (an empty string counts as given); either alone is plain conditional sampling, as in the reference."""
-    return cfg.negative_prompt if cfg.true_cfg_scale > 1 and cfg.negative_prompt is not None else None
+    return sampling.negative_prompt if sampling.true_cfg else None
 
 
 def shapes_tensor(img_shapes: list[tuple[int, int, int]], batch: int) -> torch.Tensor:
@@ -93,6 +128,7 @@ def shapes_list(t: torch.Tensor) -> list[tuple[int, int, int]]:
 
 class QwenImagePipeline:
     family = "qwen-image"
+    denoisers = ("transformer",)
     template, drop = T2I_TEMPLATE, T2I_DROP
 
     def __init__(self, cfg: RunConfig):
@@ -107,8 +143,8 @@ class QwenImagePipeline:
             root / "text_encoder", dtype=self.dtype).to(self.device).eval()
         self.vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        self.transformer, _ = self.build_denoiser(root / "transformer", QuantSpec(cfg.quant, cfg.quant_ignored),
-                                                  self.dtype, self.device)
+        self.transformer, _ = load_denoiser(self.record(), "transformer", root / "transformer",
+                                            QuantSpec(cfg.quant, cfg.quant_ignored), self.dtype, self.device)
         self.transformer_config = self.transformer.config
         self.vae_scale_factor = 2 ** len(self.vae.config.temperal_downsample)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
@@ -118,22 +154,9 @@ class QwenImagePipeline:
     def load_text(self, root: Path) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
 
-    @staticmethod
-    def build_denoiser(component_dir: Path, spec: QuantSpec, dtype: torch.dtype, device
-                       ) -> tuple[QwenImageTransformer, dict]:
-        """The (quantized) transformer of a folder and its checkpoint key map; also used for weight-level checks."""
-        config = QwenImageConfig.from_diffusers(read_config(component_dir))
-        key_map = diffusers_key_map(config)
-        return build_transformer(lambda: QwenImageTransformer(config), key_map, component_dir, spec, dtype,
-                                 device), key_map
-
-    @staticmethod
-    def check_quant_spec(component_dir: Path, spec: QuantSpec) -> None:
-        """Fail before any work if the spec cannot apply; built on the meta device, so it costs no memory."""
-        config = QwenImageConfig.from_diffusers(read_config(component_dir))
-        with torch.device("meta"):
-            model = QwenImageTransformer(config)
-        select_linears(model, spec, packed_from_key_map(diffusers_key_map(config), None))
+    @classmethod
+    def record(cls) -> Family:
+        return FAMILIES[cls.family]
 
     # --- conditioning -------------------------------------------------------------------------------------
     def text_inputs(self, texts: list[str], image) -> dict:
@@ -160,8 +183,8 @@ class QwenImagePipeline:
         embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
         return embeds, None if bool(mask.all()) else mask
 
-    def text(self, prompts: list[str], cfg: RunConfig, image=None):
-        return self.truncate(*self.encode_prompt(prompts, image), cfg.max_sequence_length)
+    def text(self, prompts: list[str], sampling, image=None):
+        return self.truncate(*self.encode_prompt(prompts, image), sampling.max_sequence_length)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         f = self.vae_scale_factor * 2
@@ -182,30 +205,26 @@ class QwenImagePipeline:
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One denoiser call on diffusers-named inputs (what the reference's transformer receives)."""
-        to = lambda x: None if x is None else x.to(self.device)  # noqa: E731
-        return self.transformer(to(inputs["hidden_states"]), to(inputs["encoder_hidden_states"]),
-                                to(inputs["timestep"]), shapes_list(inputs["img_shapes"]),
-                                to(inputs.get("encoder_hidden_states_mask")))
+        return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in inputs.items()})
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
-        for key in ("model_dir", "dtype", "device", "quant", "quant_ignored", "parallel"):
-            if getattr(cfg, key) != getattr(self.model_cfg, key):
-                raise ValueError(f"runner was loaded for {key}={getattr(self.model_cfg, key)!r}, asked for {getattr(cfg, key)!r}")
+        self.model_cfg.check_same_model(cfg)
+        s = cfg.sampling
         prompts = list(cfg.prompts)
         batch = len(prompts)
         prompt_image, cond_latents, cond_shapes = self.conditions(cfg, batch)
-        embeds, mask = self.text(prompts, cfg, prompt_image)
-        negative = negative_prompt(cfg)
+        embeds, mask = self.text(prompts, s, prompt_image)
+        negative = negative_prompt(s)
         if negative is not None:  # the negative prompt sees the same condition image
-            neg_embeds, neg_mask = self.text([negative] * batch, cfg, prompt_image)
+            neg_embeds, neg_mask = self.text([negative] * batch, s, prompt_image)
         h, w = self.latent_size(cfg.height, cfg.width)
         latents = self.initial_latents(batch, cfg.height, cfg.width, cfg.seed)
         n = latents.shape[1]
         img_shapes = [(1, h // 2, w // 2)]
         pos_cond = (cond_latents, cond_shapes)
         neg_cond = self.negative_conditions(pos_cond)
-        sigmas = flux_sigmas(cfg.steps, n, self.scheduler_config)
+        sigmas = dynamic_shift_sigmas(cfg.steps, n, self.scheduler_config)
         step0: dict[str, torch.Tensor] = {}
 
         def branch(x, t, text, text_mask, conditions):
@@ -224,7 +243,7 @@ class QwenImagePipeline:
                 return branch(x, t, embeds, mask, pos_cond)
             pos, neg = self.cfg_executor(lambda: branch(x, t, embeds, mask, pos_cond),
                                          lambda: branch(x, t, neg_embeds, neg_mask, neg_cond))
-            return true_cfg(pos, neg, cfg.true_cfg_scale)
+            return true_cfg(pos, neg, s.true_cfg_scale)
 
         t0 = time.perf_counter()
         initial = latents.detach().float().cpu()
@@ -235,7 +254,7 @@ class QwenImagePipeline:
             initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
             final_latents=traj.final.detach().float().cpu(), images=to_uint8_images(decoded),
             step0_inputs={k: v.detach().cpu() for k, v in step0.items() if v is not None},
-            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **quant_summary(self.transformer)},
+            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **summary(self.record(), self)},
         )
 
     def negative_conditions(self, conditions):
@@ -268,8 +287,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
         inputs = self.processor(text=texts, images=image, padding=True, return_tensors="pt")
         return {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 
-    def truncate(self, embeds, mask, max_sequence_length):
+    def text(self, prompts: list[str], sampling, image=None):
         # The Edit pipeline keeps every prompt token (no max_sequence_length cut).
+        embeds, mask = self.encode_prompt(prompts, image)
         return embeds, None if bool(mask.all()) else mask
 
     def condition_size(self, image: Image.Image) -> tuple[int, int]:
@@ -296,3 +316,55 @@ class QwenImageEditPipeline(QwenImagePipeline):
         mean, std = self.latent_stats(latents.dtype)
         latents = (latents - mean) / std
         return images, pack_latents(latents), [(1, latents.shape[3] // 2, latents.shape[4] // 2)]
+
+
+# --- the families' hooks for generic code --------------------------------------------------------------------------
+def denoiser_builder(name: str, config: dict):
+    cfg = QwenImageConfig.from_diffusers(config)
+    return (lambda: QwenImageTransformer(cfg)), diffusers_key_map(cfg)
+
+
+def denoiser_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One call on diffusers-named inputs (QwenImageTransformer2DModel's keyword arguments; img_shapes as the
+    (B, n_images, 3) tensor step-0 inputs carry)."""
+    return model(inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["timestep"],
+                 shapes_list(inputs["img_shapes"]), inputs.get("encoder_hidden_states_mask"))
+
+
+def bench_inputs(name: str, config: dict, shape: BenchShape, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Random denoiser inputs at `shape`, drawn on the CPU: one generated image, no text padding (no mask)."""
+    g = torch.Generator("cpu").manual_seed(shape.seed)
+    h, w = shape.height // 16, shape.width // 16  # VAE /8, then 2x2 packing
+    return dict(
+        hidden_states=torch.randn(shape.batch, h * w, config["in_channels"], generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(shape.batch, shape.text_tokens, config["joint_attention_dim"],
+                                          generator=g).to(device, dtype),
+        timestep=torch.full([shape.batch], 0.75).to(device, dtype),
+        img_shapes=shapes_tensor([(1, h, w)], shape.batch).to(device),
+    )
+
+
+class QwenImageParallel(SequenceParallelTransformer):
+    """Qwen-Image / -Edit: CFG parallelism only. Sequence parallelism needs two things this model does not have yet:
+    RoPE tables sharded with the image tokens (the model builds them from img_shapes for the whole image, condition
+    images included), and a key mask in the SP attention (padded text batches take masked SDPA)."""
+
+    def __init__(self, inner: nn.Module, mesh):
+        if mesh.sp.size > 1:
+            raise ValueError(f"Qwen-Image has no sequence parallelism yet (asked for {mesh.sp.size} SP ranks); "
+                             "valid parallel configs for it: sp1, cfg2")
+        super().__init__(inner, mesh)
+
+    def forward(self, img, txt, timestep, img_shapes, txt_mask=None):
+        return self.run_sharded(img, None, txt.shape[1], lambda x, _: self.inner(x, txt, timestep, img_shapes, txt_mask))
+
+
+def _family(name: str, pipeline: type, sampling: type, diffusers_pipeline: str) -> Family:
+    return Family(name=name, diffusers_pipeline=diffusers_pipeline, sampling=sampling, denoisers=("transformer",),
+                  pipeline=pipeline, denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward,
+                  bench_inputs=bench_inputs, sequence_parallel=QwenImageParallel)
+
+
+FAMILY = _family("qwen-image", QwenImagePipeline, QwenImageSampling, "QwenImagePipeline")
+EDIT_FAMILY = _family("qwen-image-edit", QwenImageEditPipeline, QwenImageEditSampling, "QwenImageEditPipeline")
+FAMILIES = {f.name: f for f in (FAMILY, EDIT_FAMILY)}

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from harness.zoo import flux1, synth
-from harness.zoo import qwen_image  # family registration (issue 9: moves onto the seam)
+from harness.zoo import flux1, qwen_image, synth
 
 # Bump whenever synthesis, configs or tokenizers change what a build writes: it keys the cached builds.
 ZOO_VERSION = "1"
@@ -30,8 +29,8 @@ MARKER = "parity_zoo.json"  # written into every folder, last before publishing
 
 FAMILIES = {
     "flux1": flux1,
-    "qwen-image": qwen_image.IMAGE,  # family registration (issue 9)
-    "qwen-image-edit": qwen_image.EDIT,  # family registration (issue 9)
+    "qwen-image": qwen_image.IMAGE,
+    "qwen-image-edit": qwen_image.EDIT,
 }
 
 

@@ -70,9 +70,57 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
 MODULATION = ("img_mod.", "txt_mod.")  # adaLN linears: no outliers (see harness/zoo/flux1.py MODULATION_GAIN)
 
 
-def _check(size: str) -> None:
+# --- the offline tokenizer (Qwen2.5-VL's, synthetic) -------------------------------------------------------------------
+# A byte-level BPE with the 256 byte symbols and no merges (every byte is one token, so any text tokenizes and ids stay
+# below 256), then Qwen's special tokens. The ids differ from the real vocabulary's (151643...): the zoo's text encoder
+# configs name these ids, so a model and its tokenizer always agree.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_VOCAB_SIZE = 256 + len(QWEN_SPECIALS)
+QWEN_MAX_LENGTH = 32768
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def qwen_token_ids() -> dict[str, int]:
+    """Special token -> id in the synthetic Qwen vocabulary (after the 256 bytes, in QWEN_SPECIALS order)."""
+    return {tok: 256 + i for i, tok in enumerate(QWEN_SPECIALS)}
+
+
+def write_qwen_tokenizer(folder: Path):
+    """Write a Qwen2Tokenizer that `AutoTokenizer.from_pretrained(folder)` loads; return the loaded tokenizer."""
+    from transformers import AddedToken, AutoTokenizer, Qwen2Tokenizer
+
+    folder = Path(folder)
+    vocab = {ch: byte for byte, ch in tokenizers._bytes_to_unicode().items()}  # id == byte value
+    vocab.update(qwen_token_ids())
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=QWEN_MAX_LENGTH, errors="replace")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(folder)
+    probe = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a cat<|im_end|>"
+    ids = loaded(probe).input_ids
+    want = [257, *b"user\n", 259, 262, 260, *b"a cat", 258]
+    if len(loaded) != QWEN_VOCAB_SIZE or ids != want or loaded.pad_token_id != 256:
+        raise RuntimeError(f"synthetic Qwen tokenizer is wrong: {len(loaded)} tokens, probe ids {ids}, expected {want}")
+    return loaded
+
+
+def _check(size: str, denoiser: str = "transformer") -> None:
     if size not in SIZES:
         raise ValueError(f"unknown qwen-image size {size!r}; valid sizes: {', '.join(SIZES)}")
+    if denoiser != "transformer":
+        raise ValueError(f"qwen-image has one denoiser, 'transformer'; got {denoiser!r}")
+
+
+def _no_plant(sensitive_layer: str | None) -> None:
+    # The quantization-sensitive plant (harness/zoo/flux1.py) is FLUX.1's so far; refuse rather than ignore it.
+    if sensitive_layer is not None:
+        raise ValueError(f"the qwen-image zoo cannot plant a sensitive layer ({sensitive_layer!r}); "
+                         "valid: none (planting is implemented for flux1 only)")
 
 
 def _meta(build):
@@ -95,9 +143,9 @@ def _vae_specs(model) -> list[synth.ParamSpec]:
 def _text_config(size: str, edit: bool):
     from transformers import Qwen2_5_VLConfig
 
-    ids = tokenizers.qwen_token_ids()
+    ids = qwen_token_ids()
     pad = ids["<|endoftext|>"]
-    text = dict(TEXT[size], vocab_size=tokenizers.QWEN_VOCAB_SIZE if size == "tiny" else 152064,
+    text = dict(TEXT[size], vocab_size=QWEN_VOCAB_SIZE if size == "tiny" else 152064,
                 rms_norm_eps=1e-6, bos_token_id=pad, eos_token_id=ids["<|im_end|>"], pad_token_id=pad)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=VISION[size], image_token_id=ids["<|image_pad|>"],
                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
@@ -116,7 +164,7 @@ def _write_processor(folder: Path, size: str, tokenizer_dir: Path) -> None:
     # The processor insists on a video processor; the pipelines never give it videos.
     video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                     chat_template=tokenizers.QWEN_CHAT_TEMPLATE).save_pretrained(folder)
+                     chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(folder)
 
 
 class QwenZoo:
@@ -128,24 +176,43 @@ class QwenZoo:
     def __init__(self, pipeline_class: str, edit: bool):
         self.pipeline_class, self.edit = pipeline_class, edit
 
-    def transformer_config(self, size: str) -> dict:
-        _check(size)
+    def transformer_config(self, size: str, denoiser: str = "transformer") -> dict:
+        _check(size, denoiser)
         return json.loads(json.dumps(TRANSFORMER[size]))
 
-    def transformer_specs(self, size: str) -> list[synth.ParamSpec]:
+    def transformer_specs(self, size: str, denoiser: str = "transformer", sensitive_layer: str | None = None
+                          ) -> list[synth.ParamSpec]:
         from diffusers import QwenImageTransformer2DModel
 
-        return _transformer_specs(_meta(lambda: QwenImageTransformer2DModel(**self.transformer_config(size))))
+        _no_plant(sensitive_layer)
+        config = self.transformer_config(size, denoiser)
+        return _transformer_specs(_meta(lambda: QwenImageTransformer2DModel(**config)))
 
-    def write(self, folder: Path, size: str, seed: int, dtype: torch.dtype | None = None) -> None:
+    def denoiser_inputs(self, size: str, denoiser: str, prompt_seeds: list[int], seed: int, height: int, width: int,
+                        text_tokens: int, sampling) -> dict[str, torch.Tensor]:
+        """Step-0 inputs of the transformer (diffusers names, float32, CPU) without the text encoder: latent noise
+        from `seed` as the pipeline draws it, each prompt's hidden states from its own seed, N(0, 1); no padding
+        (no mask), no condition image; timestep 1 (the first step of the schedule)."""
+        config = self.transformer_config(size, denoiser)
+        h2, w2 = height // 16, width // 16  # VAE /8, then 2x2 packing
+        batch = len(prompt_seeds)
+        noise = torch.randn(batch, h2 * w2, config["in_channels"], generator=torch.Generator().manual_seed(seed))
+        texts = [torch.randn(text_tokens, config["joint_attention_dim"], generator=torch.Generator().manual_seed(s))
+                 for s in prompt_seeds]
+        return dict(hidden_states=noise, encoder_hidden_states=torch.stack(texts), timestep=torch.ones(batch),
+                    img_shapes=torch.tensor([[(1, h2, w2)]] * batch, dtype=torch.int64))
+
+    def write(self, folder: Path, size: str, seed: int, dtype: torch.dtype | None = None,
+              sensitive_layer: str | None = None) -> None:
         import diffusers
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         _check(size)
+        _no_plant(sensitive_layer)
         dtype = dtype or STORAGE_DTYPE[size]
         folder = Path(folder)
-        tokenizers.write_qwen_tokenizer(folder / "tokenizer")
+        write_qwen_tokenizer(folder / "tokenizer")
         if self.edit:
             _write_processor(folder / "processor", size, folder / "tokenizer")
 
