@@ -74,3 +74,40 @@ def test_loading_rejects_a_checkpoint_that_does_not_match(tiny_qwen_dir):
     ckpt.pop("txt_norm.weight")
     with pytest.raises(CheckpointError, match="missing keys.*txt_norm.weight"):
         load_model(lambda: Q.QwenImageTransformer(cfg), Q.diffusers_key_map(cfg), ckpt, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-edit"])
+def test_bench_inputs_run_both_sides_bitwise(family, one_thread):
+    """`parity bench` on the seam: the family's bench_inputs through engine.api.build_denoiser and through the
+    reference's DENOISERS class built on meta (the bench's diffusers side: its RoPE tables rebuilt, img_shapes from
+    the tensor) give the same bits on CPU in fp32."""
+    from engine.api import OptimizeSpec, bench_inputs, bench_shape, build_denoiser
+    from harness.zoo import synthesize_transformer_state_dict, transformer_config
+    from reference.registry import reference
+
+    tcfg = transformer_config(family, "tiny")
+    inputs = bench_inputs(family, "transformer", tcfg, bench_shape(height=80, width=96, text_tokens=7, batch=2),
+                          torch.float32, "cpu")
+    sd = synthesize_transformer_state_dict(family, "tiny")
+    _, engine_forward = build_denoiser(family, "transformer", tcfg, sd, "none", OptimizeSpec(), "sp1",
+                                       torch.float32, "cpu")
+    with torch.device("meta"):
+        ref = reference(family).DENOISERS["transformer"](**tcfg)
+    ref.load_state_dict(synthesize_transformer_state_dict(family, "tiny"), assign=True, strict=True)
+    with torch.no_grad():
+        want = ref.eval()(**inputs, return_dict=False)[0]
+        got = engine_forward(inputs)
+    assert got.shape == inputs["hidden_states"].shape[:2] + (tcfg["out_channels"] * 4,)
+    assert torch.equal(got, want)
+
+
+def test_sequence_parallelism_is_refused_with_the_valid_configs():
+    from types import SimpleNamespace
+
+    from engine.api import denoiser_names  # noqa: F401  (the registry loads the family records)
+    from engine.families import family
+
+    mesh = SimpleNamespace(sp=SimpleNamespace(size=2), ulysses=SimpleNamespace(size=2))
+    for name in ("qwen-image", "qwen-image-edit"):
+        with pytest.raises(ValueError, match="no sequence parallelism yet.*valid parallel configs for it: sp1, cfg2"):
+            family(name).sequence_parallel(torch.nn.Linear(1, 1), mesh)
