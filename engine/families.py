@@ -3,10 +3,12 @@ family; adding one is its own files (engine/models/<family>.py, engine/pipelines
 from __future__ import annotations
 
 from engine.family import Family
-from engine.pipelines import flux1
+from engine.pipelines import flux1, qwen_image
 
 FAMILIES: dict[str, Family] = {
     "flux1": flux1.FAMILY,
+    "qwen-image": qwen_image.FAMILY,
+    "qwen-image-edit": qwen_image.EDIT_FAMILY,
 }
 
 

@@ -6,9 +6,12 @@ class of each denoiser in DENOISERS (component folder -> class)."""
 from __future__ import annotations
 
 from reference.flux1 import Flux1Reference
+from reference.qwen_image import QwenImageEditReference, QwenImageReference
 
 REFERENCES: dict[str, type] = {
     "flux1": Flux1Reference,
+    "qwen-image": QwenImageReference,
+    "qwen-image-edit": QwenImageEditReference,
 }
 
 

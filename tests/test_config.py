@@ -43,7 +43,7 @@ def test_run_config_defaults_and_errors():
         RunConfig.from_dict({**cfg.to_dict(), "sampling": {"cfg": 1.0}})
     with pytest.raises(TypeError, match="must be a FluxSampling"):
         RunConfig(family="flux1", model_dir="x", prompts=("a",), sampling=OptimizeSpec())
-    with pytest.raises(ValueError, match=r"no model family 'sd3'; valid: \['flux1'\]"):
+    with pytest.raises(ValueError, match=r"no model family 'sd3'; valid: \[.*'flux1'"):
         RunConfig(family="sd3", model_dir="x", prompts=("a",))
 
 
@@ -92,7 +92,7 @@ def test_suite_keys_come_from_the_dataclasses(tmp_path):
     with pytest.raises(SuiteError, match=r"unknown keys \['compile'\] for a flux1 cell; valid: .*'compile_blocks'.*'guidance'"):
         load_suite(str(path))
     path.write_text(SUITE.replace("[defaults.flux1]", "[defaults.sd3]"))
-    with pytest.raises(SuiteError, match=r"\[defaults.sd3\] names no model family; valid: \['flux1'\]"):
+    with pytest.raises(SuiteError, match=r"\[defaults.sd3\] names no model family; valid: \[.*'flux1'"):
         load_suite(str(path))
 
 

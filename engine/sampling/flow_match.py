@@ -23,7 +23,7 @@ def shift_mu(image_seq_len: int, config: dict) -> float:
 def dynamic_shift_sigmas(steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
     """steps + 1 noise levels from 1 (pure noise) down to 0, float32."""
     unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                               "stochastic_sampling", "shift_terminal") if config.get(k)]
+                               "stochastic_sampling") if config.get(k)]
     if unsupported:
         raise ValueError(f"scheduler options not supported by the engine's flow-match sampler: {unsupported}")
     sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
@@ -36,6 +36,10 @@ def dynamic_shift_sigmas(steps: int, image_seq_len: int, config: dict) -> torch.
     else:
         shift = config.get("shift", 1.0)
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    if config.get("shift_terminal"):
+        # Stretch the shifted schedule so that its last sigma is shift_terminal (Qwen-Image: 0.02), in float32.
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - config["shift_terminal"]))
     sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
     return torch.cat([sigmas, torch.zeros(1)])
 

@@ -21,13 +21,17 @@ from pathlib import Path
 
 import torch
 
-from harness.zoo import flux1, synth
+from harness.zoo import flux1, qwen_image, synth
 
 # Bump whenever synthesis, configs or tokenizers change what a build writes: it keys the cached builds.
 ZOO_VERSION = "1"
 MARKER = "parity_zoo.json"  # written into every folder, last before publishing
 
-FAMILIES = {"flux1": flux1}
+FAMILIES = {
+    "flux1": flux1,
+    "qwen-image": qwen_image.IMAGE,
+    "qwen-image-edit": qwen_image.EDIT,
+}
 
 
 def _family(family: str):
