@@ -95,6 +95,14 @@ def merge_runs(run_dirs: list[Path], out: Path) -> Path:
         if weights:
             table = pd.concat(weights, ignore_index=True)
             table.iloc[table["cell"].map(rank).argsort(kind="stable")].to_csv(tmp / WEIGHTS, index=False)
+        # The row counts each shard planned (issue 16's dropped-rows check), joined: cells are disjoint across shards.
+        expected = {}
+        for d, m in zip(run_dirs, metas):
+            if "expected_rows_file" in m:
+                expected.update(json.loads((d / m["expected_rows_file"]).read_text()))
+        if expected:
+            (tmp / metas[0]["expected_rows_file"]).write_text(json.dumps(expected, indent=1, sort_keys=True))
+            meta["expected_rows_total"] = sum(expected.values())
         plan = {**plans[0], "cells": order, "shard": None, "merged_from": [str(d) for d in run_dirs]}
         (tmp / PLAN).write_text(json.dumps(plan, indent=2, default=str))
         write_run(tmp, frame, meta)

@@ -100,7 +100,7 @@ def meta_from_results(results: pd.DataFrame) -> dict:
 
 def cell_label(df: pd.DataFrame) -> pd.Series:
     """The `cell` id where the run recorded one, else the cell columns joined with '/'."""
-    joined = df[[c for c in CELL_COLUMNS if c in df.columns]].astype(str).agg("/".join, axis=1)
+    joined = df[[c for c in CELL_COLUMNS if c in df.columns]].astype("object").fillna("").astype(str).agg("/".join, axis=1)
     return df["cell"].fillna(joined) if "cell" in df.columns else joined
 
 

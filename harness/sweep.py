@@ -439,7 +439,8 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
     frame = frame[list(schema.COLUMNS) + [c for c in frame.columns if c not in schema.COLUMNS]]
     meta = {"run_id": ctx.run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "suite": ctx.suite.name, "suite_path": str(ctx.suite.path), "backend": ctx.backend,
             "seconds": round(time.perf_counter() - started, 1), **provenance,
-            **selfcheck.write_expected_rows(tmp, ctx.suite, golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16
+            **selfcheck.write_expected_rows(tmp, dataclasses.replace(ctx.suite, cells=tuple(cells)),  # this shard's cells
+                                            golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16
     if ctx.shard:
         meta["shard"] = str(ctx.shard)
     write_run(tmp, frame, meta)

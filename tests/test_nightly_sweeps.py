@@ -35,7 +35,7 @@ def rows(run: Path) -> pd.DataFrame:
 
 def gate_section(run: Path) -> str:
     summary = (run / "summary.md").read_text()
-    return summary[summary.index("## Worst value"):]
+    return summary[summary.index("<!-- gate:begin -->"):]
 
 
 @pytest.fixture(scope="module")
