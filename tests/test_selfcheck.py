@@ -79,8 +79,9 @@ def test_sweep_with_the_engine_as_reference_exits_2_saying_so(tmp_path, zoo_root
 
     undo = install("reference_is_the_engine")
     try:
+        # --no-ref-cache: a cached reference really did come from diffusers, so the swap must not be served from it.
         code = main(["sweep", "--suite", SUITE, "--out", str(tmp_path), "--run-id", "run", "--zoo-root",
-                     str(zoo_root)])
+                     str(zoo_root), "--no-ref-cache"])
     finally:
         undo()
     assert code == 2
