@@ -99,15 +99,3 @@ def test_bench_inputs_run_both_sides_bitwise(family, one_thread):
         got = engine_forward(inputs)
     assert got.shape == inputs["hidden_states"].shape[:2] + (tcfg["out_channels"] * 4,)
     assert torch.equal(got, want)
-
-
-def test_sequence_parallelism_is_refused_with_the_valid_configs():
-    from types import SimpleNamespace
-
-    from engine.api import denoiser_names  # noqa: F401  (the registry loads the family records)
-    from engine.families import family
-
-    mesh = SimpleNamespace(sp=SimpleNamespace(size=2), ulysses=SimpleNamespace(size=2))
-    for name in ("qwen-image", "qwen-image-edit"):
-        with pytest.raises(ValueError, match="no sequence parallelism yet.*valid parallel configs for it: sp1, cfg2"):
-            family(name).sequence_parallel(torch.nn.Linear(1, 1), mesh)

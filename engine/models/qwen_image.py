@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionFn, sdpa_attention
+from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
 from engine.models.common import GeluMLP, MLPEmbedder, layer_norm, modulate
 
 TIMESTEP_CHANNELS = 256
@@ -143,13 +143,6 @@ class QKNorm(nn.Module):
         self.key_norm = RMSNorm(head_dim, eps)
 
 
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Attention over (B, S, H, D) with a boolean key mask (B, S): padded text tokens are never attended to."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=key_mask[:, None, None, :])
-    return out.transpose(1, 2)
-
-
 class DualStreamBlock(nn.Module):
     """Image and text keep separate weights (modulation, QKV, output, MLP) and attend jointly over [text | image]."""
 
@@ -173,7 +166,7 @@ class DualStreamBlock(nn.Module):
         q, k, v = linear(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
         return apply_rope(norm.query_norm(q), freqs), apply_rope(norm.key_norm(k), freqs), v
 
-    def forward(self, img, txt, temb, rope, key_mask, attention: AttentionFn):
+    def forward(self, img, txt, temb, rope, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):
         img_freqs, txt_freqs = rope
         silu = F.silu(temb)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(silu).chunk(6, dim=-1)
@@ -184,7 +177,7 @@ class DualStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = self._qkv(modulate(layer_norm(txt, self.eps), txt_shift1, txt_scale1), self.txt_qkv,
                                         self.txt_norm, txt_freqs)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention(q, k, v) if key_mask is None else masked_sdpa(q, k, v, key_mask)
+        attn = attention(q, k, v) if key_mask is None else masked_attention(q, k, v, key_mask)
         attn = attn.flatten(2).to(q.dtype)
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
@@ -209,29 +202,43 @@ class QwenImageTransformer(nn.Module):
         self.blocks = nn.ModuleList(DualStreamBlock(cfg) for _ in range(cfg.num_layers))
         self.final_mod = nn.Linear(dim, 2 * dim)
         self.final_proj = nn.Linear(dim, cfg.out_dim)
-        # Swappable after build (sequence parallelism, other kernels); not a parameter, not in the state dict.
-        # A padded text batch (key mask) always takes masked SDPA.
+        # Swappable after build (sequence parallelism, other kernels); not parameters, not in the state dict.
+        # A padded text batch (key mask) takes `masked_attention`, every other call `attention`.
         self.attention: AttentionFn = sdpa_attention
+        self.masked_attention: MaskedAttentionFn = masked_sdpa_attention
+
+    def rope(self, img_shapes: Sequence[ImageShape], txt_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image table (sum f*h*w, D/2), text table (txt_len, D/2)), complex64: the rows `forward` rotates by."""
+        cfg = self.config
+        return rope_tables(img_shapes, txt_len, cfg.axes_dims_rope, cfg.theta, device)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, timestep: torch.Tensor,
-                img_shapes: Sequence[ImageShape], txt_mask: torch.Tensor | None = None) -> torch.Tensor:
+                img_shapes: Sequence[ImageShape], txt_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """img (B, N, in_channels): packed latents, the generated image first, then any condition images, as listed
         in img_shapes (the same for every sample); txt (B, L, joint_attention_dim); timestep t/1000 in [0, 1] (B,);
-        txt_mask (B, L), nonzero = a real token, or None. Returns (B, N, out_dim) for every image token."""
+        txt_mask (B, L), nonzero = a real token, or None. Returns (B, N, out_dim) for every image token.
+        rope: the (image, text) tables of `self.rope(img_shapes, L)` with only the image rows of the tokens in `img`
+        (a caller that passes a window of the image sequence passes that window's rows); None computes them all."""
         img = self.img_in(img)
         timestep = timestep.to(img.dtype)
         txt = self.txt_in(self.txt_norm(txt))
         temb = self.time_in(timestep_embedding(timestep).to(img.dtype))
         cfg = self.config
-        rope = rope_tables(img_shapes, txt.shape[1], cfg.axes_dims_rope, cfg.theta, img.device)
-        if sum(f * h * w for f, h, w in img_shapes) != img.shape[1]:
-            raise ValueError(f"img_shapes {list(img_shapes)} describe a different number of tokens than {img.shape[1]}")
+        if rope is None:
+            if sum(f * h * w for f, h, w in img_shapes) != img.shape[1]:
+                raise ValueError(f"img_shapes {list(img_shapes)} describe a different number of tokens than "
+                                 f"{img.shape[1]}")
+            rope = self.rope(img_shapes, txt.shape[1], img.device)
+        elif rope[0].shape[0] != img.shape[1] or rope[1].shape[0] != txt.shape[1]:
+            raise ValueError(f"RoPE tables of {rope[0].shape[0]} image / {rope[1].shape[0]} text rows for "
+                             f"{img.shape[1]} image / {txt.shape[1]} text tokens")
         key_mask = None
         if txt_mask is not None:
             image_keys = torch.ones(img.shape[0], img.shape[1], dtype=torch.bool, device=img.device)
             key_mask = torch.cat([txt_mask.to(torch.bool), image_keys], dim=1)
         for block in self.blocks:
-            img, txt = block(img, txt, temb, rope, key_mask, self.attention)
+            img, txt = block(img, txt, temb, rope, key_mask, self.attention, self.masked_attention)
         scale, shift = self.final_mod(F.silu(temb).to(img.dtype)).chunk(2, dim=-1)
         return self.final_proj(modulate(layer_norm(img, cfg.eps), shift, scale))
 

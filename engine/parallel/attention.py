@@ -15,13 +15,16 @@ the attention output for the same tokens in the same order, equal to what one de
   all-gathered and merged in ring order, so every rank ends with the same bits.
 - Lengths that do not divide are moved exactly (uneven all_to_all_single splits, ring receive buffers sized for
   the sender's block): no padding, so no mask is needed.
+- A key mask (padded text in a batch of prompts of different lengths) may cover text keys only: the text is
+  replicated, so its mask is too, and it goes wherever the text keys go (the local attention after the all-to-all,
+  the ring's first block, the text queries' owner block). Image keys are never masked.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from engine.attention import AttentionFn
+from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention
 from engine.parallel.comm import all_gather_stacked
 from engine.parallel.kernels import LseAttentionFn, fused_attention_lse, merge_ordered, merge_partials
 from engine.parallel.mesh import Axis, Mesh
@@ -69,9 +72,18 @@ def gather_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
 
 
 # --- ring -----------------------------------------------------------------------------------------------------
+def joint_key_mask(text_mask: torch.Tensor | None, image_len: int, text_first: bool) -> torch.Tensor | None:
+    """The text keys' mask (B, T) joined to `image_len` always-attended image keys, in the joint order."""
+    if text_mask is None:
+        return None
+    image = torch.ones(text_mask.shape[0], image_len, dtype=torch.bool, device=text_mask.device)
+    return join_joint(text_mask, image, text_first)
+
+
 def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, text_first: bool,
-                   lse_attention: LseAttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """This ring rank's image queries against every rank's image block, plus the replicated text keys exactly once.
+                   lse_attention: LseAttentionFn, text_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This ring rank's image queries against every rank's image block, plus the replicated text keys exactly once
+    (with their mask, if any).
 
     Step i computes on the block of ring rank (index - i) while that block's successor is already in flight
     (double buffering). Returns fp32 (out, lse)."""
@@ -87,11 +99,14 @@ def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, t
                 dist.P2POp(dist.irecv, incoming, axis.global_rank(r - 1), axis.group),
             ])
         block_k, block_v = kv[0], kv[1]
+        mask = None
         if step == 0 and text_kv is not None:
             # Text joins the local block only: it never travels, so no rank sees it twice.
+            mask = joint_key_mask(text_mask, block_k.shape[1], text_first)
             block_k = join_joint(text_kv[0], block_k, text_first)
             block_v = join_joint(text_kv[1], block_v, text_first)
-        block_out, block_lse = lse_attention(q, block_k, block_v)
+        block_out, block_lse = (lse_attention(q, block_k, block_v) if mask is None
+                                else lse_attention(q, block_k, block_v, mask))
         if out is None:
             out, lse = block_out, block_lse
         else:
@@ -104,13 +119,17 @@ def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, t
 
 
 def ring_text_attention(tq, tk, tv, image_k, image_v, axis: Axis, text_first: bool,
-                        lse_attention: LseAttentionFn) -> torch.Tensor:
+                        lse_attention: LseAttentionFn, text_mask=None) -> torch.Tensor:
     """Replicated text queries against all keys: each ring rank covers its own image block, the first (prefix) or
-    last (suffix) ring rank also the text keys, and the partials are merged in ring order on every rank."""
+    last (suffix) ring rank also the text keys (with their mask), and the partials are merged in ring order on
+    every rank."""
     owner = 0 if text_first else axis.size - 1
+    mask = None
     if axis.index == owner:
+        mask = joint_key_mask(text_mask, image_k.shape[1], text_first)
         image_k, image_v = join_joint(tk, image_k, text_first), join_joint(tv, image_v, text_first)
-    out, lse = lse_attention(tq, image_k, image_v)
+    out, lse = (lse_attention(tq, image_k, image_v) if mask is None
+                else lse_attention(tq, image_k, image_v, mask))
     packed = torch.cat([out, lse], dim=-1)  # one collective for both
     buf = all_gather_stacked(packed, axis.group, axis.size)
     out, _ = merge_ordered([(buf[i, ..., :-1], buf[i, ..., -1:]) for i in range(axis.size)])
@@ -119,14 +138,17 @@ def ring_text_attention(tq, tk, tv, image_k, image_v, axis: Axis, text_first: bo
 
 # --- the backend ------------------------------------------------------------------------------------------------
 class JointSequenceParallelAttention:
-    """Drop-in for a model's `attention(q, k, v)`. The caller (the transformer wrapper) sets the layout of the
-    current forward with `configure` before running the model; the model itself never knows."""
+    """Drop-in for a model's `attention(q, k, v)`, and for a masked `attention(q, k, v, key_mask)` whose mask
+    covers text keys only. The caller (the transformer wrapper) sets the layout of the current forward with
+    `configure` before running the model; the model itself never knows."""
 
-    def __init__(self, mesh: Mesh, local_attention: AttentionFn, lse_attention: LseAttentionFn = fused_attention_lse):
+    def __init__(self, mesh: Mesh, local_attention: AttentionFn, lse_attention: LseAttentionFn = fused_attention_lse,
+                 local_masked_attention: MaskedAttentionFn = masked_sdpa_attention):
         self.mesh = mesh
         # Without a ring the whole sequence is local after the all-to-all: run the model's own kernel, in the
-        # model's token order, so Ulysses is bitwise equal to one device.
+        # model's token order, so Ulysses is bitwise equal to one device (the masked one for a masked call).
         self.local_attention = local_attention
+        self.local_masked_attention = local_masked_attention
         self.lse_attention = lse_attention
         self.text_len: int | None = None
         self.text_first = True
@@ -137,7 +159,9 @@ class JointSequenceParallelAttention:
             raise ValueError(f"shard plan has {len(plan.sizes)} shards for a sequence group of {self.mesh.sp.size}")
         self.text_len, self.text_first, self.plan = text_len, text_first, plan
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """key_mask: None, or boolean (B, T + S_local) over this rank's joint sequence, True on every image key."""
         if self.plan is None:
             raise RuntimeError("sequence-parallel attention called before configure(): wrap the transformer "
                                "with engine.parallel.apply_parallel instead of setting the backend by hand")
@@ -146,6 +170,11 @@ class JointSequenceParallelAttention:
         if q.shape[1] != t + local_len:
             raise ValueError(f"attention got {q.shape[1]} tokens; this rank holds {t} text + {local_len} image")
         (tq, iq), (tk, ik), (tv, iv) = (split_joint(x, t, first) for x in (q, k, v))
+        text_mask = None
+        if key_mask is not None:
+            text_mask, image_mask = split_joint(key_mask.bool(), t, first)
+            if not bool(image_mask.all()):
+                raise ValueError("sequence-parallel attention masks text keys only; this call masks image keys")
         u_axis, r_axis = mesh.ulysses, mesh.ring
         heads = q.shape[2]
         # The image shards of our Ulysses group, which the all-to-all joins into one contiguous block.
@@ -158,15 +187,20 @@ class JointSequenceParallelAttention:
             tq, tk, tv = (x[:, :, u_axis.index * hu:(u_axis.index + 1) * hu] for x in (tq, tk, tv))
 
         if r_axis.size == 1:
-            out = self.local_attention(join_joint(tq, iq, first), join_joint(tk, ik, first), join_joint(tv, iv, first))
+            joint = (join_joint(tq, iq, first), join_joint(tk, ik, first), join_joint(tv, iv, first))
+            if text_mask is None:
+                out = self.local_attention(*joint)
+            else:
+                out = self.local_masked_attention(*joint, joint_key_mask(text_mask, ik.shape[1], first))
             t_out, i_out = split_joint(out, t, first)
         else:
             text_kv = (tk, tv) if t else None
             i_out, _ = ring_attention(iq, ik, iv, r_axis, plan.group_sizes(u_axis.size), text_kv, first,
-                                      self.lse_attention)
+                                      self.lse_attention, text_mask)
             i_out = i_out.to(q.dtype)
             if t:
-                t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention).to(q.dtype)
+                t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention,
+                                            text_mask).to(q.dtype)
             else:
                 t_out = tq
 

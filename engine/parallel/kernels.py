@@ -12,24 +12,42 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# (q, k, v) (B, S, H, D) -> (out (B, Sq, H, D) float32, lse (B, Sq, H, 1) float32)
-LseAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (q, k, v[, key_mask]) (B, S, H, D) -> (out (B, Sq, H, D) float32, lse (B, Sq, H, 1) float32). key_mask: an
+# optional boolean (B, Sk), False = a key no query may attend to (padded text).
+LseAttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def math_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def key_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (B, Sk) key mask -> additive (B, 1, 1, Sk) bias: 0 where attended, -inf where masked (the form the
+    fused CPU kernel takes; a boolean mask it refuses)."""
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill(~key_mask.bool(), float("-inf"))[:, None, None, :]
+
+
+def math_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The obviously-right twin: explicit scores in float32 (float64 stays float64, for references)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * q.shape[-1] ** -0.5
+    if key_mask is not None:
+        scores = scores + key_bias(key_mask, acc)
     lse = scores.logsumexp(dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", (scores - lse[..., None]).exp(), v.to(acc))
     return out, lse.transpose(1, 2)[..., None]
 
 
-def fused_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's fused kernels, which return the lse alongside the output: flash on CUDA for 16-bit inputs, the
-    memory-efficient kernel on CUDA otherwise (flash has no fp32), the CPU flash kernel on CPU."""
+    memory-efficient kernel on CUDA otherwise (flash has no fp32), the CPU flash kernel on CPU. A key mask runs on
+    the CPU kernel (as an additive bias) and on the explicit twin elsewhere (flash takes no mask)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.device.type == "cuda":
+    if key_mask is not None:
+        if q.device.type != "cpu":
+            return math_attention_lse(q, k, v, key_mask)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, attn_mask=key_bias(key_mask, q.dtype))
+    elif q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
         else:

@@ -345,18 +345,29 @@ def bench_inputs(name: str, config: dict, shape: BenchShape, dtype: torch.dtype,
 
 
 class QwenImageParallel(SequenceParallelTransformer):
-    """Qwen-Image / -Edit: CFG parallelism only. Sequence parallelism needs two things this model does not have yet:
-    RoPE tables sharded with the image tokens (the model builds them from img_shapes for the whole image, condition
-    images included), and a key mask in the SP attention (padded text batches take masked SDPA)."""
+    """Qwen-Image / -Edit: joint sequence [text | image], text replicated. The image sequence is the generated
+    image's tokens followed by the condition image's (Edit) and is sharded as one sequence; the model's RoPE rows
+    for it (complex64, always computed in float32 from img_shapes over the whole sequence) are cut by the same plan
+    as the tokens, so every shard, condition-image tokens included, rotates by its own positions. A padded text
+    batch's mask goes to the SP attention's masked path (it covers text keys only)."""
+
+    text_first = True
 
     def __init__(self, inner: nn.Module, mesh):
-        if mesh.sp.size > 1:
-            raise ValueError(f"Qwen-Image has no sequence parallelism yet (asked for {mesh.sp.size} SP ranks); "
-                             "valid parallel configs for it: sp1, cfg2")
+        heads = inner.config.num_attention_heads
+        if heads % mesh.ulysses.size:
+            raise ValueError(f"Ulysses degree {mesh.ulysses.size} must divide Qwen-Image's {heads} attention heads")
         super().__init__(inner, mesh)
+        if mesh.sp.size > 1:
+            self.sp_attention.local_masked_attention = inner.masked_attention
+            inner.masked_attention = self.sp_attention
 
     def forward(self, img, txt, timestep, img_shapes, txt_mask=None):
-        return self.run_sharded(img, None, txt.shape[1], lambda x, _: self.inner(x, txt, timestep, img_shapes, txt_mask))
+        img_rope, txt_rope = self.inner.rope(img_shapes, txt.shape[1], img.device)
+        if img_rope.shape[0] != img.shape[1]:
+            raise ValueError(f"img_shapes {list(img_shapes)} describe {img_rope.shape[0]} tokens, got {img.shape[1]}")
+        return self.run_sharded(img, img_rope, txt.shape[1], lambda x, rows: self.inner(
+            x, txt, timestep, img_shapes, txt_mask, rope=(rows, txt_rope)))
 
 
 def _family(name: str, pipeline: type, sampling: type, diffusers_pipeline: str) -> Family:
