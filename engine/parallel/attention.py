@@ -195,12 +195,14 @@ class JointSequenceParallelAttention:
             t_out, i_out = split_joint(out, t, first)
         else:
             text_kv = (tk, tv) if t else None
+            # The mask goes by keyword and only when there is one: the unmasked call keeps its signature.
+            masked = {} if text_mask is None else {"text_mask": text_mask}
             i_out, _ = ring_attention(iq, ik, iv, r_axis, plan.group_sizes(u_axis.size), text_kv, first,
-                                      self.lse_attention, text_mask)
+                                      self.lse_attention, **masked)
             i_out = i_out.to(q.dtype)
             if t:
                 t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention,
-                                            text_mask).to(q.dtype)
+                                            **masked).to(q.dtype)
             else:
                 t_out = tq
 
