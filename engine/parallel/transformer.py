@@ -25,7 +25,8 @@ def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torc
 
 
 def shard_positions(plan: ShardPlan, ids: torch.Tensor, dim: int, index: int) -> torch.Tensor:
-    """Position ids go with their tokens: the same cut as shard_tokens, so each shard's RoPE angles are its own."""
+    """Position ids (or the per-token RoPE rows a model computes from its own layout) go with their tokens: the same
+    cut as shard_tokens, so each shard's RoPE angles are its own."""
     return plan.shard(ids, dim, index)
 
 
@@ -85,7 +86,8 @@ class SequenceParallelTransformer(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call):
-        """call(image_shard, ids_shard) runs the inner model on this rank's shard; returns the gathered output."""
+        """call(image_shard, ids_shard) runs the inner model on this rank's shard; returns the gathered output.
+        image_ids: one row per image token along dim 0 (position ids, or RoPE rows), cut exactly as the tokens."""
         if self.check_replicated:
             assert_replicated(image, None, "the image latents given to the transformer")
         sp = self.mesh.sp
