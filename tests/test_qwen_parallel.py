@@ -1,7 +1,7 @@
-"""Qwen-Image sequence parallelism at the transformer: Ulysses and ring over 2 gloo ranks against one device, on an
-Edit-shaped image sequence (the generated image's 4x6 tokens, then a 7x5 condition image on frame 1: 59 tokens, so
-the shards are uneven and the cut falls inside the generated image) with a padded text batch (key mask). A planted
-RoPE shard offset, installed from this test only, must break it.
+"""Qwen-Image sequence parallelism at the transformer: Ulysses and ring over 2 gloo ranks and USP 2x2 over 4, against
+one device, on an Edit-shaped image sequence (the generated image's 4x6 tokens, then a 7x5 condition image on frame
+1: 59 tokens, so the shards are uneven and the cut falls inside the generated image) with a padded text batch (key
+mask). A planted RoPE shard offset, installed from this test only, must break it.
 
 Measured (CPU, gloo, torch 2.14.1): fp32 Ulysses is bitwise equal to one device; fp32 ring (partials merged by
 log-sum-exp) max |diff| 7e-7, cosine 1 - 1.4e-14; bf16 (the linears run on half the rows, which rounds
@@ -16,7 +16,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 SHAPES = [(1, 4, 6), (1, 7, 5)]
-JOBS = [(p, dtype, plant) for p in ("ulysses2", "ring2") for dtype in ("fp32", "bf16") for plant in (None, "rope")]
+# (parallel, dtype, plant) -> the ranks of a 4-process world it runs on; jobs on disjoint ranks run side by side.
+JOBS = {("usp2x2", "fp32", None): (0, 1, 2, 3)}
+for i, dtype in enumerate(("fp32", "bf16")):
+    for j, plant in enumerate((None, "rope")):
+        JOBS[("ulysses2", dtype, plant)] = (0, 1)
+        JOBS[("ring2", dtype, plant)] = (2, 3)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -39,16 +44,19 @@ def _inputs(dtype):
             torch.tensor([0.83, 0.83]).to(dtype), SHAPES, mask)
 
 
-def _worker(rank: int, tmp: str):
-    torch.set_num_threads(1)  # 2 processes on 2 cores
+def _worker(proc: int, tmp: str):
+    torch.set_num_threads(1)  # 4 processes on 2 cores
     import engine.parallel.transformer as T
     from engine.parallel.config import parse_parallel
     from engine.parallel.mesh import get_mesh
     from engine.pipelines.qwen_image import QwenImageParallel
 
     shard_positions = T.shard_positions
-    for i, (parallel, dtype, plant) in enumerate(JOBS):
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store{i}", rank=rank, world_size=2)
+    for i, ((parallel, dtype, plant), ranks) in enumerate(JOBS.items()):
+        if proc not in ranks:
+            continue
+        rank = ranks.index(proc)
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store{i}", rank=rank, world_size=len(ranks))
         # The plant: each shard's RoPE rows one token early (rolled before the cut), product code unaware.
         T.shard_positions = (shard_positions if plant is None else
                              lambda plan, ids, dim, index: shard_positions(plan, ids.roll(1, dims=dim), dim, index))
@@ -65,12 +73,12 @@ def _worker(rank: int, tmp: str):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen_parallel")
-    mp.start_processes(_worker, args=(str(tmp),), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(str(tmp),), nprocs=4, start_method="spawn")
     torch.set_num_threads(1)
     with torch.no_grad():
         single = {d: _model(DTYPES[d])(*_inputs(DTYPES[d])) for d in DTYPES}
-    return {job: ([torch.load(tmp / f"{i}.rank{r}.pt") for r in range(2)], single[job[1]])
-            for i, job in enumerate(JOBS)}
+    return {job: ([torch.load(tmp / f"{i}.rank{r}.pt") for r in range(len(ranks))], single[job[1]])
+            for i, (job, ranks) in enumerate(JOBS.items())}
 
 
 def _cosine(a, b):
@@ -78,11 +86,11 @@ def _cosine(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("parallel", ["ulysses2", "ring2"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("parallel,dtype", [("ulysses2", "fp32"), ("ulysses2", "bf16"), ("ring2", "fp32"),
+                                            ("ring2", "bf16"), ("usp2x2", "fp32")])
 def test_sequence_parallel_matches_one_device(results, parallel, dtype):
-    (rank0, rank1), single = results[(parallel, dtype, None)]
-    assert torch.equal(rank0, rank1), "ranks disagree"
+    (rank0, *others), single = results[(parallel, dtype, None)]
+    assert all(torch.equal(rank0, other) for other in others), "ranks disagree"
     diff, cos = (rank0.float() - single.float()).abs().max().item(), _cosine(rank0, single)
     print(f"{parallel} {dtype}: max |diff| {diff:.3g}, cosine {cos!r}")
     if (parallel, dtype) == ("ulysses2", "fp32"):
