@@ -195,6 +195,18 @@ def weight_report(cfg: RunConfig, source_dir: str | Path) -> Iterator[tuple[str,
                                         QuantSpec(cfg.quant, cfg.quant_ignored), cfg.torch_dtype, cfg.device)
 
 
+def quant_probe(cfg: RunConfig, source_dir: str | Path, inputs: Mapping[str, torch.Tensor], tokens: int = 8):
+    """For the quantized-layer oracle: every linear of every denoiser of the model `cfg` loads, built as cfg runs it
+    (engine.quant.oracle.LinearRecord: quantized or not, its checkpoint names; for quantized ones a few input rows
+    captured in one forward on the diffusers-named `inputs`, its output on them, and the unquantized weights and
+    bias from `source_dir` plus the loaded checkpoint's static input_scale)."""
+    from engine.quant.api import QuantSpec
+    from engine.quant.oracle import probe_linears
+
+    yield from probe_linears(_family(cfg.family), Path(cfg.model_dir), Path(source_dir),
+                             QuantSpec(cfg.quant, cfg.quant_ignored), cfg.torch_dtype, cfg.device, inputs, tokens)
+
+
 def assert_replicated(x: torch.Tensor, what: str) -> None:
     """Raise if `x` differs between the ranks of the default process group."""
     from engine.parallel.transformer import assert_replicated as _check

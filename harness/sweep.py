@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.api import Artifacts, OptimizeSpec, RunConfig, preflight as engine_preflight, weight_report
 from harness import metrics as M
-from harness import schema, selfcheck
+from harness import quant_oracle, schema, selfcheck
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
@@ -40,6 +40,7 @@ DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 
 # Which metrics each comparison produces: the error rows of a crashed cell list the same names.
 ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_")
+                       and not name.startswith("layer_")  # per-layer checks: harness/quant_oracle.py
                        and name != selfcheck.CROSSCHECK_METRIC)  # the cross-check has its own comparison
 GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")
 
@@ -328,6 +329,11 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     if cell.quant != "none":
         out += weight_rows(cell, ctx, model_dir, engine_cfg0, images_dir.parent)
     ref_runs = {seed: ctx.reference_run(cfg0.replace(seed=seed), base["model_hash"]) for seed in suite.seeds}
+    # issue 16: each quantized linear against torchao, and the layers left unquantized. Single-device cells only: the
+    # probe builds the model on one device in this process, so on a parallel cell it would repeat its sp1 twin.
+    if cell.quant != "none" and cell.parallel == "sp1":
+        out += quant_oracle.cell_rows(cell, base, engine_cfg0, model_dir, ref_runs[suite.seeds[0]].step0_inputs,
+                                      images_dir.parent)
     if nproc_for(cell.parallel) > 1:
         ctx.prefetch_distributed([engine_cfg0.replace(seed=s) for s in suite.seeds],
                                  [ref_runs[s].step0_inputs for s in suite.seeds], cell.timeout_s)
