@@ -223,9 +223,21 @@ def checkpoint_formats() -> dict[str, tuple[str, str]]:
 
 
 
+def calibration_formats() -> list[str]:
+    """Checkpoint formats that carry a calibrated static input scale."""
+    from engine.quant.export import INPUT_SCALE
+
+    return sorted(INPUT_SCALE)
+
+
 def folder_denoisers(model_dir: str | Path) -> tuple[str, ...]:
     """The denoiser component folders of a diffusers model folder, by its model_index.json pipeline class."""
     return _folder_family(model_dir).denoisers
+
+
+def folder_family(model_dir: str | Path) -> str:
+    """The family name of a diffusers model folder, by its model_index.json pipeline class."""
+    return _folder_family(model_dir).name
 
 
 def _folder_family(model_dir):
@@ -237,15 +249,25 @@ def _folder_family(model_dir):
     return family_of_pipeline(index.get("_class_name"))
 
 
-def quantized_denoiser(model_dir: str | Path, denoiser: str, fmt: str, keep_bf16: tuple[str, ...] = ()
-                       ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, hf_quant_config) of the quantized copy of one denoiser folder, chosen by the engine's own walk."""
+def quantized_denoiser(model_dir: str | Path, denoiser: str, fmt: str, keep_bf16: tuple[str, ...] = (),
+                       input_amax: Mapping[str, float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, hf_quant_config) of the quantized copy of one denoiser folder, chosen by the engine's own walk;
+    with `input_amax` (one denoiser's entry of calibrate_input_amax) every quantized module carries a static
+    input_scale."""
     from engine.denoisers import builder
     from engine.quant.export import quantize_checkpoint
 
     src = Path(model_dir) / denoiser
     build, key_map = builder(_folder_family(model_dir), denoiser, src)
-    return quantize_checkpoint(build, key_map, src, fmt, tuple(keep_bf16))
+    return quantize_checkpoint(build, key_map, src, fmt, tuple(keep_bf16), input_amax)
+
+
+def calibrate_input_amax(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """denoiser -> checkpoint module -> the largest |input| of that linear over one unquantized generate(cfg):
+    cfg.prompts, steps and size are the calibration data (engine/quant/calibrate.py)."""
+    from engine.quant.calibrate import input_amax
+
+    return input_amax(cfg, _family(cfg.family), open_runner)
 
 
 # --- bench building blocks ------------------------------------------------------------------------------------------

@@ -75,17 +75,21 @@ class SweepContext:
     def engine_model_dir(self, cell: Cell, model_dir: Path) -> Path:
         """The folder the engine loads: the model itself, or (quant_source = checkpoint) a quantized copy written
         once by `parity quantize` and cached beside the zoo, while the reference keeps the bf16 folder."""
-        if cell.quant_source != "checkpoint":
+        if cell.quant_source == "online":
             return model_dir
         from harness.quantize import FORMATS, quantize_folder
 
         fmt = {"nvfp4-wo": "nvfp4"}.get(cell.quant, cell.quant)
         if fmt not in FORMATS:
             raise ValueError(f"quant mode {cell.quant!r} has no checkpoint format; valid: {sorted(FORMATS)} (+ nvfp4-wo)")
-        out = self.zoo_root / "quantized" / f"{model_dir.name}-{fmt}-{self.model_hash(model_dir)[:8]}"
+        name, calibration = f"{model_dir.name}-{fmt}-{self.model_hash(model_dir)[:8]}", None
+        if cell.quant_source == "calibrated":  # static input scales from the suite's prompts (issue 16)
+            calibration = run_config(cell, self.suite, model_dir).replace(quant="none", quant_ignored=(), parallel="sp1")
+            name += "-static-" + hashlib.sha256(repr(calibration.replace(model_dir="")).encode()).hexdigest()[:8]
+        out = self.zoo_root / "quantized" / name
         if not out.is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)
-            quantize_folder(model_dir, fmt, out)
+            quantize_folder(model_dir, fmt, out, calibration=calibration)
         return out
 
     def model_hash(self, path: Path) -> str:
