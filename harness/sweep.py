@@ -336,8 +336,10 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     # issue 16: each quantized linear against torchao, and the layers left unquantized. Single-device cells only: the
     # probe builds the model on one device in this process, so on a parallel cell it would repeat its sp1 twin.
     if cell.quant != "none" and cell.parallel == "sp1":
+        t0 = time.perf_counter()
         out += quant_oracle.cell_rows(cell, base, engine_cfg0, model_dir, ref_runs[suite.seeds[0]].step0_inputs,
                                       images_dir.parent)
+        ctx.log(f"  quant oracle: {time.perf_counter() - t0:.1f}s")
     if nproc_for(cell.parallel) > 1:
         ctx.prefetch_distributed([engine_cfg0.replace(seed=s) for s in suite.seeds],
                                  [ref_runs[s].step0_inputs for s in suite.seeds], cell.timeout_s)
