@@ -174,8 +174,10 @@ def oracle_rows(cell, base: dict, records, dtype: torch.dtype, run_dir: Path) ->
         per_layer.append({"cell": cell.name, "denoiser": r.denoiser, "layer": r.layer, "kind": r.kind,
                           "static_input_scale": r.input_scale is not None, "rows": r.x.shape[0],
                           "rel_error": err, "bitwise_equal": bool(torch.equal(r.y, ref))})
+    # The layer also goes into `reason`, which the gate appends to a failing row's message: the verdict names it.
     out = [row(QUANT_ORACLE, ORACLE_METRIC, p["rel_error"], f"{p['denoiser']}.{p['layer']}",
-               *(("ok", "") if np.isfinite(p["rel_error"]) else ("invalid", "NaN/Inf in the engine or torchao output")))
+               *(("ok", f"layer {p['denoiser']}.{p['layer']} ({p['kind']})") if np.isfinite(p["rel_error"])
+                 else ("invalid", f"layer {p['denoiser']}.{p['layer']}: NaN/Inf in the engine or torchao output")))
            for p in per_layer]
     if not per_layer:
         out.append(row(QUANT_ORACLE, ORACLE_METRIC, np.nan, status="invalid",
