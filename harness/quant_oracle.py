@@ -111,9 +111,10 @@ def reference_output(mode: str, x: torch.Tensor, source_weights, bias, input_sca
     """torchao's output of the linear for `mode` on input rows x (compute dtype). weights_in_dtype: online
     quantization starts from the weights cast to the compute dtype; a checkpoint was quantized from them as stored."""
     s = scheme(mode)
-    parts = [w.to(dtype) if weights_in_dtype else w for w in source_weights]
+    parts = [w.to(x.device, dtype) if weights_in_dtype else w.to(x.device) for w in source_weights]
     w = torch.cat([s.weight(p) for p in parts])  # each checkpoint tensor is its own quantization unit
-    b = None if bias is None else bias.to(dtype)
+    b = None if bias is None else bias.to(x.device, dtype)
+    input_scale = None if input_scale is None else input_scale.to(x.device)
     if s.act is None:
         return F.linear(x, w.to(dtype), b)
     xq = s.act(x, input_scale)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from engine.family import Family
-from engine.loading import read_checkpoint
+from engine.loading import safetensors_files
 from engine.quant.api import QuantSpec
 from engine.quant.linear import QuantLinear
 from engine.quant.names import checkpoint_shapes, packed_from_key_map
@@ -75,9 +76,7 @@ def probe_linears(family: Family, model_dir: Path, source_dir: Path, spec: Quant
         finally:
             for h in hooks:
                 h.remove()
-        quantized = [n for n, m in modules.items() if isinstance(m, QuantLinear)]
-        source_ckpt = read_checkpoint(source) if quantized else {}
-        loaded_ckpt = read_checkpoint(component) if quantized and component != source else source_ckpt
+        source_ckpt, loaded_ckpt = _LazyCheckpoint(source), _LazyCheckpoint(component)
         for layer, module in modules.items():
             sources = packed[layer].sources if layer in packed else (layer,)
             record = LinearRecord(name, layer, sources, type(module).__name__, isinstance(module, QuantLinear))
@@ -93,4 +92,25 @@ def probe_linears(family: Family, model_dir: Path, source_dir: Path, spec: Quant
                           if f"{s}.input_scale" in loaded_ckpt]
                 record.input_scale = torch.stack(scales).amax() if scales else None
             yield record
-        del model, source_ckpt, loaded_ckpt
+        del model
+
+
+class _LazyCheckpoint:
+    """A folder's safetensors tensors read one at a time on demand: the oracle needs a few per layer, and a
+    full-size checkpoint must never be held whole in memory beside the loaded model."""
+
+    def __init__(self, component_dir: Path):
+        self._where: dict[str, Path] = {}
+        for file in safetensors_files(component_dir):
+            with safe_open(str(file), framework="pt") as f:
+                self._where.update(dict.fromkeys(f.keys(), file))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self[key] if key in self else None
