@@ -195,6 +195,18 @@ def weight_report(cfg: RunConfig, source_dir: str | Path) -> Iterator[tuple[str,
                                         QuantSpec(cfg.quant, cfg.quant_ignored), cfg.torch_dtype, cfg.device)
 
 
+def quant_probe(cfg: RunConfig, source_dir: str | Path, inputs: Mapping[str, torch.Tensor], tokens: int = 8):
+    """For the quantized-layer oracle: every linear of every denoiser of the model `cfg` loads, built as cfg runs it
+    (engine.quant.oracle.LinearRecord: quantized or not, its checkpoint names; for quantized ones a few input rows
+    captured in one forward on the diffusers-named `inputs`, its output on them, and the unquantized weights and
+    bias from `source_dir` plus the loaded checkpoint's static input_scale)."""
+    from engine.quant.api import QuantSpec
+    from engine.quant.oracle import probe_linears
+
+    yield from probe_linears(_family(cfg.family), Path(cfg.model_dir), Path(source_dir),
+                             QuantSpec(cfg.quant, cfg.quant_ignored), cfg.torch_dtype, cfg.device, inputs, tokens)
+
+
 def assert_replicated(x: torch.Tensor, what: str) -> None:
     """Raise if `x` differs between the ranks of the default process group."""
     from engine.parallel.transformer import assert_replicated as _check
@@ -211,9 +223,21 @@ def checkpoint_formats() -> dict[str, tuple[str, str]]:
 
 
 
+def calibration_formats() -> list[str]:
+    """Checkpoint formats that carry a calibrated static input scale."""
+    from engine.quant.export import INPUT_SCALE
+
+    return sorted(INPUT_SCALE)
+
+
 def folder_denoisers(model_dir: str | Path) -> tuple[str, ...]:
     """The denoiser component folders of a diffusers model folder, by its model_index.json pipeline class."""
     return _folder_family(model_dir).denoisers
+
+
+def folder_family(model_dir: str | Path) -> str:
+    """The family name of a diffusers model folder, by its model_index.json pipeline class."""
+    return _folder_family(model_dir).name
 
 
 def _folder_family(model_dir):
@@ -225,15 +249,25 @@ def _folder_family(model_dir):
     return family_of_pipeline(index.get("_class_name"))
 
 
-def quantized_denoiser(model_dir: str | Path, denoiser: str, fmt: str, keep_bf16: tuple[str, ...] = ()
-                       ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, hf_quant_config) of the quantized copy of one denoiser folder, chosen by the engine's own walk."""
+def quantized_denoiser(model_dir: str | Path, denoiser: str, fmt: str, keep_bf16: tuple[str, ...] = (),
+                       input_amax: Mapping[str, float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, hf_quant_config) of the quantized copy of one denoiser folder, chosen by the engine's own walk;
+    with `input_amax` (one denoiser's entry of calibrate_input_amax) every quantized module carries a static
+    input_scale."""
     from engine.denoisers import builder
     from engine.quant.export import quantize_checkpoint
 
     src = Path(model_dir) / denoiser
     build, key_map = builder(_folder_family(model_dir), denoiser, src)
-    return quantize_checkpoint(build, key_map, src, fmt, tuple(keep_bf16))
+    return quantize_checkpoint(build, key_map, src, fmt, tuple(keep_bf16), input_amax)
+
+
+def calibrate_input_amax(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """denoiser -> checkpoint module -> the largest |input| of that linear over one unquantized generate(cfg):
+    cfg.prompts, steps and size are the calibration data (engine/quant/calibrate.py)."""
+    from engine.quant.calibrate import input_amax
+
+    return input_amax(cfg, _family(cfg.family), open_runner)
 
 
 # --- bench building blocks ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pandas as pd
 from harness.margins import error_of
 from harness.metrics import METRICS, metric_spec
 from harness.runfiles import ResultsError, atomic_write, load_meta, load_results
-from harness.schema import OK
+from harness.schema import OK, QUANT_ORACLE
 
 BASELINE_DIR = Path(__file__).resolve().parents[1] / "golden" / "baseline"
 TOLERANCES = BASELINE_DIR / "tolerances.toml"
@@ -93,8 +93,10 @@ def baseline_path(suite: str) -> Path:
 
 
 def gated_values(results: pd.DataFrame) -> pd.DataFrame:
-    """The rows a baseline keeps: gated metrics, status ok, finite value, one per sample."""
+    """The rows a baseline keeps: gated metrics, status ok, finite value, one per sample. The quant oracle's
+    per-layer rows are not samples: they are judged against their absolute (mostly exact) thresholds only."""
     gated = results["metric"].map(lambda m: m in METRICS and metric_spec(m).gated).astype(bool)
+    gated &= results["comparison"].ne(QUANT_ORACLE).fillna(True).astype(bool)
     ok = results["status"].eq(OK).fillna(False).astype(bool)
     values = pd.to_numeric(results["value"], errors="coerce").astype("float64")
     keep = results[gated & ok & np.isfinite(values)]

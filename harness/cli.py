@@ -243,9 +243,21 @@ def cmd_quantize(args) -> int:
 
     if not (Path(args.model_dir) / "model_index.json").is_file():
         raise UsageError(f"{args.model_dir} is not a diffusers model folder (no model_index.json)")
-    out = quantize_folder(Path(args.model_dir), args.format, Path(args.out), keep_bf16=tuple(args.keep_bf16 or ()))
+    calibration = None
+    if args.calibrate:  # issue 16: static input scales from the largest |input| each layer sees on these prompts
+        from engine.api import RunConfig, calibration_formats, folder_family
+
+        if args.format not in calibration_formats():
+            raise UsageError(f"--calibrate: format {args.format!r} quantizes weights only (no input scale); "
+                             f"calibrated formats: {calibration_formats()}")
+        calibration = RunConfig(family=folder_family(args.model_dir), model_dir=str(Path(args.model_dir).absolute()),
+                                prompts=tuple(args.calibrate), steps=args.calib_steps, height=args.calib_height,
+                                width=args.calib_width, dtype=args.calib_dtype, device=args.calib_device)
+    out = quantize_folder(Path(args.model_dir), args.format, Path(args.out), keep_bf16=tuple(args.keep_bf16 or ()),
+                          calibration=calibration)
     print(f"wrote {args.format} checkpoint to {out} (the engine loads it with --quant {args.format}; "
-          "the reference keeps running the bf16 folder)")
+          "the reference keeps running the bf16 folder)" + (f"; static input scales calibrated on "
+                                                            f"{len(args.calibrate)} prompt(s)" if calibration else ""))
     return EXIT_PASS
 
 
@@ -392,6 +404,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     q.add_argument("--keep-bf16", nargs="+", metavar="PATTERN",
                    help="layers to keep in bf16 (module names, dot boundaries; diffusers names)")
+    q.add_argument("--calibrate", nargs="+", metavar="PROMPT",
+                   help="run these prompts through the bf16 model and write each quantized module's static "
+                        "input_scale (amax / (6 * 448), NVFP4 only)")
+    q.add_argument("--calib-steps", type=int, default=4, help="sampling steps of the calibration run (default 4)")
+    q.add_argument("--calib-height", type=int, default=64, help="image height of the calibration run (default 64)")
+    q.add_argument("--calib-width", type=int, default=64, help="image width of the calibration run (default 64)")
+    q.add_argument("--calib-dtype", default="bf16", help="compute dtype of the calibration run (default bf16)")
+    q.add_argument("--calib-device", default="cpu", help="device of the calibration run (default cpu)")
     q.set_defaults(func=cmd_quantize)
 
     sens = verbs.add_parser("sensitivity", help="rank layers by quantization error; advise which to keep in bf16")

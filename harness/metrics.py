@@ -247,6 +247,12 @@ METRICS: dict[str, MetricSpec] = _registry(
     MetricSpec("weight_sqnr_db_min", True, True, "dB",
                "L0: minimum over quantized linears of the SQNR of the dequantized weight vs the bf16 checkpoint "
                "(one value per cell; per-layer values in weights.csv)"),
+    MetricSpec("layer_output_rel_error", False, True, "",
+               "quant oracle: ||engine - torchao|| / ||torchao|| of one quantized linear's output on captured input "
+               "rows (one row per layer, column `layer`; harness/quant_oracle.py)"),
+    MetricSpec("layer_set_mismatch", False, True, "",
+               "quantized layers that were asked to stay unquantized, plus ignore patterns that matched no layer "
+               "(one row per quant cell; the sets in quant_layers.csv)"),
     MetricSpec("metric_crosscheck_error", False, True, "",
                "self-check: worst disagreement of the run's metrics with exact or independently recomputed values "
                "(harness/selfcheck.py); relative, 0 when every metric is computed right"),

@@ -11,9 +11,10 @@ function the engine's online path calls (engine.api.quantized_denoiser), so a fo
 exactly the weights online quantization of the source folder gives (when the engine loads in the stored dtype:
 online quantization starts from the weights cast to the compute dtype).
 
-NVFP4 folders carry no input_scale: the tool sees no activations to calibrate on. The engine then computes the
-activation global scale per call (see NVFP4Linear); runtimes that require a static input_scale cannot run these
-folders in W4A4.
+NVFP4 folders carry no input_scale unless calibrated (`--calibrate PROMPT...`: the prompts run once through the bf16
+model and each quantized module gets input_scale = amax / (6 * 448) of the inputs it saw). Without one the engine
+computes the activation global scale per call (see NVFP4Linear); runtimes that require a static input_scale cannot
+run such folders in W4A4.
 """
 from __future__ import annotations
 
@@ -25,19 +26,23 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from engine.api import QUANT_CONFIG_NAME as CONFIG_NAME
-from engine.api import checkpoint_formats, folder_denoisers, quantized_denoiser
+from engine.api import calibrate_input_amax, checkpoint_formats, folder_denoisers, quantized_denoiser
 
 # format -> (quant_algo written to hf_quant_config.json, engine quant mode whose walk and linear class are used)
 FORMATS = checkpoint_formats()
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-def quantize_folder(model_dir, fmt: str, out_dir, keep_bf16: tuple[str, ...] = ()) -> Path:
+def quantize_folder(model_dir, fmt: str, out_dir, keep_bf16: tuple[str, ...] = (),
+                    calibration=None) -> Path:
     """Write the quantized folder at `out_dir` (which must not exist or be empty) and return its path.
 
     keep_bf16: --quant-ignored-layers patterns (engine or diffusers names; a pattern naming part of a fused module
     keeps the whole fused module). A pattern that matches nothing raises ValueError. The folder is assembled in a
-    temp dir next to `out_dir` and renamed into place, so nothing half-written is ever visible."""
+    temp dir next to `out_dir` and renamed into place, so nothing half-written is ever visible.
+
+    calibration: an engine.api RunConfig of the bf16 folder whose prompts, steps and size are run once through the
+    unquantized model; each quantized module then carries a static input_scale from the largest |input| it saw."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantized format {fmt!r}; valid: {sorted(FORMATS)}")
     model_dir, out_dir = Path(model_dir).absolute(), Path(out_dir).absolute()
@@ -48,6 +53,7 @@ def quantize_folder(model_dir, fmt: str, out_dir, keep_bf16: tuple[str, ...] = (
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory")
 
+    amax = calibrate_input_amax(calibration) if calibration is not None else {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -56,7 +62,7 @@ def quantize_folder(model_dir, fmt: str, out_dir, keep_bf16: tuple[str, ...] = (
             if entry.name not in denoisers:
                 _link_tree(entry, tmp / entry.name)
         for name in denoisers:  # one denoiser's tensors in memory at a time
-            tensors, quant_config = quantized_denoiser(model_dir, name, fmt, tuple(keep_bf16))
+            tensors, quant_config = quantized_denoiser(model_dir, name, fmt, tuple(keep_bf16), amax.get(name))
             (tmp / name).mkdir()
             for entry in (model_dir / name).iterdir():  # config and anything else that is not the weights
                 if not (entry.name.endswith(".safetensors") or entry.name.endswith(".safetensors.index.json")):

@@ -26,6 +26,9 @@ from harness.schema import ERROR
 from harness.suites import Cell, Suite
 
 PLAN, CELLS, IMAGES, WEIGHTS = "plan.json", "cells", "images", "weights.csv"
+# Per-layer tables a cell may write beside its rows (weights.csv: L0 weight SQNR; the quant oracle's two tables);
+# each is committed with the cell and concatenated over cells into the run folder.
+TABLES = (WEIGHTS, "quant_oracle.csv", "quant_layers.csv")
 TMP_PREFIX = ".tmp-"
 # Plan entries a resume may not change; "options" may (an executor, a cache folder: they do not change values).
 CHECKED = ("suite", "suite_fingerprint", "all_cells", "cells", "shard", "backend", "golden", "versions")
@@ -123,11 +126,12 @@ class CellStore:
             target = self.root / IMAGES / folder.name
             shutil.rmtree(target, ignore_errors=True)  # a re-run cell replaces the images of its lost attempt
             os.replace(folder, target)
-        weights = self.root / CELLS / f"{slug(cell)}.weights.csv"
-        if (stage / WEIGHTS).is_file():
-            os.replace(stage / WEIGHTS, weights)
-        else:
-            weights.unlink(missing_ok=True)
+        for table in TABLES:
+            target = self.root / CELLS / f"{slug(cell)}.{table}"
+            if (stage / table).is_file():
+                os.replace(stage / table, target)
+            else:
+                target.unlink(missing_ok=True)
         frame = _typed(pd.DataFrame(rows))
         path = self.rows_path(cell)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -144,10 +148,11 @@ class CellStore:
         return pd.concat([pd.read_parquet(self.rows_path(c)) for c in cells], ignore_index=True)
 
     def write_weights(self, cells: Sequence[Cell]) -> None:
-        parts = [self.root / CELLS / f"{slug(c)}.weights.csv" for c in cells]
-        tables = [pd.read_csv(p) for p in parts if p.is_file()]
-        if tables:
-            pd.concat(tables, ignore_index=True).to_csv(self.root / WEIGHTS, index=False)
+        for table in TABLES:
+            parts = [self.root / CELLS / f"{slug(c)}.{table}" for c in cells]
+            frames = [pd.read_csv(p) for p in parts if p.is_file()]
+            if frames:
+                pd.concat(frames, ignore_index=True).to_csv(self.root / table, index=False)
 
 
     def close(self) -> None:

@@ -31,5 +31,7 @@ ENGINE_VS_UNQUANTIZED = "engine_vs_unquantized"  # quant cell vs the same engine
 PARALLEL_VS_SINGLE = "parallel_vs_single_device"  # parallel cell vs the same engine on one device
 NEGATIVE_CONTROL = "negative_control"  # the reference perturbed at a known SNR: must fail the engine thresholds
 SELF_CHECK = "self_check"  # metric cross-checks the run makes on itself (harness/selfcheck.py)
+QUANT_ORACLE = "quant_oracle"  # each quantized linear vs torchao's reference of its scheme (harness/quant_oracle.py)
+QUANT_LAYERS = "quant_layers"  # the layers left unquantized vs the ones asked for
 COMPARISONS = (ENGINE_VS_REFERENCE, REFERENCE_VS_GOLDEN, ENGINE_VS_UNQUANTIZED, PARALLEL_VS_SINGLE,
-               NEGATIVE_CONTROL, SELF_CHECK)
+               NEGATIVE_CONTROL, SELF_CHECK, QUANT_ORACLE, QUANT_LAYERS)

@@ -74,7 +74,7 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
     from harness.metrics import METRICS
 
     engine = [m for m, s in METRICS.items() if s.gated and not s.per_step and not m.startswith("weight_")
-              and m != CROSSCHECK_METRIC and (clip or not m.startswith("clip_"))]
+              and not m.startswith("layer_") and m != CROSSCHECK_METRIC and (clip or not m.startswith("clip_"))]
     no_clip = [m for m in engine if not m.startswith("clip_")]
     n = n_seeds * n_prompts
     out: dict[str, int] = {}
@@ -83,6 +83,9 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
         if cell.quant != "none":
             plan[schema.ENGINE_VS_UNQUANTIZED] = no_clip
             out[f"{cell.name}|{schema.ENGINE_VS_UNQUANTIZED}|weight_sqnr_db_min"] = 1
+            if cell.parallel == "sp1":  # the quant oracle (harness/quant_oracle.py): at least one layer, one set row
+                out[f"{cell.name}|{schema.QUANT_ORACLE}|layer_output_rel_error"] = 1
+                out[f"{cell.name}|{schema.QUANT_LAYERS}|layer_set_mismatch"] = 1
         if cell.parallel != "sp1":
             plan[schema.PARALLEL_VS_SINGLE] = no_clip
         if golden and cell.golden:

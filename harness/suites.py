@@ -16,7 +16,10 @@ from typing import Any
 from engine.api import OptimizeSpec, dataclass_from_dict, family_names, sampling_type
 
 SUITES_DIR = Path(__file__).with_name("suites")
-QUANT_SOURCES = ("online", "checkpoint")
+# online: quantize a bf16 folder at load; checkpoint: a `parity quantize` folder; calibrated: the same with static
+# input scales calibrated on the suite's prompts (`parity quantize --calibrate`)
+QUANT_SOURCES = ("online", "checkpoint", "calibrated")
+CHECKPOINT_SUFFIX = {"online": "", "checkpoint": "-ckpt", "calibrated": "-ckpt-static"}
 OPTIMIZE_KEYS = tuple(f.name for f in fields(OptimizeSpec))
 
 
@@ -59,12 +62,12 @@ class Cell:
             object.__setattr__(self, "quant_ignored", self.quant_ignored + extra)
         if self.quant_source not in QUANT_SOURCES:
             raise SuiteError(f"cell quant_source {self.quant_source!r}; valid: {list(QUANT_SOURCES)}")
-        if self.quant_source == "checkpoint" and self.quant == "none":
-            raise SuiteError("quant_source = 'checkpoint' needs a quant mode, not 'none'")
+        if self.quant_source != "online" and self.quant == "none":
+            raise SuiteError(f"quant_source = {self.quant_source!r} needs a quant mode, not 'none'")
 
     @property
     def name(self) -> str:
-        quant = self.quant + ("-ckpt" if self.quant_source == "checkpoint" else "")
+        quant = self.quant + CHECKPOINT_SUFFIX[self.quant_source]
         cfg = "+truecfg" if self.sampling.true_cfg else ""
         optimized = [] if self.optimize == OptimizeSpec() else [optimize_label(self.optimize)]
         return "/".join([self.model, self.size, self.dtype, quant, self.parallel + cfg, self.device, *optimized])

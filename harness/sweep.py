@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.api import Artifacts, OptimizeSpec, RunConfig, preflight as engine_preflight, weight_report
 from harness import metrics as M
-from harness import schema, selfcheck
+from harness import quant_oracle, schema, selfcheck
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
@@ -40,6 +40,7 @@ DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 
 # Which metrics each comparison produces: the error rows of a crashed cell list the same names.
 ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_")
+                       and not name.startswith("layer_")  # per-layer checks: harness/quant_oracle.py
                        and name != selfcheck.CROSSCHECK_METRIC)  # the cross-check has its own comparison
 GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")
 
@@ -74,17 +75,21 @@ class SweepContext:
     def engine_model_dir(self, cell: Cell, model_dir: Path) -> Path:
         """The folder the engine loads: the model itself, or (quant_source = checkpoint) a quantized copy written
         once by `parity quantize` and cached beside the zoo, while the reference keeps the bf16 folder."""
-        if cell.quant_source != "checkpoint":
+        if cell.quant_source == "online":
             return model_dir
         from harness.quantize import FORMATS, quantize_folder
 
         fmt = {"nvfp4-wo": "nvfp4"}.get(cell.quant, cell.quant)
         if fmt not in FORMATS:
             raise ValueError(f"quant mode {cell.quant!r} has no checkpoint format; valid: {sorted(FORMATS)} (+ nvfp4-wo)")
-        out = self.zoo_root / "quantized" / f"{model_dir.name}-{fmt}-{self.model_hash(model_dir)[:8]}"
+        name, calibration = f"{model_dir.name}-{fmt}-{self.model_hash(model_dir)[:8]}", None
+        if cell.quant_source == "calibrated":  # static input scales from the suite's prompts (issue 16)
+            calibration = run_config(cell, self.suite, model_dir).replace(quant="none", quant_ignored=(), parallel="sp1")
+            name += "-static-" + hashlib.sha256(repr(calibration.replace(model_dir="")).encode()).hexdigest()[:8]
+        out = self.zoo_root / "quantized" / name
         if not out.is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)
-            quantize_folder(model_dir, fmt, out)
+            quantize_folder(model_dir, fmt, out, calibration=calibration)
         return out
 
     def model_hash(self, path: Path) -> str:
@@ -328,6 +333,13 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     if cell.quant != "none":
         out += weight_rows(cell, ctx, model_dir, engine_cfg0, images_dir.parent)
     ref_runs = {seed: ctx.reference_run(cfg0.replace(seed=seed), base["model_hash"]) for seed in suite.seeds}
+    # issue 16: each quantized linear against torchao, and the layers left unquantized. Single-device cells only: the
+    # probe builds the model on one device in this process, so on a parallel cell it would repeat its sp1 twin.
+    if cell.quant != "none" and cell.parallel == "sp1":
+        t0 = time.perf_counter()
+        out += quant_oracle.cell_rows(cell, base, engine_cfg0, model_dir, ref_runs[suite.seeds[0]].step0_inputs,
+                                      images_dir.parent)
+        ctx.log(f"  quant oracle: {time.perf_counter() - t0:.1f}s")
     if nproc_for(cell.parallel) > 1:
         ctx.prefetch_distributed([engine_cfg0.replace(seed=s) for s in suite.seeds],
                                  [ref_runs[s].step0_inputs for s in suite.seeds], cell.timeout_s)

@@ -187,14 +187,19 @@ def test_lower_is_better_metric_uses_le():
 def test_golden_thresholds_load_and_cover_every_gated_metric():
     t = load_thresholds()
     assert t.path == DEFAULT_PATH and all(r.source for r in t.rules)
-    # weight_*: quant cells only; the cross-check is gated in its own comparison (self_check)
-    gated = [m for m, s in METRICS.items() if s.gated and not m.startswith("weight_") and m != "metric_crosscheck_error"]
+    # weight_*: quant cells only; the cross-check is gated in its own comparison (self_check); layer_*: the quant
+    # oracle's own comparisons (quant_oracle, quant_layers), quant cells only
+    gated = [m for m, s in METRICS.items() if s.gated and not m.startswith(("weight_", "layer_"))
+             and m != "metric_crosscheck_error"]
     for dtype in ("fp32", "bf16"):
         assert t.lookup(("flux1", dtype, "none", "sp1", "self_check", "metric_crosscheck_error")) is not None
         for m in gated:
             assert t.lookup(("flux1", dtype, "none", "sp1", ENGINE_VS_REFERENCE, m)) is not None, (dtype, m)
         for m in ("final_latent_cosine", "psnr_db"):
             assert t.lookup(("flux1", dtype, "none", "sp1", REFERENCE_VS_GOLDEN, m)) is not None
+    for quant in ("fp8", "fp8-wo", "nvfp4", "nvfp4-wo", "mxfp4"):
+        assert t.lookup(("flux1", "bf16", quant, "sp1", "quant_oracle", "layer_output_rel_error")) is not None
+        assert t.lookup(("flux1", "bf16", quant, "sp1", "quant_layers", "layer_set_mismatch")).value == 0
 
 
 def test_missing_or_corrupt_results_exit_2(tmp_path, capsys):

@@ -183,6 +183,7 @@ def test_registry_names_and_flags():
         "final_latent_rel_error", "final_latent_sqnr_db", "trajectory_cosine", "trajectory_cosine_min",
         "step_output_cosine_min", "psnr_db", "ssim", "mean_abs_diff", "clip_score_test", "clip_score_ref",
         "clip_score_delta", "clip_image_similarity", "weight_sqnr_db_min", "metric_crosscheck_error",
+        "layer_output_rel_error", "layer_set_mismatch",
     }
     assert all(name == spec.name for name, spec in M.METRICS.items())
     assert not M.metric_spec("trajectory_cosine").gated and M.metric_spec("trajectory_cosine").per_step

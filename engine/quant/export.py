@@ -7,7 +7,7 @@ stored dtype: online quantization starts from the weights cast to the compute dt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -15,16 +15,26 @@ from torch import nn
 
 from engine.loading import KeyMap, safetensors_files
 from engine.quant.api import QuantSpec, checkpoint_shapes, packed_from_key_map, select_linears
+from engine.quant.formats import nvfp4
 
 # format -> (quant_algo written to hf_quant_config.json, engine quant mode whose walk and linear class are used)
 FORMATS = {"nvfp4": ("NVFP4", "nvfp4"), "fp8-wo": ("FP8_PER_CHANNEL_PER_TOKEN", "fp8-wo")}
+# format -> calibrated input amax -> the static `input_scale` its checkpoints carry (ModelOpt's meaning). A format
+# without an entry quantizes weights only and takes no calibration.
+INPUT_SCALE = {"nvfp4": nvfp4.global_scale}
 
 
 def quantize_checkpoint(build: Callable[[], nn.Module], key_map: KeyMap, src: Path, fmt: str,
-                        keep_bf16: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, hf_quant_config) of the quantized copy of the denoiser checkpoint in `src`."""
+                        keep_bf16: tuple[str, ...], input_amax: Mapping[str, float] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, hf_quant_config) of the quantized copy of the denoiser checkpoint in `src`. `input_amax`
+    (checkpoint module -> calibrated amax, engine.quant.calibrate) adds a static input_scale to every quantized
+    module; a quantized module it lacks is an error (a partly calibrated checkpoint would mix static and dynamic)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantized format {fmt!r}; valid: {sorted(FORMATS)}")
+    if input_amax is not None and fmt not in INPUT_SCALE:
+        raise ValueError(f"format {fmt!r} quantizes weights only: it has no input scale to calibrate; "
+                         f"calibration applies to {sorted(INPUT_SCALE)}")
     algo, mode = FORMATS[fmt]
     spec = QuantSpec(mode, ignored=keep_bf16)
     with torch.device("meta"):
@@ -45,6 +55,11 @@ def quantize_checkpoint(build: Callable[[], nn.Module], key_map: KeyMap, src: Pa
                     # One checkpoint tensor at a time, as one segment: its own NVFP4 global scale.
                     q = cls.from_float(t, None, (t.shape[0],), t.dtype, options).checkpoint_tensors()
                     tensors.update({f"{module}.{k}": v.contiguous() for k, v in q.items()})
+                    if input_amax is not None:
+                        if module not in input_amax:
+                            raise ValueError(f"calibration recorded no input for {module}")
+                        amax = torch.tensor(input_amax[module], dtype=torch.float32)
+                        tensors[f"{module}.input_scale"] = INPUT_SCALE[fmt](amax).reshape(())
                 else:
                     tensors[key] = t
     config = {

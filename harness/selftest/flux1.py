@@ -47,6 +47,8 @@ TARGETS = {
     "fp8_linear_forward": "engine.quant.linear:Fp8Linear.forward",
     "mxfp4_shared_exponent": "engine.quant.formats.mxfp4:shared_exponent",
     "nvfp4_act_qdq": "engine.quant.formats.nvfp4:quantize_dequantize",
+    "nvfp4_from_checkpoint": "engine.quant.linear:NVFP4Linear.from_checkpoint",
+    "prequantized_resolve_ignored": "engine.quant.prequantized:resolve_ignored",
     # parallel schemes
     "ring_attention": "engine.parallel.attention:ring_attention",
     "join_joint": "engine.parallel.attention:join_joint",
@@ -240,6 +242,29 @@ def _nvfp4_act_not_quantized(p: Patcher):
     p.set("nvfp4_act_qdq", lambda x, scale_2: x)
 
 
+def _input_scale_ignored(p: Patcher):
+    original = p.get("nvfp4_from_checkpoint").__func__
+
+    def from_checkpoint(cls, parts, bias, dtype, options):  # the static scale read, then dropped: dynamic per call
+        return original(cls, [{k: v for k, v in part.items() if k != "input_scale"} for part in parts], bias, dtype,
+                        options)
+    p.set("nvfp4_from_checkpoint", classmethod(from_checkpoint))
+
+
+def _input_scale_inverted(p: Patcher):
+    original = p.get("nvfp4_from_checkpoint").__func__
+
+    def from_checkpoint(cls, parts, bias, dtype, options):  # amax / 2688 read as its reciprocal
+        return original(cls, [{k: 1.0 / v if k == "input_scale" else v for k, v in part.items()} for part in parts],
+                        bias, dtype, options)
+    p.set("nvfp4_from_checkpoint", classmethod(from_checkpoint))
+
+
+def _ignored_layers_not_applied_on_load(p: Patcher):
+    # The pre-quantized loader forgets --quant-ignored-layers (preflight still resolves them, so the run starts).
+    p.set("prequantized_resolve_ignored", lambda patterns, linears, packed=None: set())
+
+
 # ---------------------------------------------------------------- parallel schemes (torchrun ranks)
 def _text_twice(p: Patcher):
     real, join = p.get("ring_attention"), p.get("join_joint")
@@ -399,14 +424,17 @@ CATALOGUE: dict[str, Plant] = _all(
     Plant("nvfp4_global_scale_dropped", "quant", "NVFP4 per-tensor global scale ignored", ("/nvfp4-ckpt/",),
           _global_scale_dropped),
     Plant("nvfp4_activations_not_quantized", "quant", "NVFP4 W4A4 silently runs weight-only", ("/nvfp4-ckpt/",),
-          _nvfp4_act_not_quantized, known_gap="less error, not more: every threshold is a floor; needs the "
-          "per-layer quantized-linear oracle of issue 16"),
+          _nvfp4_act_not_quantized),  # less error, not more: caught by the quant oracle (harness/quant_oracle.py)
     Plant("fp8_as_e5m2", "quant", "fp8 weights stored as e5m2 instead of e4m3", ("/bf16/fp8-wo/sp1/",),
           lambda p: p.set("fp8_dtype", torch.float8_e5m2)),
     Plant("fp8_activation_scale_per_tensor", "quant", "fp8 W8A8 activation scale per tensor, not per token",
-          ("/bf16/fp8/sp1/",), _fp8_act_per_tensor, known_gap="measured on smoke: single-step SQNR 26.3 dB vs "
-          "24.5 clean, final latents 27.7 vs 28.7 dB, all inside the 2x-error floors; needs the per-layer "
-          "quantized-linear oracle of issue 16"),
+          ("/bf16/fp8/sp1/",), _fp8_act_per_tensor),  # inside the end-to-end floors; caught by the quant oracle
+    Plant("nvfp4_static_input_scale_ignored", "quant", "NVFP4 checkpoint's calibrated input_scale dropped at load "
+          "(activations scaled dynamically)", ("/nvfp4-ckpt-static/",), _input_scale_ignored),
+    Plant("nvfp4_static_input_scale_inverted", "quant", "NVFP4 checkpoint's input_scale used as its reciprocal",
+          ("/nvfp4-ckpt-static/",), _input_scale_inverted),
+    Plant("ignored_layers_quantized_anyway", "quant", "pre-quantized loader ignores --quant-ignored-layers",
+          ("/nvfp4-ckpt-static/",), _ignored_layers_not_applied_on_load),
     Plant("mxfp4_exponent_off_by_one", "quant", "MXFP4 shared exponent one too small", ("/mxfp4/",),
           lambda p: p.wrap("mxfp4_shared_exponent", lambda f: lambda *a, **k: f(*a, **k) - 1)),
     # --- parallel schemes (installed in the torchrun ranks only)

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 # dB metrics (None) have none: the caps (200, 100 dB) only keep rows finite, so their margin is relative to the
 # threshold itself. Missing-row counts are relative to the expected count.
 PERFECT = {"cosine": 1.0, "ssim": 1.0, "similarity": 1.0, "sqnr_db": None, "psnr_db": None, "rel_error": 0.0,
-           "mean_abs_diff": 0.0, "delta": 0.0, "crosscheck_error": 0.0, "cosine_min": 1.0, "sqnr_db_min": None}
+           "mean_abs_diff": 0.0, "delta": 0.0, "crosscheck_error": 0.0, "cosine_min": 1.0, "sqnr_db_min": None,
+           "mismatch": 0.0}
 
 # When a catch is fragile, as data. A bug seen by a single (comparison, metric) and by under a tenth of that
 # threshold's distance from perfect would slip through if the threshold were loosened by 10%, or the noise of
