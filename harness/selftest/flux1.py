@@ -300,8 +300,8 @@ CATALOGUE: dict[str, Plant] = catalogue(
           _attention_scale),
     Plant("qk_norm_skipped", "dit", "q/k RMSNorm skipped", FP32, lambda p: p.set("rms_norm_forward", lambda self, x: x)),
     Plant("gelu_exact_not_tanh", "dit", "MLP GELU exact where the model uses the tanh approximation", FP32, _gelu_exact,
-          known_gap="measured on smoke: passes the fp32 floors (meant for any device); CPU fp32 is bitwise equal, "
-          "so the exactness tier of issue 16 would catch it"),
+          known_gap="passes the fp32 floors (meant for any device: single-step cosine 1 - 6e-9); only the CPU "
+          "exactness tier (golden/thresholds.toml, exact = true) catches it, so a GPU run would not"),
     Plant("layer_norm_eps_wrong", "dit", "pre-modulation LayerNorm eps 1e-2 instead of 1e-6", FP32,
           lambda p: p.wrap("layer_norm", lambda f: lambda x, eps=1e-6: f(x, 1e-2))),
     Plant("rope_theta_wrong", "dit", "RoPE theta 1000 instead of 10000", FP32, _rope_theta),

@@ -254,7 +254,7 @@ def markdown(matrix: pd.DataFrame) -> str:
         lines.append(f"| {r.plant} | {r.area} | {'yes' if r.caught else '**ESCAPED**'} | "
                      f"{'**fragile**' if r.fragile else ''} | {r.exit_code} | {by} | {fmt(r.rows_failed)} | "
                      f"{fmt(r.worst_value)} | {'' if pd.isna(r.threshold) else f'{r.op} {r.threshold:.6g}'} | "
-                     f"{fmt(r.margin)} | {fmt(r.relative_margin)} |")
+                     f"{fmt(r.margin)} | {'bitwise' if r.op == '==' else fmt(r.relative_margin)} |")
     return "\n".join(lines) + "\n"
 
 
