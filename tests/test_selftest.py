@@ -80,3 +80,17 @@ def test_margins_and_fragile_rule():
     assert m.relative_margin["single_step_cosine"] == pytest.approx(0.1)  # 1e-4 past a floor 1e-3 from perfect
     assert m.margin["mean_abs_diff"] == pytest.approx(2.0) and m.relative_margin["mean_abs_diff"] == pytest.approx(0.5)
     assert FRAGILE["max_catching_metrics"] == 1 and FRAGILE["reasoning"]
+
+
+def test_a_catch_only_by_an_exactness_tier_is_fragile():
+    """A bug seen only as 'not bitwise' on this CPU would pass a GPU run's floors: the matrix must say so."""
+    from harness.selftest.runner import finish
+
+    def rows(*ops):
+        return pd.DataFrame([{"plant": "p", "area": "dit", "breaks": "x", "exit_code": 1, "seconds": 1.0,
+                              "comparison": "engine_vs_reference", "metric": f"m{i}", "rows_failed": 4,
+                              "worst_value": 0.5, "threshold": 1.0, "op": op, "margin": 0.5,
+                              "relative_margin": float("inf"), "why": "w"} for i, op in enumerate(ops)])
+    assert finish(rows("==", "==")).fragile.all()
+    assert not finish(rows("==", ">=")).fragile.any()
+    assert "bitwise" in markdown(finish(rows("==")))
