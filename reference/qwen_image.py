@@ -8,6 +8,7 @@ import time
 from typing import Mapping
 
 import numpy as np
+import diffusers
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel
 
@@ -145,7 +146,9 @@ class QwenImageReference:
         return Artifacts(
             initial_latents=initial, step_latents=torch.stack(step_latents), step_outputs=torch.stack(guided),
             final_latents=step_latents[-1], images=images, step0_inputs=step0_inputs,
-            extras={"load_s": self.load_seconds, "generate_s": seconds},
+            # Provenance (issue 16): only reference code stamps this; the sweep refuses a reference without it.
+            extras={"load_s": self.load_seconds, "generate_s": seconds, "backend": "diffusers",
+                    "backend_version": diffusers.__version__},
         )
 
 
