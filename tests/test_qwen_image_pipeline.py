@@ -202,6 +202,7 @@ def test_single_step_of_a_cfg_run_is_the_guided_prediction(dirs, family, one_thr
     norm-rescaled), not the conditional branch alone: on both sides it equals the step-0 guided prediction."""
     cfg = _cfg(dirs, family, true_cfg_scale=4.0, negative_prompt=NEGATIVE)
     ref = reference(cfg)
+    assert ref.extras["backend"] == "diffusers"  # the provenance stamp the sweep's self-check insists on
     assert any(k.startswith("negative.") for k in ref.step0_inputs)
     assert torch.equal(ref.extras["single_step"].float(), ref.step_outputs[0])
     ours = engine(cfg, ref)
