@@ -149,6 +149,7 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
         errors.append(f"results lack column(s) {missing}: the exactness tiers of the thresholds cannot be judged")
         return
     cache: dict[tuple, object] = {}
+    rows["floor_passed"] = pd.array([pd.NA] * len(rows), dtype="boolean")
     for idx, r in rows.iterrows():
         spec = METRICS.get(r["metric"])
         if spec is None or spec.identical is None or not spec.gated or r["status"] != OK:
@@ -165,6 +166,7 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
             continue
         value = values[idx]
         exact = bool(value == spec.identical)
+        rows.loc[idx, "floor_passed"] = rows.loc[idx, "passed"]  # what the floor alone said (selftest: fragility)
         rows.loc[idx, ["threshold", "op", "tier"]] = [spec.identical, EXACT_OP, BITWISE]
         rows.loc[idx, "passed"] = exact
         rows.loc[idx, "why"] = "" if exact else (

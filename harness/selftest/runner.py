@@ -43,7 +43,7 @@ FRAGILE = {
 }
 
 MATRIX_COLUMNS = ("plant", "area", "breaks", "caught", "fragile", "exit_code", "comparison", "metric", "rows_failed",
-                  "worst_value", "threshold", "op", "margin", "relative_margin", "why", "seconds")
+                  "worst_value", "threshold", "op", "margin", "relative_margin", "why", "seconds", "floor_caught")
 
 
 class SelftestError(ValueError):
@@ -91,7 +91,9 @@ def margins(failed: pd.DataFrame) -> pd.DataFrame:
                 rel = m / span if span else math.inf
             if best is None or not rel <= best[1]:
                 best = (m, rel, value, thr, op, r["why"])
+        floor = g["floor_passed"] if "floor_passed" in g else pd.Series(dtype="boolean")
         out.append({"comparison": comparison, "metric": metric, "rows_failed": len(g), "margin": best[0],
+                    "floor_caught": bool(floor.eq(False).fillna(False).any()),
                     "relative_margin": best[1], "worst_value": best[2], "threshold": best[3], "op": best[4],
                     "why": best[5]})
     return pd.DataFrame(out)
@@ -230,12 +232,18 @@ def finish(matrix: pd.DataFrame) -> pd.DataFrame:
     fragile = {}
     for plant, g in matrix.groupby("plant"):
         caught_by = g[g.comparison.astype(str).str.len() > 0]
-        only_bitwise = bool(len(caught_by)) and caught_by.op.eq("==").all()
+        # floor_caught: an exactness-tier row whose ordinary floor fails too (a GPU run would catch it as well).
+        only_bitwise = bool(len(caught_by)) and caught_by.op.eq("==").all() and \
+            not caught_by.floor_caught.fillna(False).astype(bool).any()
         fragile[plant] = only_bitwise or bool(
             len(caught_by) <= FRAGILE["max_catching_metrics"] and len(caught_by) and
             (caught_by.relative_margin.fillna(math.inf) < FRAGILE["max_relative_margin"]).all())
     matrix["fragile"] = matrix["plant"].map(fragile)
     return matrix[list(MATRIX_COLUMNS)].reset_index(drop=True)
+
+
+def bitwise(r) -> str:
+    return "bitwise (floor fails too)" if r.floor_caught is True else "bitwise only"
 
 
 def markdown(matrix: pd.DataFrame) -> str:
@@ -254,7 +262,7 @@ def markdown(matrix: pd.DataFrame) -> str:
         lines.append(f"| {r.plant} | {r.area} | {'yes' if r.caught else '**ESCAPED**'} | "
                      f"{'**fragile**' if r.fragile else ''} | {r.exit_code} | {by} | {fmt(r.rows_failed)} | "
                      f"{fmt(r.worst_value)} | {'' if pd.isna(r.threshold) else f'{r.op} {r.threshold:.6g}'} | "
-                     f"{fmt(r.margin)} | {'bitwise' if r.op == '==' else fmt(r.relative_margin)} |")
+                     f"{fmt(r.margin)} | {bitwise(r) if r.op == '==' else fmt(r.relative_margin)} |")
     return "\n".join(lines) + "\n"
 
 
