@@ -135,7 +135,46 @@ class Artifacts:
 class Runner(Protocol):
     def generate(self, cfg: RunConfig) -> Artifacts: ...
 
-    def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+    def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One denoising step's prediction on given inputs: one denoiser call, or, when `inputs` hold a true-CFG
+        step (guided_inputs), both branches combined as the family's pipeline guides them."""
+        ...
+
+
+# A true-CFG run's step-0 inputs hold both guidance branches, so that a single-step comparison judges the guided
+# prediction (uncond + s (cond - uncond), and whatever rescale the family applies), not the conditional branch
+# alone: the conditional branch's denoiser kwargs under their diffusers names, the negative branch's under NEGATIVE
+# + name, the guidance scale as a 0-d float64 tensor under GUIDANCE_SCALE. Tensors only: they travel through files
+# (torchrun jobs, the reference cache) like any other step-0 input.
+NEGATIVE = "negative."
+GUIDANCE_SCALE = "guided.true_cfg_scale"
+
+
+def guided_inputs(cond: Mapping[str, torch.Tensor], negative: Mapping[str, torch.Tensor] | None = None,
+                  scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Step-0 inputs of one denoising step: `cond` alone, or both branches and the scale of a true-CFG step."""
+    out = {k: v for k, v in cond.items() if v is not None}
+    if negative is None:
+        return out
+    if scale is None:
+        raise ValueError("a guided step needs its true_cfg_scale")
+    out.update({NEGATIVE + k: v for k, v in negative.items() if v is not None})
+    out[GUIDANCE_SCALE] = torch.tensor(float(scale), dtype=torch.float64)
+    return out
+
+
+def split_guided(inputs: Mapping[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float | None]:
+    """(conditional kwargs, negative kwargs or None, scale or None): guided_inputs undone."""
+    cond = {k: v for k, v in inputs.items() if not k.startswith(NEGATIVE) and k != GUIDANCE_SCALE}
+    negative = {k[len(NEGATIVE):]: v for k, v in inputs.items() if k.startswith(NEGATIVE)}
+    if not negative:
+        if GUIDANCE_SCALE in inputs:
+            raise ValueError(f"step-0 inputs carry {GUIDANCE_SCALE!r} but no negative branch ({NEGATIVE}*)")
+        return cond, None, None
+    if GUIDANCE_SCALE not in inputs:
+        raise ValueError(f"step-0 inputs carry a negative branch but no {GUIDANCE_SCALE!r}")
+    return cond, negative, float(inputs[GUIDANCE_SCALE])
 
 
 # --- the engine's services, by family name ------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _device_check(device: str | None) -> None:
 
 # The options that define what a sweep runs: recorded in its run folder, replayed by --resume.
 RUN_OPTIONS = ("suite", "device", "cells", "quant_ignored_layers", "backend", "model_dir", "zoo_root", "clip_model",
-               "clip_pretrained", "no_golden", "golden_root", "shard")
+               "clip_pretrained", "no_golden", "golden_root", "shard", "seeds")
 
 
 def _recorded_options(args) -> dict:
@@ -100,7 +100,7 @@ def cmd_sweep(args) -> int:
     from harness.refcache import RefCache
     from harness.shards import Shard
     from harness.suites import load_suite
-    from harness.sweep import SweepContext, new_run_id, run_sweep
+    from harness.sweep import SweepContext, golden_note, new_run_id, run_sweep
 
     out_root = Path(args.out)
     if args.resume:
@@ -117,6 +117,11 @@ def cmd_sweep(args) -> int:
         if not cells:
             raise UsageError(f"--cells {args.cells} matches none of {[c.name for c in suite.cells]}")
         suite = type(suite)(suite.name, suite.description, suite.prompts, suite.seeds, cells, suite.path)
+    if args.seeds:
+        try:
+            suite = suite.with_seeds(tuple(args.seeds))
+        except ValueError as e:
+            raise UsageError(f"--seeds: {e}") from None
     ctx = SweepContext(suite=suite, run_id=args.run_id or new_run_id(suite), backend=args.backend,
                        model_dirs=_model_dirs(args.model_dir), golden=not args.no_golden, clip=_clip(args),
                        ref_cache=None if args.no_ref_cache else RefCache(args.ref_cache),
@@ -130,6 +135,8 @@ def cmd_sweep(args) -> int:
         ctx.golden_root = Path(args.golden_root)
     _quiet_loading()
     run_dir, frame = run_sweep(ctx, out_root)
+    if note := golden_note(ctx):
+        print(f"note: {note}")
     if ctx.ref_cache is not None:
         print(f"reference cache {ctx.ref_cache.root}: {ctx.ref_cache.hits} hits, {ctx.ref_cache.misses} misses")
     print(f"report: {run_dir}")
@@ -339,6 +346,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--thresholds", help="thresholds TOML (default golden/thresholds.toml)")
     s.add_argument("--no-gate", action="store_true", help="write the report without gating")
     s.add_argument("--no-golden", action="store_true", help="skip the reference-vs-golden drift comparison")
+    s.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="run these seeds instead of the suite's (false-alarm checks); goldens exist only for the "
+                        "suite's own seeds, so reference_vs_golden is skipped for the others and the report says so")
     s.add_argument("--golden-root", help="folder holding <suite>/ goldens (default golden/)")
     s.add_argument("--ref-cache", metavar="DIR", help="reference cache folder, shared storage for a fleet "
                    "(default: $PARITY_REF_CACHE, else .cache/reference)")

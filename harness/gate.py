@@ -31,8 +31,10 @@ from harness.thresholds import Threshold, ThresholdError, Thresholds, format_key
 PASS, FAIL, ERROR = 0, 1, 2
 VERDICTS = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR"}
 NEEDED = GATE_KEY + ("value", "status", "reason")
-ADDED = ("threshold", "op", "passed", "why")
-AUTO = "auto"  # baseline argument: the suite's accepted baseline if there is one
+ADDED = ("threshold", "op", "passed", "why", "tier")  # tier: "threshold", "bitwise" (an exactness tier) or NA
+AUTO = "auto"
+EXACT_OP = "=="  # the op of a row judged by an exactness tier
+BITWISE = "bitwise"  # its tier  # baseline argument: the suite's accepted baseline if there is one
 
 
 @dataclass
@@ -71,6 +73,9 @@ class GateResult:
         text = f"{bad} of {n} evaluated rows failed" if bad else f"{n} evaluated rows, none failed"
         undecided = int(self.rows["passed"].isna().sum())
         text += f", {undecided} undecided (no threshold)" if undecided else ""
+        if "tier" in self.rows.columns and (bitwise := self.rows["tier"].eq(BITWISE).fillna(False)).any():
+            exact = bitwise & self.rows["passed"].eq(True).fillna(False)
+            text += f"; {int(bitwise.sum())} judged bitwise (exactness tier), {int(exact.sum())} exact"
         if self.regressions is not None:
             text += f"; {len(self.regressed)} of {len(self.regressions)} samples regressed against the baseline"
         return text + (f", {len(self.errors)} error(s)" if self.errors else "")
@@ -117,6 +122,8 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
     rows["op"] = pd.Series([t.op if t else None for t in used], index=rows.index, dtype="str")
     rows["passed"] = pd.array([p for p, _ in verdicts], dtype="boolean")
     rows["why"] = [w for _, w in verdicts]
+    rows["tier"] = pd.Series(["threshold" if t else None for t in used], index=rows.index, dtype="str")
+    _judge_exact(rows, values[rows.index], thresholds, errors)
     placeholders = len({t.index for t in used if t is not None and t.placeholder})
     result = GateResult(rows, errors, placeholders, thresholds.path)
     if baseline is not None:
@@ -131,6 +138,39 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
         except B.BaselineError as e:
             result.errors.append(str(e))
     return selfcheck.extend(result, *selfcheck.judge_controls(controls, thresholds))
+
+
+def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, errors: list[str]) -> None:
+    """Where an exactness tier covers a row's cell on its device (engine measured bitwise equal there), the row is
+    judged against the metric's identical-input value instead of its floor: any difference fails. In place."""
+    if not thresholds.exact:
+        return
+    if missing := [c for c in ("device", "optimize") if c not in rows.columns]:
+        errors.append(f"results lack column(s) {missing}: the exactness tiers of the thresholds cannot be judged")
+        return
+    cache: dict[tuple, object] = {}
+    rows["floor_passed"] = pd.array([pd.NA] * len(rows), dtype="boolean")
+    for idx, r in rows.iterrows():
+        spec = METRICS.get(r["metric"])
+        if spec is None or spec.identical is None or not spec.gated or r["status"] != OK:
+            continue
+        key = (r["model"], r["dtype"], r["quant"], r["parallel"], r["device"], r["optimize"], r["comparison"])
+        if key not in cache:
+            try:
+                cache[key] = thresholds.exact_rule(key[:4], *key[4:])
+            except ThresholdError as e:
+                errors.append(str(e))
+                cache[key] = None
+        rule = cache[key]
+        if rule is None:
+            continue
+        value = values[idx]
+        exact = bool(value == spec.identical)
+        rows.loc[idx, "floor_passed"] = rows.loc[idx, "passed"]  # what the floor alone said (selftest: fragility)
+        rows.loc[idx, ["threshold", "op", "tier"]] = [spec.identical, EXACT_OP, BITWISE]
+        rows.loc[idx, "passed"] = exact
+        rows.loc[idx, "why"] = "" if exact else (
+            f"not bitwise: value {float(value)!r} != {fmt(spec.identical)} ({rule.label()}: measured exact)")
 
 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:

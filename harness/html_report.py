@@ -215,6 +215,8 @@ def _index(cells, metrics: pd.DataFrame, regressed) -> str:
         if lines is not None and cell in lines.index:
             r = lines.loc[cell]
             verdict, closest = r["verdict"], tables.describe_closest(r["closest"])
+            if r["bitwise"]:
+                closest = f"{r['bitwise']}; other metrics: {closest}"
             trouble = ", ".join(filter(None, [f"{r['failed']} failing row(s)" if r["failed"] else "",
                                               f"{r['regressed']} regression(s)" if r["regressed"] else ""]))
             if trouble:  # a failing cell leads with why it failed, then how close the rest came

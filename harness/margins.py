@@ -32,6 +32,8 @@ def error_of(metric: str, value: float) -> float:
 def margin(metric: str, value: float, op: str, threshold: float) -> float:
     """Headroom in the metric's own units: positive passes, negative fails (|value| for absolute metrics)."""
     v = abs(value) if metric_spec(metric).absolute else value
+    if op == "==":  # an exactness tier: no headroom at all, any distance fails
+        return -abs(v - threshold)
     return v - threshold if op == ">=" else threshold - v
 
 

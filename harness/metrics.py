@@ -82,8 +82,10 @@ def _cosine_rows(t: torch.Tensor, r: torch.Tensor, what: str, where=lambda i: f"
             # A zero vector has no direction: reporting 0 or 1 would be a made-up number.
             at = ", ".join(where(i) for i in bad)
             raise MetricError(f"{what}: {side} has zero norm at {at}; cosine is undefined")
-    # Clamp only removes round-off beyond +-1 (identical inputs can give 1 + 2e-16).
-    return ((t * r).sum(dim=1) / (nt * nr)).clamp(-1.0, 1.0)
+    # Clamp only removes round-off beyond +-1 (identical inputs can give 1 + 2e-16). Identical rows are exactly 1:
+    # sqrt(x)^2 need not round back to x, and the exactness tier of the gate judges cosine == 1 exactly.
+    cos = ((t * r).sum(dim=1) / (nt * nr)).clamp(-1.0, 1.0)
+    return torch.where((t == r).all(dim=1), torch.ones_like(cos), cos)
 
 
 def cosine(test, ref, *, what: str = "tensor") -> np.ndarray:
@@ -209,6 +211,11 @@ class MetricSpec:
     description: str
     absolute: bool = False
     per_step: bool = False
+    # The value the metric gives, exactly, when test and ref are identical (bitwise): what the gate's exactness tier
+    # demands (harness/thresholds.py, `exact = true`). None: no such guarantee (CLIP embeds each image through a
+    # batched network), so an exact tier leaves that metric to its ordinary threshold. tests/test_metrics.py checks
+    # every value on identical inputs.
+    identical: float | None = None
 
 
 def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
@@ -223,20 +230,25 @@ def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
 METRICS: dict[str, MetricSpec] = _registry(
     MetricSpec("single_step_cosine", True, True, "",
                "cosine of one transformer forward's guided prediction, same inputs; catches layout bugs that "
-               "residual paths hide in final latents"),
-    MetricSpec("single_step_rel_error", False, True, "", "||test - ref|| / ||ref|| of one guided prediction"),
-    MetricSpec("single_step_sqnr_db", True, True, "dB", "SQNR of one guided prediction, capped at 200 dB"),
-    MetricSpec("final_latent_cosine", True, True, "", "cosine of the final denoised latents"),
-    MetricSpec("final_latent_rel_error", False, True, "", "||test - ref|| / ||ref|| of the final latents"),
-    MetricSpec("final_latent_sqnr_db", True, True, "dB", "SQNR of the final latents, capped at 200 dB"),
+               "residual paths hide in final latents", identical=1.0),
+    MetricSpec("single_step_rel_error", False, True, "", "||test - ref|| / ||ref|| of one guided prediction",
+               identical=0.0),
+    MetricSpec("single_step_sqnr_db", True, True, "dB", "SQNR of one guided prediction, capped at 200 dB",
+               identical=SQNR_CAP_DB),
+    MetricSpec("final_latent_cosine", True, True, "", "cosine of the final denoised latents", identical=1.0),
+    MetricSpec("final_latent_rel_error", False, True, "", "||test - ref|| / ||ref|| of the final latents",
+               identical=0.0),
+    MetricSpec("final_latent_sqnr_db", True, True, "dB", "SQNR of the final latents, capped at 200 dB",
+               identical=SQNR_CAP_DB),
     MetricSpec("trajectory_cosine", True, False, "",
                "cosine of the latents after each step (informational curve; its minimum is gated)", per_step=True),
-    MetricSpec("trajectory_cosine_min", True, True, "", "minimum over steps of trajectory_cosine"),
+    MetricSpec("trajectory_cosine_min", True, True, "", "minimum over steps of trajectory_cosine", identical=1.0),
     MetricSpec("step_output_cosine_min", True, True, "",
-               "minimum over steps of the per-step guided prediction cosine"),
-    MetricSpec("psnr_db", True, True, "dB", "PSNR of the decoded uint8 images, capped at 100 dB"),
-    MetricSpec("ssim", True, True, "", "SSIM of the decoded uint8 images (7x7 uniform window)"),
-    MetricSpec("mean_abs_diff", False, True, "/255", "mean absolute pixel difference in 0..255 units"),
+               "minimum over steps of the per-step guided prediction cosine", identical=1.0),
+    MetricSpec("psnr_db", True, True, "dB", "PSNR of the decoded uint8 images, capped at 100 dB",
+               identical=PSNR_CAP_DB),
+    MetricSpec("ssim", True, True, "", "SSIM of the decoded uint8 images (7x7 uniform window)", identical=1.0),
+    MetricSpec("mean_abs_diff", False, True, "/255", "mean absolute pixel difference in 0..255 units", identical=0.0),
     MetricSpec("clip_score_test", True, False, "",
                "CLIPScore 100*max(cos, 0) of the test image and its prompt (informational)"),
     MetricSpec("clip_score_ref", True, False, "",

@@ -66,6 +66,7 @@ def gate_section(gate_result: GateResult | None, results: pd.DataFrame | None = 
                                               f"{r.regressed} regression(s)" if r.regressed else ""]))
             body += (f"- **{r.verdict}** `{r.cell}`" + (f" ({trouble}; first: {r.first_failure})" if trouble and
                                                           r.first_failure else f" ({trouble})" if trouble else "")
+                     + (f": {r.bitwise}; other metrics" if r.bitwise else "")
                      + f": {tables.describe_closest(r.closest)}\n")
     failed = gate_result.failed
     if len(failed):

@@ -68,7 +68,8 @@ def provenance_errors(results: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------- (b) expected rows
-def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bool) -> dict[str, int]:
+def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bool,
+                  n_golden_seeds: int | None = None) -> dict[str, int]:
     """'cell|comparison|metric' -> rows the run must hold (per-step curves excluded), from the suite's design."""
     from harness import schema
     from harness.metrics import METRICS
@@ -88,11 +89,14 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
                 out[f"{cell.name}|{schema.QUANT_LAYERS}|layer_set_mismatch"] = 1
         if cell.parallel != "sp1":
             plan[schema.PARALLEL_VS_SINGLE] = no_clip
-        if golden and cell.golden:
+        if golden and cell.golden and n_golden_seeds != 0:
             plan[schema.REFERENCE_VS_GOLDEN] = ("final_latent_cosine", "psnr_db")
         for comparison, metrics in plan.items():
             for metric in metrics:
-                out[f"{cell.name}|{comparison}|{metric}"] = n
+                # Goldens exist for the suite's own seeds only (harness.suites.Suite.with_seeds).
+                per = n_prompts * n_golden_seeds if comparison == schema.REFERENCE_VS_GOLDEN and \
+                    n_golden_seeds is not None else n
+                out[f"{cell.name}|{comparison}|{metric}"] = per
     return out
 
 
@@ -105,7 +109,9 @@ def write_expected_rows(run_dir, suite, *, golden: bool, clip: bool) -> dict:
     import json
     from pathlib import Path
 
-    expected = expected_rows(suite.cells, len(suite.seeds), len(suite.prompts), golden=golden, clip=clip)
+    golden_seeds = sum(s in getattr(suite, "golden_seeds", suite.seeds) for s in suite.seeds)
+    expected = expected_rows(suite.cells, len(suite.seeds), len(suite.prompts), golden=golden, clip=clip,
+                             n_golden_seeds=golden_seeds)
     (Path(run_dir) / EXPECTED_ROWS_FILE).write_text(json.dumps(expected, indent=1, sort_keys=True))
     return {"expected_rows_file": EXPECTED_ROWS_FILE, "expected_rows_total": sum(expected.values())}
 

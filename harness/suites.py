@@ -89,6 +89,20 @@ class Suite:
     seeds: tuple[int, ...]
     cells: tuple[Cell, ...]
     path: Path
+    # The seeds whose goldens `parity golden update` wrote (the suite file's own seeds); None: `seeds` themselves.
+    # Differs from `seeds` only after with_seeds().
+    own_seeds: tuple[int, ...] | None = None
+
+    @property
+    def golden_seeds(self) -> tuple[int, ...]:
+        return self.seeds if self.own_seeds is None else self.own_seeds
+
+    def with_seeds(self, seeds: tuple[int, ...]) -> "Suite":
+        """The same suite over other seeds (false-alarm checks). Goldens exist only for the file's own seeds: the
+        sweep compares against them only there, and says so (SweepContext, meta.json `golden_note`)."""
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+        return replace(self, seeds=tuple(int(s) for s in seeds), own_seeds=self.golden_seeds)
 
     def with_device(self, device: str) -> "Suite":
         return replace(self, cells=tuple(replace(c, device=device) for c in self.cells))

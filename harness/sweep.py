@@ -358,7 +358,7 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
         selfcheck.add_rows(rows, test, ref, cell, seed)  # issue 16 (c), (d): negative controls, cross-checks
         for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):
             compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None)
-        if ctx.golden and cell.golden:
+        if ctx.golden and cell.golden and seed in suite.golden_seeds:  # other seeds have none: golden_note()
             try:
                 golden = load_golden(golden_path(ctx.golden_root, suite.name, ref_key(cell), seed), base["model_hash"])
             except GoldenMissing as e:
@@ -368,6 +368,15 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
         save_images(images_dir / cell.name.replace("/", "_"), seed, test, ref)
         out += rows.rows
     return out
+
+
+def golden_note(ctx: SweepContext) -> str:
+    """Why some seeds were not compared with goldens (`--seeds` beyond the suite's own), '' when all were."""
+    skipped = [s for s in ctx.suite.seeds if s not in ctx.suite.golden_seeds]
+    if not ctx.golden or not skipped or not any(c.golden for c in ctx.suite.cells):
+        return ""
+    return (f"reference_vs_golden skipped for seeds {skipped}: goldens exist only for the suite's own seeds "
+            f"{list(ctx.suite.golden_seeds)} (`parity golden update` writes them); every other comparison ran")
 
 
 def new_run_id(suite: Suite) -> str:
@@ -455,6 +464,8 @@ def run_sweep(ctx: SweepContext, out_root: Path) -> tuple[Path, pd.DataFrame]:
                                             golden=ctx.golden, clip=ctx.clip is not None)}  # issue 16
     if ctx.shard:
         meta["shard"] = str(ctx.shard)
+    if note := golden_note(ctx):
+        meta["golden_note"] = note
     write_run(tmp, frame, meta)
     write_reports(tmp, frame, None, meta)  # summary.md and report.html, marked 'not gated' until the gate runs
     store.close()  # the per-cell rows are all in results.parquet now

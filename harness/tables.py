@@ -9,7 +9,7 @@ import pandas as pd
 
 from harness.margins import budget_used, margin
 from harness.runfiles import cell_label, fmt
-from harness.schema import OK
+from harness.schema import NEGATIVE_CONTROL, OK
 
 METRIC_COLUMNS = ["cell", "comparison", "metric", "samples", "failed", "value", "op", "threshold", "margin",
                   "budget_used", "prompt_idx", "seed", "why"]
@@ -31,7 +31,9 @@ def per_metric(rows: pd.DataFrame) -> pd.DataFrame:
                "budget_used": math.nan, "prompt_idx": pd.NA, "seed": pd.NA,
                "why": failed["why"].iloc[0] if len(failed) else ""}
         if len(judged):
-            budgets = [budget_used(metric, v, t) for v, t in zip(judged["value"], judged["threshold"])]
+            # An exactness tier allows no error: exact uses none of it, any difference all of it (and more).
+            budgets = [(0.0 if v == t else math.inf) if op == "==" else budget_used(metric, v, t)
+                       for v, t, op in zip(judged["value"], judged["threshold"], judged["op"])]
             i = max(range(len(budgets)), key=budgets.__getitem__)
             worst = judged.iloc[i]
             row.update(value=float(worst["value"]), op=worst["op"], threshold=float(worst["threshold"]),
@@ -50,12 +52,26 @@ def per_cell(metrics: pd.DataFrame, regressed: pd.DataFrame | None = None) -> pd
     regressed = regressed if regressed is not None else pd.DataFrame(columns=["cell"])
     for cell, grp in metrics.groupby("cell", sort=True):
         n_failed, n_regressed = int(grp["failed"].sum()), int((regressed["cell"] == cell).sum())
-        judged = grp[grp["budget_used"].notna()]
+        # A negative control must fail its threshold by design: it is never the metric "closest to its threshold".
+        judged = grp[grp["budget_used"].notna() & grp["comparison"].ne(NEGATIVE_CONTROL)]
         closest = judged.loc[judged["budget_used"].idxmax()] if len(judged) else None
         lines.append({"cell": cell, "verdict": "FAIL" if n_failed or n_regressed else "PASS",
                       "failed": n_failed, "regressed": n_regressed,
-                      "closest": closest, "first_failure": next((w for w in grp["why"] if w), "")})
-    return pd.DataFrame(lines, columns=["cell", "verdict", "failed", "regressed", "closest", "first_failure"])
+                      "closest": closest, "first_failure": next((w for w in grp["why"] if w), ""),
+                      "bitwise": describe_bitwise(grp)})
+    return pd.DataFrame(lines, columns=["cell", "verdict", "failed", "regressed", "closest", "first_failure",
+                                        "bitwise"])
+
+
+def describe_bitwise(metrics: pd.DataFrame) -> str:
+    """'bitwise: 11 of 11 metrics exact (exactness tier)' for a cell's per-metric rows judged by an exactness tier
+    (op "=="), '' when none is."""
+    exact_tier = metrics[metrics["op"].eq("==")]
+    if exact_tier.empty:
+        return ""
+    comparisons = ", ".join(sorted(set(exact_tier["comparison"].astype(str))))
+    return (f"bitwise ({comparisons}): {int(exact_tier['failed'].eq(0).sum())} of {len(exact_tier)} metrics exact "
+            f"(exactness tier)")
 
 
 def describe_closest(c) -> str:

@@ -85,9 +85,58 @@ class Threshold:
 
 
 @dataclass(frozen=True)
+class ExactRule:
+    """An exactness tier (a [[group]] with `exact = true`): on `device`, the engine was measured bitwise equal to
+    what `comparison` compares it with, so every gated metric of the key with an identical-input value
+    (MetricSpec.identical) must take exactly that value; any difference fails. On other devices, and for metrics
+    without such a value (CLIP), the ordinary thresholds still judge."""
+
+    model: str
+    dtype: str
+    quant: str
+    parallel: str
+    device: str
+    optimize: str  # the engine's speed-up switches (results' `optimize` label): "eager" when none is on
+    comparison: str
+    source: str
+    index: int = 0
+
+    @property
+    def specificity(self) -> int:
+        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS)
+
+    def label(self) -> str:
+        return f"exact tier #{self.index} ({'/'.join((self.model, self.dtype, self.quant, self.parallel))} " \
+               f"{self.device} {self.optimize} {self.comparison})"
+
+    def matches(self, cell: tuple, device: str, optimize: str, comparison: str) -> bool:
+        return (self.comparison == comparison and _same_device(self.device, device) and self.optimize == optimize
+                and all(getattr(self, f) in (WILDCARD, v) for f, v in zip(WILDCARD_FIELDS, cell)))
+
+
+def _same_device(rule: str, device: str) -> bool:
+    """'cpu' matches 'cpu'; 'cuda' matches 'cuda' and 'cuda:N' (a device kind, not one card)."""
+    return str(device).split(":")[0] == rule
+
+
+@dataclass(frozen=True)
 class Thresholds:
     rules: tuple[Threshold, ...]
     path: Path | None = field(default=None, compare=False)
+    exact: tuple[ExactRule, ...] = ()
+
+    def exact_rule(self, cell: tuple, device: str, optimize: str, comparison: str) -> ExactRule | None:
+        """The exactness tier for a (model, dtype, quant, parallel) cell on `device` with the engine's `optimize`
+        switches, if one was measured."""
+        matches = [r for r in self.exact if r.matches(cell, device, optimize, comparison)]
+        if not matches:
+            return None
+        best = max(r.specificity for r in matches)
+        top = [r for r in matches if r.specificity == best]
+        if len(top) > 1:
+            raise ThresholdError(f"{top[0].label()} and {top[1].label()} match equally specifically "
+                                 f"({self.path or 'thresholds'})")
+        return top[0]
 
     def lookup(self, key: tuple) -> Threshold | None:
         """The most specific rule for a GATE_KEY-ordered key, None if none matches; raises on a tie."""
@@ -121,10 +170,16 @@ def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
     extra = sorted(set(data) - {"threshold", "group"})
     if extra:
         raise ThresholdError(f"{where}: unknown top-level key(s) {extra}; only [[threshold]] and [[group]] tables")
+    groups = list(data.get("group", []))
+    exact_groups = [g for g in groups if isinstance(g, dict) and "exact" in g]
     try:
-        rows = list(data.get("threshold", [])) + [r for g in data.get("group", []) for r in expand_group(g)]
+        rows = list(data.get("threshold", [])) + [r for g in groups if g not in exact_groups
+                                                  for r in expand_group(g)]
     except ThresholdError as e:
         raise ThresholdError(f"{where}: {e}") from None
+    exact, exact_problems = _exact_rules(exact_groups)
+    if exact_problems:
+        raise ThresholdError(f"{where}: {len(exact_problems)} problem(s):\n  - " + "\n  - ".join(exact_problems))
     if not rows:
         raise ThresholdError(f"{where}: no [[threshold]] or [[group]] tables")
 
@@ -145,7 +200,51 @@ def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
         rules.append(rule)
     if problems:
         raise ThresholdError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
-    return Thresholds(tuple(rules), path)
+    return Thresholds(tuple(rules), path, exact)
+
+
+EXACT_FIELDS = WILDCARD_FIELDS + ("device", "optimize", "comparison", "source")
+
+
+def _exact_rules(groups: list[dict]) -> tuple[tuple[ExactRule, ...], list[str]]:
+    """[[group]] tables with `exact = true`: a key, a device and a source; no values (the identical-input value of
+    each metric is the threshold)."""
+    rules, problems, seen = [], [], {}
+    for i, g in enumerate(groups, start=1):
+        where = f"exact group #{i}"
+        if g.get("exact") is not True:
+            problems.append(f"{where}: exact must be true (a group without exactness leaves the key out), "
+                            f"got {g.get('exact')!r}")
+            continue
+        if any(k in g for k in GROUP_OPS):
+            problems.append(f"{where}: an exact group takes no {list(GROUP_OPS)}: every metric must equal its "
+                            f"identical-input value (harness/metrics.py MetricSpec.identical)")
+        unknown = sorted(set(g) - set(EXACT_FIELDS) - {"exact"})
+        missing = [k for k in EXACT_FIELDS if k not in g]
+        if unknown:
+            problems.append(f"{where}: unknown field(s) {unknown}; valid: {list(EXACT_FIELDS) + ['exact']}")
+        if missing:
+            problems.append(f"{where}: missing field(s) {missing} (an exactness measurement holds on one device "
+                            f"kind with one set of engine switches, and says where it was measured)")
+        bad = [k for k in EXACT_FIELDS if k in g and not (isinstance(g[k], str) and g[k].strip())]
+        if bad:
+            problems.append(f"{where}: {bad} must be non-empty strings")
+        if unknown or missing or bad:
+            continue
+        if g["comparison"] not in COMPARISONS:
+            problems.append(f"{where}: unknown comparison {g['comparison']!r}; valid: {list(COMPARISONS)}")
+            continue
+        if g["device"] == WILDCARD or ":" in g["device"]:
+            problems.append(f"{where}: device must be one device kind (cpu, cuda), got {g['device']!r}")
+            continue
+        rule = ExactRule(**{k: g[k] for k in EXACT_FIELDS}, index=i)
+        key = tuple(getattr(rule, k) for k in EXACT_FIELDS[:-1])
+        if key in seen:
+            problems.append(f"{rule.label()}: duplicate of {seen[key].label()}")
+            continue
+        seen[key] = rule
+        rules.append(rule)
+    return tuple(rules), problems
 
 
 GROUP_OPS = {"at_least": ">=", "at_most": "<="}

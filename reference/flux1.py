@@ -10,7 +10,7 @@ import torch
 import diffusers
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from engine.api import Artifacts, RunConfig
+from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 
 
 class Flux1Reference:
@@ -27,8 +27,20 @@ class Flux1Reference:
 
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = {k: v.to(self.model_cfg.device) for k, v in inputs.items()}
-        return self.pipe.transformer(**kwargs, return_dict=False)[0]
+        """One step's prediction: the transformer on the recorded inputs; for a true-CFG step both recorded
+        branches, combined as FluxPipeline combines them."""
+        cond, negative, scale = split_guided(inputs)
+
+        def call(kwargs):
+            return self.pipe.transformer(**{k: v.to(self.model_cfg.device) for k, v in kwargs.items()},
+                                         return_dict=False)[0]
+        if negative is None:
+            return call(cond)
+        return self.guide(call(cond), call(negative), scale)
+
+    @staticmethod
+    def guide(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
+        return neg + scale * (pos - neg)  # FluxPipeline.__call__, true CFG
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
@@ -43,9 +55,8 @@ class Flux1Reference:
 
         def on_step_end(pipe, i, t, tensors):
             step_latents.append(tensors["latents"].detach().float().cpu())
-            if do_cfg:  # the pipeline calls cond then uncond and combines them as below
-                pos, neg = calls[-2][1], calls[-1][1]
-                pred = neg + s.true_cfg_scale * (pos - neg)
+            if do_cfg:  # the pipeline calls cond then uncond and combines them as guide() does
+                pred = self.guide(calls[-2][1], calls[-1][1], s.true_cfg_scale)
             else:
                 pred = calls[-1][1]
             guided.append(pred.detach().float().cpu())
@@ -71,7 +82,9 @@ class Flux1Reference:
             seconds = time.perf_counter() - t0
         finally:
             handle.remove()
-        step0_inputs = {k: v.detach().cpu() for k, v in calls[0][0].items()}
+        # Step 0's inputs; with true CFG both branches (cond first, then uncond) and the scale (issue 16).
+        step0_inputs = {k: v.detach().cpu() for k, v in guided_inputs(
+            calls[0][0], calls[1][0] if do_cfg else None, s.true_cfg_scale if do_cfg else None).items()}
         initial = step0_inputs["hidden_states"].float()
         images = (np.asarray(result.images) * 255).round().astype(np.uint8)[:, None]  # (B, F=1, H, W, 3)
         return Artifacts(

@@ -9,10 +9,11 @@ from typing import Mapping
 
 import diffusers
 import numpy as np
+import diffusers
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline, QwenImageTransformer2DModel
 
-from engine.api import Artifacts, RunConfig
+from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from PIL import Image
 
 
@@ -70,10 +71,25 @@ class QwenImageReference:
 
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = {k: v.to(self.model_cfg.device) for k, v in inputs.items() if k != "img_shapes"}
-        shapes = shapes_list(inputs["img_shapes"])
-        batch = inputs["hidden_states"].shape[0]
-        return self.pipe.transformer(**kwargs, img_shapes=[shapes] * batch, return_dict=False)[0]
+        """One step's prediction: the transformer on the recorded inputs; for a true-CFG step both recorded
+        branches, sliced to the generated image's tokens and combined as the pipeline combines them."""
+        cond, negative, scale = split_guided(inputs)
+
+        def call(inputs):
+            kwargs = {k: v.to(self.model_cfg.device) for k, v in inputs.items() if k != "img_shapes"}
+            shapes = shapes_list(inputs["img_shapes"])
+            batch = inputs["hidden_states"].shape[0]
+            return self.pipe.transformer(**kwargs, img_shapes=[shapes] * batch, return_dict=False)[0]
+        if negative is None:
+            return call(cond)
+        n = int(np.prod(shapes_list(cond["img_shapes"])[0]))  # the generated image's tokens come first
+        return self.guide(call(cond)[:, :n], call(negative)[:, :n], scale)
+
+    @staticmethod
+    def guide(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
+        """QwenImagePipeline.__call__'s true CFG: combined, then rescaled per token to the conditional norm."""
+        comb = neg + scale * (pos - neg)
+        return comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
     def pipeline_inputs(self, cfg: RunConfig) -> dict:
         return dict(max_sequence_length=cfg.sampling.max_sequence_length)
@@ -95,10 +111,8 @@ class QwenImageReference:
             latents = tensors["latents"]
             step_latents.append(latents.detach().float().cpu())
             n = latents.shape[1]
-            if do_cfg:  # the pipeline calls cond then uncond, slices off condition tokens, and combines them so
-                pos, neg = calls[-2][1][:, :n], calls[-1][1][:, :n]
-                comb = neg + s.true_cfg_scale * (pos - neg)
-                pred = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+            if do_cfg:  # the pipeline calls cond then uncond, slices off condition tokens, and combines them
+                pred = self.guide(calls[-2][1][:, :n], calls[-1][1][:, :n], s.true_cfg_scale)
             else:
                 pred = calls[-1][1][:, :n]
             guided.append(pred.detach().float().cpu())
@@ -124,7 +138,9 @@ class QwenImageReference:
             seconds = time.perf_counter() - t0
         finally:
             handle.remove()
-        step0_inputs = {k: v.detach().cpu() for k, v in calls[0][0].items()}
+        # Step 0's inputs; with true CFG both branches (cond first, then uncond) and the scale (issue 16).
+        step0_inputs = {k: v.detach().cpu() for k, v in guided_inputs(
+            calls[0][0], calls[1][0] if do_cfg else None, s.true_cfg_scale if do_cfg else None).items()}
         n = step_latents[0].shape[1]
         initial = step0_inputs["hidden_states"][:, :n].float()
         images = (np.asarray(result.images) * 255).round().astype(np.uint8)[:, None]  # (B, F=1, H, W, 3)

@@ -106,6 +106,23 @@ def test_true_cfg_matches_reference(tiny_flux_dir):
     assert cosine(plain.step_outputs[0], ours.step_outputs[0]).min() < 0.9999, "CFG had no effect"
 
 
+def test_single_step_of_a_cfg_run_is_the_guided_prediction(tiny_flux_dir):
+    """Issue 16: with true CFG the step-0 inputs carry both branches and the scale; one step on them (reference and
+    engine) is the guided prediction of step 0, not the conditional branch alone."""
+    cfg = _cfg(tiny_flux_dir, sampling=FluxSampling(negative_prompt="blurry, low quality", true_cfg_scale=3.0), steps=2)
+    reference = Flux1Reference(cfg)
+    ref = reference.generate(cfg)
+    ref_step = reference.transformer_forward(ref.step0_inputs)
+    assert torch.equal(ref_step.float(), ref.step_outputs[0])
+    runner = open_runner(cfg)
+    ours = runner.generate(cfg)
+    assert any(k.startswith("negative.") for k in ours.step0_inputs)
+    assert torch.equal(runner.transformer_forward(ours.step0_inputs).float(), ours.step_outputs[0])
+    assert cosine(runner.transformer_forward(ref.step0_inputs), ref_step).min() >= 0.9999
+    cond_only = {k: v for k, v in ref.step0_inputs.items() if not k.startswith(("negative.", "guided."))}
+    assert cosine(reference.transformer_forward(cond_only), ref_step).max() < 0.999
+
+
 def test_open_runner_rejects_unknown_names(tiny_flux_dir):
     with pytest.raises(ValueError, match="valid: \\[.*'flux1'"):
         open_runner(_cfg(tiny_flux_dir, family="sd3"))

@@ -194,3 +194,43 @@ def test_bf16_rope_in_a_bf16_run_is_caught_by_bitwise_equality_not_by_the_floors
     print("bf16 rope in a bf16 run", {k: round(float(v), 7) for k, v in values.items()})
     assert not torch.equal(ours.extras["single_step"], ref.extras["single_step"])
     assert values["single_step_cosine"] < 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-edit"])
+def test_single_step_of_a_cfg_run_is_the_guided_prediction(dirs, family, one_thread):
+    """Issue 16: a true-CFG cell's single_step_* rows compare the guided step (both branches, combined and
+    norm-rescaled), not the conditional branch alone: on both sides it equals the step-0 guided prediction."""
+    cfg = _cfg(dirs, family, true_cfg_scale=4.0, negative_prompt=NEGATIVE)
+    ref = reference(cfg)
+    assert ref.extras["backend"] == "diffusers"  # the provenance stamp the sweep's self-check insists on
+    assert any(k.startswith("negative.") for k in ref.step0_inputs)
+    assert torch.equal(ref.extras["single_step"].float(), ref.step_outputs[0])
+    ours = engine(cfg, ref)
+    assert torch.equal(ours.extras["single_step"].float(), ours.step_outputs[0])
+    cond_only = {k: v for k, v in ref.step0_inputs.items() if not k.startswith(("negative.", "guided."))}
+    n = ref.final_latents.shape[1]
+    cond_step = reference_class(family)(cfg).transformer_forward(cond_only)[:, :n]
+    assert not torch.equal(cond_step, ref.extras["single_step"])  # the conditional branch alone is another tensor
+    # The norm rescale keeps the guided step near the conditional one: measured cosine 0.9995 / 0.9985.
+    assert M.cosine(cond_step, ref.extras["single_step"]).min() < 0.9999
+
+
+def test_a_cfg_combine_bug_escapes_the_conditional_single_step_and_fails_the_guided_one(dirs, one_thread):
+    """The catalogue's norm-rescale plant (harness/selftest/qwen_image.py) changes only how the branches are
+    combined: the conditional-branch single step (what the rows compared before issue 16) stays bitwise equal to
+    diffusers'; the guided single step fails its floor."""
+    from harness.selftest import install
+
+    cfg = _cfg(dirs, "qwen-image", true_cfg_scale=4.0, negative_prompt=NEGATIVE)
+    ref = reference(cfg)
+    cond_only = {k: v for k, v in ref.step0_inputs.items() if not k.startswith(("negative.", "guided."))}
+    ref_cond = reference_class(cfg.family)(cfg).transformer_forward(cond_only)
+    undo = install("qwen_norm_rescale_wrong_dim")
+    try:
+        runner = open_runner(cfg)
+        assert torch.equal(runner.transformer_forward(cond_only), ref_cond)  # the old check: nothing to see
+        guided = M.cosine(runner.transformer_forward(ref.step0_inputs), ref.extras["single_step"]).min()
+    finally:
+        undo()
+    print("guided single-step cosine with the plant", guided)
+    assert gate_failures(cfg, {"single_step_cosine": guided})

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
-from harness.selftest import CATALOGUE, Patcher, install
+from harness.selftest import CATALOGUE, TARGETS, Patcher, install
 from harness.selftest.runner import FRAGILE, markdown, margins
 
 SUITE = str(Path(__file__).with_name("data") / "tiny_suite.toml")
@@ -16,8 +16,8 @@ FAST = sorted(name for name, plant in CATALOGUE.items() if plant.fast)
 def test_catalogue_is_broad_and_every_target_resolves():
     assert len(CATALOGUE) >= 25
     assert {p.area for p in CATALOGUE.values()} == {"dit", "pipeline", "quant", "parallel", "harness"}
-    p = Patcher()
-    for target in __import__("harness.selftest", fromlist=["TARGETS"]).TARGETS:
+    p = Patcher(TARGETS)
+    for target in TARGETS:
         p.get(target)  # a renamed product function fails here, not silently in a sweep
 
 
@@ -80,3 +80,31 @@ def test_margins_and_fragile_rule():
     assert m.relative_margin["single_step_cosine"] == pytest.approx(0.1)  # 1e-4 past a floor 1e-3 from perfect
     assert m.margin["mean_abs_diff"] == pytest.approx(2.0) and m.relative_margin["mean_abs_diff"] == pytest.approx(0.5)
     assert FRAGILE["max_catching_metrics"] == 1 and FRAGILE["reasoning"]
+
+
+def test_a_catch_only_by_an_exactness_tier_is_fragile():
+    """A bug seen only as 'not bitwise' on this CPU would pass a GPU run's floors: the matrix must say so."""
+    from harness.selftest.runner import finish
+
+    def rows(*ops, floor_caught=False):
+        return pd.DataFrame([{"plant": "p", "area": "dit", "breaks": "x", "exit_code": 1, "seconds": 1.0,
+                              "comparison": "engine_vs_reference", "metric": f"m{i}", "rows_failed": 4,
+                              "worst_value": 0.5, "threshold": 1.0, "op": op, "margin": 0.5,
+                              "relative_margin": float("inf"), "why": "w", "floor_caught": floor_caught}
+                             for i, op in enumerate(ops)])
+    assert finish(rows("==", "==")).fragile.all()
+    assert not finish(rows("==", ">=")).fragile.any()
+    assert not finish(rows("==", "==", floor_caught=True)).fragile.any()  # the floors alone would catch it too
+    assert "bitwise only" in markdown(finish(rows("==")))
+
+
+def test_exact_rows_remember_what_their_floor_said():
+    from harness.gate import gate
+    from tests.test_exact_tier import EXACT, exact_rows, rules
+
+    judged = gate(exact_rows(rel=0.01), rules(EXACT)).rows.set_index("metric")  # past the 0.005 floor too
+    assert judged.loc["single_step_rel_error", "floor_passed"] == False  # noqa: E712
+    judged = gate(exact_rows(rel=1e-9), rules(EXACT)).rows.set_index("metric")
+    assert judged.loc["single_step_rel_error", "floor_passed"] == True  # noqa: E712
+    failed = gate(exact_rows(rel=0.01), rules(EXACT)).failed
+    assert len(margins(failed)) and margins(failed).floor_caught.all()

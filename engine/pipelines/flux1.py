@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from engine.api import Artifacts, RunConfig
+from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
 from engine.family import BenchShape, Family
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
@@ -120,8 +120,16 @@ class Flux1Pipeline:
     # --- the denoiser -------------------------------------------------------------------------------------
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One denoiser call on diffusers-named inputs (what the reference's transformer receives)."""
-        return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in inputs.items()})
+        """One step's prediction on diffusers-named inputs (what the reference's transformer receives): one denoiser
+        call, or for a true-CFG step (engine.api.guided_inputs) both branches through the CFG executor, combined."""
+        cond, negative, scale = split_guided(inputs)
+
+        def call(kwargs):
+            return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in kwargs.items()})
+        if negative is None:
+            return call(cond)
+        v, v_neg = self.cfg_executor(lambda: call(cond), lambda: call(negative))
+        return true_cfg(v, v_neg, scale)
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
@@ -140,18 +148,22 @@ class Flux1Pipeline:
                     if self.transformer_config.guidance_embeds else None)
         sigmas = dynamic_shift_sigmas(cfg.steps, latents.shape[1], self.scheduler_config)
         step0: dict[str, torch.Tensor] = {}
+        negative: dict[str, torch.Tensor] = {}
 
         def predict(x, i, t):
             if i == 0:
                 step0.update(hidden_states=x.clone(), timestep=t.clone(), guidance=guidance, pooled_projections=pooled,
                              encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids)
+                if do_cfg:
+                    negative.update(step0, pooled_projections=neg_pooled, encoder_hidden_states=neg_embeds,
+                                    txt_ids=neg_txt_ids)
             if not do_cfg:
                 return self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance)
             v, v_neg = self.cfg_executor(
                 lambda: self.transformer(x, embeds, t, pooled, img_ids, txt_ids, guidance),
                 lambda: self.transformer(x, neg_embeds, t, neg_pooled, img_ids, neg_txt_ids, guidance),
             )
-            return v_neg + s.true_cfg_scale * (v - v_neg)
+            return true_cfg(v, v_neg, s.true_cfg_scale)
 
         t0 = time.perf_counter()
         initial = latents.detach().float().cpu()
@@ -161,13 +173,19 @@ class Flux1Pipeline:
         return Artifacts(
             initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
             final_latents=traj.final.detach().float().cpu(), images=to_uint8_images(decoded),
-            step0_inputs={k: v.detach().cpu() for k, v in step0.items() if v is not None},
+            step0_inputs={k: v.detach().cpu() for k, v in guided_inputs(
+                step0, negative or None, s.true_cfg_scale if do_cfg else None).items()},
             extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **summary(FAMILY, self)},
         )
 
     def decode_input(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
         cfg = self.vae.config
         return unpack_latents(latents, h, w) / cfg.scaling_factor + cfg.shift_factor
+
+
+def true_cfg(v: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """FLUX.1's true-CFG combine (FluxPipeline): uncond + s (cond - uncond), no rescale."""
+    return v_neg + scale * (v - v_neg)
 
 
 # --- the family's hooks for generic code ---------------------------------------------------------------------------

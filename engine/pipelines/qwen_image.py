@@ -24,7 +24,7 @@ from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalG
 
 from torch import nn
 
-from engine.api import Artifacts, RunConfig
+from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
 from engine.family import BenchShape, Family
 from engine.models.qwen_image import QwenImageConfig, QwenImageTransformer, diffusers_key_map
@@ -204,8 +204,18 @@ class QwenImagePipeline:
     # --- the denoiser -------------------------------------------------------------------------------------
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One denoiser call on diffusers-named inputs (what the reference's transformer receives)."""
-        return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in inputs.items()})
+        """One step's prediction on diffusers-named inputs (what the reference's transformer receives): one denoiser
+        call, or for a true-CFG step (engine.api.guided_inputs) both branches through the CFG executor, sliced to
+        the generated image's tokens and combined with the norm rescale, as generate() guides."""
+        cond, negative, scale = split_guided(inputs)
+
+        def call(kwargs):
+            return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in kwargs.items()})
+        if negative is None:
+            return call(cond)
+        n = math.prod(shapes_list(cond["img_shapes"])[0])  # the generated image comes first; conditions follow
+        pos, neg = self.cfg_executor(lambda: call(cond)[:, :n], lambda: call(negative)[:, :n])
+        return true_cfg(pos, neg, scale)
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
@@ -226,6 +236,7 @@ class QwenImagePipeline:
         neg_cond = self.negative_conditions(pos_cond)
         sigmas = dynamic_shift_sigmas(cfg.steps, n, self.scheduler_config)
         step0: dict[str, torch.Tensor] = {}
+        neg_step0: dict[str, torch.Tensor | None] = {}
 
         def branch(x, t, text, text_mask, conditions):
             """One transformer call: the generated image's tokens, then the condition images' (on frames 1...);
@@ -239,6 +250,11 @@ class QwenImagePipeline:
                 x_in = x if cond_latents is None else torch.cat([x, cond_latents], dim=1)
                 step0.update(hidden_states=x_in.clone(), timestep=t.clone(), encoder_hidden_states=embeds,
                              encoder_hidden_states_mask=mask, img_shapes=shapes_tensor(img_shapes + cond_shapes, batch))
+                if negative is not None:  # the negative branch's own inputs, for the guided single step
+                    neg_latents, neg_shapes = neg_cond
+                    neg_step0.update(step0, encoder_hidden_states=neg_embeds, encoder_hidden_states_mask=neg_mask,
+                                     hidden_states=x.clone() if neg_latents is None else torch.cat([x, neg_latents], 1),
+                                     img_shapes=shapes_tensor(img_shapes + neg_shapes, batch))
             if negative is None:
                 return branch(x, t, embeds, mask, pos_cond)
             pos, neg = self.cfg_executor(lambda: branch(x, t, embeds, mask, pos_cond),
@@ -253,7 +269,8 @@ class QwenImagePipeline:
         return Artifacts(
             initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
             final_latents=traj.final.detach().float().cpu(), images=to_uint8_images(decoded),
-            step0_inputs={k: v.detach().cpu() for k, v in step0.items() if v is not None},
+            step0_inputs={k: v.detach().cpu() for k, v in guided_inputs(
+                step0, neg_step0 or None, s.true_cfg_scale if negative is not None else None).items()},
             extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **summary(self.record(), self)},
         )
 

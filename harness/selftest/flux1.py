@@ -6,16 +6,17 @@ update the path there. An entry is declarative: what it breaks, which suite cell
 as `parity sweep --cells` takes them), where it must be installed (this process, the torchrun ranks, or both) and
 the cell fields it needs changed (an odd token count for the uneven-shard plant).
 
-    install("rope_axes_swapped")   -> an undo function (in-process use: tests, the selftest runner)
-    sitecustomize_source("padded") -> the body of a sitecustomize.py that installs it in torchrun ranks only
+The mechanism (Plant, Patcher) is harness/selftest/plants.py; installing by name is the registry's
+(harness/selftest/__init__.py: install, sitecustomize_source).
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from harness.selftest.plants import Patcher, Plant, catalogue
 
 # ---------------------------------------------------------------- every product name a plant reaches, in one place
 TARGETS = {
@@ -67,68 +68,6 @@ TARGETS = {
 }
 
 
-def _resolve(target: str):
-    """'pkg.mod:A.b' -> (the object holding b, 'b')."""
-    module, _, attrs = TARGETS[target].partition(":")
-    owner = importlib.import_module(module)
-    *path, attr = attrs.split(".")
-    for name in path:
-        owner = getattr(owner, name)
-    return owner, attr
-
-
-class Patcher:
-    """pytest's monkeypatch, reduced to what plants need: every change is undone in reverse order."""
-
-    def __init__(self):
-        self._undo: list[Callable[[], None]] = []
-
-    def get(self, target: str):
-        owner, attr = _resolve(target)
-        return getattr(owner, attr)
-
-    def set(self, target: str, value) -> None:
-        owner, attr = _resolve(target)
-        old = owner.__dict__[attr] if isinstance(owner, type) and attr in owner.__dict__ else getattr(owner, attr)
-        setattr(owner, attr, value)
-        self._undo.append(lambda: setattr(owner, attr, old))
-
-    def wrap(self, target: str, make: Callable[[Callable], Callable]) -> None:
-        """Replace target by make(original)."""
-        self.set(target, make(self.get(target)))
-
-    def setitem(self, target: str, key, value) -> None:
-        mapping = self.get(target)
-        old = mapping[key]
-        mapping[key] = value
-        self._undo.append(lambda: mapping.__setitem__(key, old))
-
-    def undo(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-
-@dataclass(frozen=True)
-class Plant:
-    name: str
-    area: str  # dit | pipeline | quant | parallel | harness
-    breaks: str  # the mistake, in words
-    cells: tuple[str, ...]  # suite cells that show it (substrings of cell names)
-    install: Callable[[Patcher], None]
-    where: str = "process"  # process: the sweep process; ranks: torchrun ranks only; both
-    overrides: Mapping[str, object] = field(default_factory=dict)  # cell fields the plant needs changed
-    fast: bool = False  # in the `make test` subset: cheap and on the fp32 cell
-    known_gap: str = ""  # why today's gate may let it through, and what closes the gap (shown when it escapes)
-
-    def __post_init__(self) -> None:
-        if self.where not in WHERE:
-            raise ValueError(f"plant {self.name}: where={self.where!r}; valid: {list(WHERE)}")
-        if self.area not in AREAS:
-            raise ValueError(f"plant {self.name}: area={self.area!r}; valid: {list(AREAS)}")
-
-
-WHERE = ("process", "ranks", "both")
-AREAS = ("dit", "pipeline", "quant", "parallel", "harness")
 FP32 = ("/fp32/none/sp1/",)
 BF16 = ("/bf16/none/sp1/",)
 
@@ -372,16 +311,8 @@ def _engine_bug_hidden_by(harness_plant: Callable[[Patcher], None]) -> Callable[
     return install
 
 
-def _all(*plants: Plant) -> dict[str, Plant]:
-    out: dict[str, Plant] = {}
-    for plant in plants:
-        if plant.name in out:
-            raise ValueError(f"duplicate plant {plant.name!r}")
-        out[plant.name] = plant
-    return out
-
-
-CATALOGUE: dict[str, Plant] = _all(
+CATALOGUE: dict[str, Plant] = catalogue(
+    "flux1",
     # --- FLUX.1 DiT
     Plant("rope_axes_swapped", "dit", "RoPE row and column axes swapped", FP32, _rope_axes_swapped, fast=True),
     Plant("timestep_not_scaled", "dit", "sigma passed to the timestep embedding without the x1000 scale", FP32,
@@ -394,8 +325,8 @@ CATALOGUE: dict[str, Plant] = _all(
           _attention_scale),
     Plant("qk_norm_skipped", "dit", "q/k RMSNorm skipped", FP32, lambda p: p.set("rms_norm_forward", lambda self, x: x)),
     Plant("gelu_exact_not_tanh", "dit", "MLP GELU exact where the model uses the tanh approximation", FP32, _gelu_exact,
-          known_gap="measured on smoke: passes the fp32 floors (meant for any device); CPU fp32 is bitwise equal, "
-          "so the exactness tier of issue 16 would catch it"),
+          known_gap="passes the fp32 floors (meant for any device: single-step cosine 1 - 6e-9); only the CPU "
+          "exactness tier (golden/thresholds.toml, exact = true) catches it, so a GPU run would not"),
     Plant("layer_norm_eps_wrong", "dit", "pre-modulation LayerNorm eps 1e-2 instead of 1e-6", FP32,
           lambda p: p.wrap("layer_norm", lambda f: lambda x, eps=1e-6: f(x, 1e-2))),
     Plant("rope_theta_wrong", "dit", "RoPE theta 1000 instead of 10000", FP32, _rope_theta),
@@ -464,31 +395,3 @@ CATALOGUE: dict[str, Plant] = _all(
           _reference_is_engine, fast=True),
     Plant("rows_dropped", "harness", "SSIM rows computed but never recorded", FP32, _rows_dropped, fast=True),
 )
-
-
-def plant(name: str) -> Plant:
-    try:
-        return CATALOGUE[name]
-    except KeyError:
-        raise ValueError(f"unknown plant {name!r}; valid: {sorted(CATALOGUE)}") from None
-
-
-def install(name: str) -> Callable[[], None]:
-    """Install one plant in this process; returns the undo."""
-    patcher = Patcher()
-    try:
-        plant(name).install(patcher)
-    except BaseException:
-        patcher.undo()
-        raise
-    return patcher.undo
-
-
-def sitecustomize_source(name: str, repo_root: str) -> str:
-    """A sitecustomize.py that installs `name` in torchrun ranks only (RANK is set there, never in the sweep)."""
-    plant(name)  # unknown names fail here, not silently in a rank
-    return ("import os, sys\n"
-            "if 'RANK' in os.environ:  # only the torchrun ranks, never the sweep process\n"
-            f"    sys.path.insert(0, {repo_root!r})\n"
-            "    from harness.selftest import install\n"
-            f"    install({name!r})\n")

@@ -38,11 +38,13 @@ FRAGILE = {
     "max_catching_metrics": 1,
     "max_relative_margin": 0.1,
     "reasoning": "caught by one comparison/metric only, and by less than 10% of that threshold's distance from a "
-                 "perfect value: a threshold loosened by 10%, or another device's spread, lets the bug through",
+                 "perfect value: a threshold loosened by 10%, or another device's spread, lets the bug through; "
+                 "or caught only by an exactness tier (op ==, bitwise on this device): a device without one "
+                 "(a GPU) judges by the floors and lets the bug through",
 }
 
 MATRIX_COLUMNS = ("plant", "area", "breaks", "caught", "fragile", "exit_code", "comparison", "metric", "rows_failed",
-                  "worst_value", "threshold", "op", "margin", "relative_margin", "why", "seconds")
+                  "worst_value", "threshold", "op", "margin", "relative_margin", "why", "seconds", "floor_caught")
 
 
 class SelftestError(ValueError):
@@ -78,6 +80,8 @@ def margins(failed: pd.DataFrame) -> pd.DataFrame:
                 m, rel = math.inf, math.inf
             elif comparison == "negative_control":  # a control that passed: the threshold is dead, no distance
                 m, rel = math.nan, math.nan
+            elif op == "==":  # an exactness tier allows no distance: any is infinitely past it, relatively
+                m, rel = abs(value - thr), math.inf
             else:
                 from harness.metrics import metric_spec
                 value = abs(value) if metric_spec(metric).absolute else value  # the gate judges |delta|
@@ -88,7 +92,9 @@ def margins(failed: pd.DataFrame) -> pd.DataFrame:
                 rel = m / span if span else math.inf
             if best is None or not rel <= best[1]:
                 best = (m, rel, value, thr, op, r["why"])
+        floor = g["floor_passed"] if "floor_passed" in g else pd.Series(dtype="boolean")
         out.append({"comparison": comparison, "metric": metric, "rows_failed": len(g), "margin": best[0],
+                    "floor_caught": bool(floor.eq(False).fillna(False).any()),
                     "relative_margin": best[1], "worst_value": best[2], "threshold": best[3], "op": best[4],
                     "why": best[5]})
     return pd.DataFrame(out)
@@ -103,11 +109,12 @@ class Options:
     baseline: bool = True
 
 
-def _suite_for(suite, plant: Plant | None, patterns):
-    cells = tuple(c for c in suite.cells if any(pat in c.name for pat in patterns))
-    if plant is not None and plant.overrides:
-        cells = tuple(dataclasses.replace(c, golden=False, **plant.overrides) for c in cells)
-    return type(suite)(suite.name, suite.description, suite.prompts, suite.seeds, cells, suite.path)
+def _suite_for(suite, plant: Plant):
+    cells = tuple(c for c in suite.cells if plant.runs_on(c))
+    if plant.overrides:
+        cells = tuple(dataclasses.replace(c, golden=False, **{k: v(c) if callable(v) else v
+                                                              for k, v in plant.overrides.items()}) for c in cells)
+    return dataclasses.replace(suite, cells=cells)
 
 
 @contextlib.contextmanager
@@ -157,10 +164,16 @@ def run_selftest(opts: Options, log=print) -> tuple[int, pd.DataFrame, Path]:
 
     suite = load_suite(opts.suite)
     plants = select(opts.only)
-    for plant in plants:
-        if not any(pat in c.name for c in suite.cells for pat in plant.cells):
-            raise SelftestError(f"plant {plant.name} needs cells {list(plant.cells)}, which suite {suite.name!r} "
-                                f"lacks; its cells: {[c.name for c in suite.cells]}")
+    lacking = [p for p in plants if not any(p.runs_on(c) for c in suite.cells)]
+    if lacking and opts.only:  # asked for by name: an error; the whole catalogue: each suite runs its families'
+        plant = lacking[0]
+        raise SelftestError(f"plant {plant.name} needs {plant.family or 'any'} cells {list(plant.cells)}, which "
+                            f"suite {suite.name!r} lacks; its cells: {[c.name for c in suite.cells]}")
+    plants = [p for p in plants if p not in lacking]
+    if lacking:
+        log(f"{len(lacking)} plant(s) need cells suite {suite.name!r} lacks (other families): not run here")
+    if not plants:
+        raise SelftestError(f"no plant of the catalogue runs on suite {suite.name!r}'s cells")
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = Path(opts.out) / f"{stamp}-{suite.name}"
     out.mkdir(parents=True, exist_ok=False)
@@ -171,9 +184,10 @@ def run_selftest(opts: Options, log=print) -> tuple[int, pd.DataFrame, Path]:
         groups = {}
         for plant in plants:
             groups.setdefault((plant.cells, tuple(sorted(plant.overrides.items()))), plant)
-        patterns = sorted({pat for cells, ov in groups if not ov for pat in cells})
-        runs = [("baseline", _suite_for(suite, None, patterns))] if patterns else []
-        runs += [(f"baseline-{p.name}", _suite_for(suite, p, p.cells)) for (c, ov), p in groups.items() if ov]
+        plain = [p for p in plants if not p.overrides]
+        cells = tuple(c for c in suite.cells if any(p.runs_on(c) for p in plain))
+        runs = [("baseline", dataclasses.replace(suite, cells=cells))] if cells else []
+        runs += [(f"baseline-{p.name}", _suite_for(suite, p)) for (c, ov), p in groups.items() if ov]
         for run_id, sub in runs:
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
@@ -185,7 +199,7 @@ def run_selftest(opts: Options, log=print) -> tuple[int, pd.DataFrame, Path]:
                                     f"trusted: {detail}")
     records = []
     for plant in sorted(plants, key=lambda p: (p.cells, p.name)):  # plants on the same cells share references
-        sub = _suite_for(suite, plant, plant.cells)
+        sub = _suite_for(suite, plant)
         references = None if plant.name == "reference_is_the_engine" or plant.overrides else shared
         t0 = time.perf_counter()
         with _planted(plant, out / f".hook-{plant.name}"), contextlib.redirect_stdout(io.StringIO()):
@@ -219,10 +233,18 @@ def finish(matrix: pd.DataFrame) -> pd.DataFrame:
     fragile = {}
     for plant, g in matrix.groupby("plant"):
         caught_by = g[g.comparison.astype(str).str.len() > 0]
-        fragile[plant] = bool(len(caught_by) <= FRAGILE["max_catching_metrics"] and len(caught_by) and
-                              (caught_by.relative_margin.fillna(math.inf) < FRAGILE["max_relative_margin"]).all())
+        # floor_caught: an exactness-tier row whose ordinary floor fails too (a GPU run would catch it as well).
+        only_bitwise = bool(len(caught_by)) and caught_by.op.eq("==").all() and \
+            not caught_by.floor_caught.fillna(False).astype(bool).any()
+        fragile[plant] = only_bitwise or bool(
+            len(caught_by) <= FRAGILE["max_catching_metrics"] and len(caught_by) and
+            (caught_by.relative_margin.fillna(math.inf) < FRAGILE["max_relative_margin"]).all())
     matrix["fragile"] = matrix["plant"].map(fragile)
     return matrix[list(MATRIX_COLUMNS)].reset_index(drop=True)
+
+
+def bitwise(r) -> str:
+    return "bitwise (floor fails too)" if r.floor_caught is True else "bitwise only"
 
 
 def markdown(matrix: pd.DataFrame) -> str:
@@ -241,7 +263,7 @@ def markdown(matrix: pd.DataFrame) -> str:
         lines.append(f"| {r.plant} | {r.area} | {'yes' if r.caught else '**ESCAPED**'} | "
                      f"{'**fragile**' if r.fragile else ''} | {r.exit_code} | {by} | {fmt(r.rows_failed)} | "
                      f"{fmt(r.worst_value)} | {'' if pd.isna(r.threshold) else f'{r.op} {r.threshold:.6g}'} | "
-                     f"{fmt(r.margin)} | {fmt(r.relative_margin)} |")
+                     f"{fmt(r.margin)} | {bitwise(r) if r.op == '==' else fmt(r.relative_margin)} |")
     return "\n".join(lines) + "\n"
 
 
