@@ -25,7 +25,9 @@ TARGETS = {
     "timestep_scale": "engine.models.flux1:TIMESTEP_SCALE",
     "conditioning": "engine.models.flux1:Flux1Transformer.conditioning",
     "modulate": "engine.models.flux1:modulate",
-    "dit_attention": "engine.models.flux1:sdpa_attention",
+    # The model's kernel comes from the attention backend table at optimize() time (engine.optimize), not from the
+    # name the model module imports: a plant on that name would never run.
+    "attention_backends": "engine.attention:BACKENDS",
     "rms_norm_forward": "engine.models.common:RMSNorm.forward",
     "mlp_forward": "engine.models.common:GeluMLP.forward",
     "layer_norm": "engine.models.flux1:layer_norm",
@@ -91,7 +93,8 @@ def _guidance_dropped(p: Patcher):
 
 def _attention_scale(p: Patcher):
     # softmax(QK^T / d) instead of / sqrt(d): q pre-scaled by 1/sqrt(d) before the kernel's own scaling
-    p.wrap("dit_attention", lambda f: lambda q, k, v: f(q * q.shape[-1] ** -0.5, k, v))
+    sdpa = p.get("attention_backends")["sdpa"]
+    p.setitem("attention_backends", "sdpa", lambda q, k, v: sdpa(q * q.shape[-1] ** -0.5, k, v))
 
 
 def _gelu_exact(p: Patcher):
