@@ -108,7 +108,7 @@ def portable(ctx: SweepContext) -> SweepContext:
     """A copy of ctx to send to tasks: no loaded models or runs, no CLIP model (rebuilt in the task), and the
     local executor (a task runs its one cell in its own process)."""
     return replace(ctx, clip=None, log=print, executor=LocalExecutor(), resume=False, _references={},
-                   _reference_runs={}, _engine_runners={}, _engine_runs={}, _hashes={})
+                   _reference_runs={}, _engine_runners={}, _engine_runs={}, _hashes={}, rank_pools=None)
 
 
 def _rebase(path: Path, driver_repo: Path) -> Path:

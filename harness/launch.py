@@ -122,7 +122,7 @@ def _job_env(extra_env: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _load_results(path: Path) -> list[tuple[Artifacts, torch.Tensor]]:
+def load_results(path: Path) -> list[tuple[Artifacts, torch.Tensor]]:
     out = []
     for saved in torch.load(path, weights_only=True)["runs"]:
         fields = saved["artifacts"]
@@ -137,6 +137,33 @@ def run_engine_distributed(cfg: RunConfig, step0_inputs: dict[str, torch.Tensor]
     return run_engine_distributed_many([cfg], [step0_inputs], nproc, timeout_s, workdir, extra_env)[0]
 
 
+def write_job(path: Path, cfgs: list[RunConfig], step0_inputs: list[dict[str, torch.Tensor]], nproc: int) -> None:
+    """Check that the configs make one job for `nproc` ranks and save it where the ranks read it (atomically: a
+    pool's ranks poll for the file and must never load half of it)."""
+    if not cfgs or len(cfgs) != len(step0_inputs):
+        raise ValueError(f"need one step0_inputs per config: {len(cfgs)} configs, {len(step0_inputs)} inputs")
+    if len({c.replace(seed=0) for c in cfgs}) != 1:
+        raise ValueError("configs of one distributed job may differ only in seed")
+    if nproc != nproc_for(cfgs[0].parallel):
+        raise ValueError(f"parallel config {cfgs[0].parallel!r} needs {nproc_for(cfgs[0].parallel)} processes, "
+                         f"asked for {nproc}")
+    if not all(step0_inputs):
+        raise ValueError("step0_inputs is empty: transformer_forward needs the reference's denoiser inputs")
+    tmp = path.with_suffix(".partial")
+    torch.save({"cfgs": [c.to_dict() for c in cfgs],
+                "step0_inputs": [{k: v.detach().cpu() for k, v in x.items()} for x in step0_inputs]}, tmp)
+    os.replace(tmp, path)
+
+
+def torchrun_command(nproc: int, log_dir: Path, worker_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--log-dir={log_dir}", "--redirects=3", "--monitor-interval=0.1", "-m", "harness.worker", *worker_args]
+
+
+def rank_log_tails(log_dir: Path) -> str:
+    return "\n".join(f"--- rank {r} ---\n{_tail(p, 1000)}" for r, p in sorted(_rank_logs(log_dir).items()))
+
+
 def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[str, torch.Tensor]], nproc: int,
                                 timeout_s: float, workdir: Path, extra_env: Mapping[str, str] | None = None
                                 ) -> list[tuple[Artifacts, torch.Tensor]]:
@@ -144,27 +171,15 @@ def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[s
     per config, rank 0's generate() artifacts and transformer_forward(its step0_inputs).
 
     Raises DistributedCellError when a rank fails, when the whole job exceeds `timeout_s` (every process killed),
-    or when rank 0 left no result."""
-    if not cfgs or len(cfgs) != len(step0_inputs):
-        raise ValueError(f"need one step0_inputs per config: {len(cfgs)} configs, {len(step0_inputs)} inputs")
-    if len({c.replace(seed=0) for c in cfgs}) != 1:
-        raise ValueError("configs of one distributed job may differ only in seed")
-    cfg = cfgs[0]
-    if nproc != nproc_for(cfg.parallel):
-        raise ValueError(f"parallel config {cfg.parallel!r} needs {nproc_for(cfg.parallel)} processes, "
-                         f"asked for {nproc}")
-    if not all(step0_inputs):
-        raise ValueError("step0_inputs is empty: transformer_forward needs the reference's denoiser inputs")
+    or when rank 0 left no result. (harness.rankpool runs the same jobs in ranks kept alive between cells.)"""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     job, result, log_dir, agent_log = (workdir / n for n in ("job.pt", "result.pt", "logs", "torchrun.log"))
+    write_job(job, cfgs, step0_inputs, nproc)
+    cfg = cfgs[0]
     result.unlink(missing_ok=True)
     shutil.rmtree(log_dir, ignore_errors=True)
-    torch.save({"cfgs": [c.to_dict() for c in cfgs],
-                "step0_inputs": [{k: v.detach().cpu() for k, v in x.items()} for x in step0_inputs]}, job)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--log-dir={log_dir}", "--redirects=3", "--monitor-interval=0.1",
-           "-m", "harness.worker", "--job", str(job), "--out", str(result)]
+    cmd = torchrun_command(nproc, log_dir, ["--job", str(job), "--out", str(result)])
     t0 = time.monotonic()
     with open(agent_log, "w") as agent_out:
         proc = subprocess.Popen(cmd, stdout=agent_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -174,10 +189,9 @@ def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[s
         except subprocess.TimeoutExpired:
             killed = kill_tree(proc.pid)
             proc.wait()
-            tails = "\n".join(f"--- rank {r} ---\n{_tail(p, 1000)}" for r, p in sorted(_rank_logs(log_dir).items()))
             raise DistributedCellError(
                 f"cell {cfg.parallel} timed out after {timeout_s:.0f}s; killed {len(killed)} processes "
-                f"(torchrun and its ranks). Rank log tails:\n{tails}") from None
+                f"(torchrun and its ranks). Rank log tails:\n{rank_log_tails(log_dir)}") from None
         except BaseException:
             kill_tree(proc.pid)  # interrupted (Ctrl-C, test timeout): leave nothing behind
             proc.wait()
@@ -187,4 +201,4 @@ def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[s
                                    f"{_failure_reason(agent_log, log_dir, rc)}")
     if not result.is_file():
         raise DistributedCellError(f"cell {cfg.parallel}: every rank exited 0 but rank 0 wrote no result at {result}")
-    return _load_results(result)
+    return load_results(result)

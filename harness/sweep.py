@@ -27,6 +27,7 @@ from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
 from harness.launch import nproc_for, run_engine_distributed_many
 from harness.progress import Progress
+from harness.rankpool import RankPools
 from harness.provenance import model_hash, versions
 from harness.refcache import RefCache
 from harness.report import write_run
@@ -61,6 +62,7 @@ class SweepContext:
     executor: object = None  # runs the cells (harness.executors); None: one after another in this process
     resume: bool = False  # continue the unfinished run folder of run_id instead of starting afresh
     options: dict = field(default_factory=dict)  # the command line that defines the run, kept for --resume
+    rank_pools: RankPools | None = None  # multi-rank cells' ranks kept between cells; None: one torchrun per cell
     _references: dict = field(default_factory=dict)
     _reference_runs: dict = field(default_factory=dict)
     _engine_runners: dict = field(default_factory=dict)
@@ -121,9 +123,12 @@ class SweepContext:
     def run_distributed(self, cfgs: list[RunConfig], step0_inputs: list[dict], timeout_s: float
                         ) -> list[tuple[Artifacts, torch.Tensor]]:
         """Multi-rank configs run under torchrun in their own processes, killed after timeout_s; configs that
-        differ only in seed share one launch (process start-up and model load dominate a tiny cell)."""
+        differ only in seed share one job (the model is loaded once). With rank_pools the ranks outlive the job
+        and serve the next multi-rank cell (process start-up dominates a tiny cell: harness.rankpool)."""
         if self.backend != "engine":
             raise ValueError(f"parallel config {cfgs[0].parallel!r} runs only with the engine backend")
+        if self.rank_pools is not None:
+            return self.rank_pools.run(cfgs, step0_inputs, timeout_s)
         with tempfile.TemporaryDirectory(prefix="parity-cell-") as workdir:
             return run_engine_distributed_many(cfgs, step0_inputs, nproc_for(cfgs[0].parallel), timeout_s,
                                                Path(workdir))
@@ -404,15 +409,21 @@ def cell_rows(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
 
 
 class LocalExecutor:
-    """Cells one after another in this process (multi-rank cells under torchrun); each committed when done."""
+    """Cells one after another in this process; multi-rank cells under torchrun, in ranks kept alive from one
+    cell to the next (harness.rankpool) and stopped when the last cell is done. Each cell committed when done."""
 
     def run(self, cells: Sequence[Cell], ctx: SweepContext, store: CellStore) -> None:
         progress = Progress(len(cells), ctx.log)
-        for cell in cells:
-            progress.start(cell.name)
-            stage = store.stage(cell)
-            store.commit(cell, cell_rows(cell, ctx, stage / "images"), stage)
-            progress.done()
+        with RankPools() as pools:
+            ctx.rank_pools = pools
+            try:
+                for cell in cells:
+                    progress.start(cell.name)
+                    stage = store.stage(cell)
+                    store.commit(cell, cell_rows(cell, ctx, stage / "images"), stage)
+                    progress.done()
+            finally:
+                ctx.rank_pools = None
 
 
 def error_rows(cell: Cell, ctx: SweepContext, reason: str) -> list[dict]:

@@ -4,12 +4,19 @@ reads the result). Every rank builds the runner for the same RunConfig, joins th
 other rank's; rank 0 writes them.
 
     python -m torch.distributed.run --standalone --nproc-per-node P -m harness.worker --job JOB --out RESULT
+    python -m torch.distributed.run --standalone --nproc-per-node P -m harness.worker --serve DIR --owner PID
+
+The second form is a rank of a persistent pool (harness.rankpool): it runs DIR/job-0.pt, job-1.pt... in order,
+writing DIR/result-<n>.pt, until DIR/stop appears or the process PID that owns the pool is gone. Start-up (importing
+torch, diffusers and transformers in every rank) costs more than a tiny cell's work; a pool pays it once per sweep.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -17,13 +24,16 @@ import torch.distributed as dist
 
 from engine.api import RunConfig, assert_replicated, open_runner
 
+POLL_S = 0.02
+
 
 def _check_same_on_every_rank(x: torch.Tensor, device: str, what: str) -> None:
     # NCCL reduces device tensors only: fingerprint on the run's device.
     assert_replicated(x.to(device), what)
 
 
-def run(job_path: Path, out_path: Path) -> None:
+def run(job_path: Path, out_path: Path, finish: bool = True) -> None:
+    """One job. finish=False (a pool rank) keeps the process group for the next job."""
     job = torch.load(job_path, weights_only=True)
     cfgs = [RunConfig.from_dict(c) for c in job["cfgs"]]
     if cfgs[0].device.startswith("cuda"):
@@ -48,16 +58,55 @@ def run(job_path: Path, out_path: Path) -> None:
         os.replace(tmp, out_path)  # the launcher never sees a half-written result
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if finish:
+            dist.destroy_process_group()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(folder: Path, owner: int) -> None:
+    """Run the pool's jobs in order until told to stop; a rank whose owner died exits instead of waiting forever."""
+    n = 0
+    while True:
+        job, stop = folder / f"job-{n}.pt", folder / "stop"
+        while not job.exists():
+            if stop.exists() or not _alive(owner):
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                return
+            time.sleep(POLL_S)
+        run(job, folder / f"result-{n}.pt", finish=False)
+        # Each job builds its own model: drop the last one's compiled code (dynamo guards on module identity
+        # and would fall back to eager once its recompile limit is reached) and its memory.
+        torch._dynamo.reset()
+        gc.collect()
+        n += 1
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", type=Path, required=True,
+    parser.add_argument("--job", type=Path,
                         help="torch.save'd {'cfgs': [RunConfig.to_dict()], 'step0_inputs': [denoiser inputs]}")
-    parser.add_argument("--out", type=Path, required=True, help="where rank 0 writes the results")
+    parser.add_argument("--out", type=Path, help="where rank 0 writes the results")
+    parser.add_argument("--serve", type=Path, help="a pool's folder: run its numbered jobs until DIR/stop appears")
+    parser.add_argument("--owner", type=int, help="with --serve: exit when this process is gone")
     args = parser.parse_args(argv)
-    run(args.job, args.out)
+    if args.serve is not None:
+        if args.job or args.out or args.owner is None:
+            parser.error("--serve takes --owner and neither --job nor --out")
+        serve(args.serve, args.owner)
+    elif args.job is None or args.out is None:
+        parser.error("give --job and --out, or --serve DIR --owner PID")
+    else:
+        run(args.job, args.out)
 
 
 if __name__ == "__main__":
