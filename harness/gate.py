@@ -106,7 +106,15 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
     if rows.empty:
         return GateResult.error("results hold no gated metric rows: nothing to gate")
 
-    keys = list(rows[list(GATE_KEY)].itertuples(index=False, name=None))
+    # A threshold may be specific to the engine's speed-up switches (a compiled cell's floors): key by the label too.
+    if "optimize" in rows.columns:
+        optimize = rows["optimize"].astype(object).where(rows["optimize"].notna(), None).tolist()
+    else:
+        optimize = [None] * len(rows)
+        if thresholds.keyed_by_optimize:
+            errors.append("results lack the optimize column: thresholds keyed by the engine's switches cannot be "
+                          "told apart (only rules for any optimize were used)")
+    keys = [(k, o) for k, o in zip(rows[list(GATE_KEY)].itertuples(index=False, name=None), optimize)]
     rules, missing = _lookup_all({k for k, g in zip(keys, gated[rows.index]) if g}, thresholds, errors)
     if missing:
         where = thresholds.path or "the thresholds"
@@ -176,16 +184,16 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:
     """One lookup per distinct key. Ambiguities go to errors; unmatched keys come back as 'missing'."""
     rules, missing = {}, []
-    for key in sorted(keys, key=format_key):
+    for key, optimize in sorted(keys, key=lambda k: (format_key(k[0]), str(k[1]))):
         try:
-            rule = thresholds.lookup(key)
+            rule = thresholds.lookup(key, optimize)
         except ThresholdError as e:
             errors.append(str(e))
             continue
         if rule is None:
-            missing.append(format_key(key))
+            missing.append(format_key(key) + ("" if optimize in (None, "eager") else f" optimize={optimize}"))
         else:
-            rules[key] = rule
+            rules[key, optimize] = rule
     return rules, missing
 
 

@@ -142,11 +142,12 @@ def _default_thresholds():
 def control_snr_db(cell) -> tuple[float, str]:
     """The control's SNR for a cell and where it comes from."""
     from harness import schema
+    from harness.suites import optimize_label
 
     floors = []
     for metric in ("single_step_sqnr_db", "final_latent_sqnr_db"):
         rule = _default_thresholds().lookup((cell.model, cell.dtype, cell.quant, cell.parallel,
-                                             schema.ENGINE_VS_REFERENCE, metric))
+                                             schema.ENGINE_VS_REFERENCE, metric), optimize_label(cell.optimize))
         if rule is not None:
             floors.append(rule.value)
     if not floors:
@@ -243,7 +244,7 @@ def judge_controls(controls: pd.DataFrame, thresholds) -> tuple[pd.DataFrame, li
     for _, r in controls.iterrows():
         key = (r["model"], r["dtype"], r["quant"], r["parallel"], schema.ENGINE_VS_REFERENCE, r["metric"])
         try:
-            rule = thresholds.lookup(key)
+            rule = thresholds.lookup(key, r["optimize"] if "optimize" in r and pd.notna(r["optimize"]) else None)
         except ThresholdError as e:
             errors.append(str(e))
             rule = None

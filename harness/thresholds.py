@@ -1,8 +1,10 @@
 """Gate thresholds are data (golden/thresholds.toml), checked against the metrics registry when loaded.
 
-A threshold is keyed like a result row (schema.GATE_KEY). model/dtype/quant/parallel may be "*"; a lookup takes
-the most specific match, and two equally specific matches are an error rather than a silent pick. There is no
-default: a gated metric without a threshold is the caller's error to report.
+A threshold is keyed like a result row (schema.GATE_KEY), plus an optional `optimize` (the engine's speed-up switches,
+the results' `optimize` label: a compiled cell sums differently from eager and is measured on its own). model/dtype/
+quant/parallel/optimize may be "*" (optimize is "*" when left out); a lookup takes the most specific match, and two
+equally specific matches are an error rather than a silent pick. There is no default: a gated metric without a
+threshold is the caller's error to report.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ WILDCARD = "*"
 WILDCARD_FIELDS = ("model", "dtype", "quant", "parallel")
 OPS = {">=": operator.ge, "<=": operator.le}
 REQUIRED = GATE_KEY + ("op", "value", "source")
-OPTIONAL = ("note",)
+OPTIONAL = ("note", "optimize")
 PLACEHOLDER = "PLACEHOLDER"
 
 
@@ -54,6 +56,7 @@ class Threshold:
     value: float
     source: str
     note: str = ""
+    optimize: str = WILDCARD  # the engine switches' label ("eager", "compile_blocks"...) this floor was measured with
     index: int = 0  # 1-based position of the [[threshold]] table in the file, so messages can point at it
 
     @property
@@ -62,18 +65,22 @@ class Threshold:
 
     @property
     def specificity(self) -> int:
-        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS)
+        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS) + (self.optimize != WILDCARD)
 
     @property
     def placeholder(self) -> bool:
         return self.source.startswith(PLACEHOLDER)
 
     def label(self) -> str:
-        return f"threshold #{self.index} ({format_key(self.key)})"
+        switches = "" if self.optimize == WILDCARD else f" optimize={self.optimize}"
+        return f"threshold #{self.index} ({format_key(self.key)}{switches})"
 
-    def matches(self, key: tuple) -> bool:
+    def matches(self, key: tuple, optimize: str | None = None) -> bool:
+        """optimize: the row's label; None (results without the column) matches only rules for any optimize."""
         cell, comparison, metric = key[:4], key[4], key[5]
         if (self.comparison, self.metric) != (comparison, metric):
+            return False
+        if self.optimize != WILDCARD and self.optimize != optimize:
             return False
         return all(getattr(self, f) in (WILDCARD, v) for f, v in zip(WILDCARD_FIELDS, cell))
 
@@ -138,9 +145,14 @@ class Thresholds:
                                  f"({self.path or 'thresholds'})")
         return top[0]
 
-    def lookup(self, key: tuple) -> Threshold | None:
-        """The most specific rule for a GATE_KEY-ordered key, None if none matches; raises on a tie."""
-        matches = [t for t in self.rules if t.matches(key)]
+    @property
+    def keyed_by_optimize(self) -> bool:
+        return any(t.optimize != WILDCARD for t in self.rules)
+
+    def lookup(self, key: tuple, optimize: str | None = None) -> Threshold | None:
+        """The most specific rule for a GATE_KEY-ordered key and the row's optimize label, None if none matches;
+        raises on a tie."""
+        matches = [t for t in self.rules if t.matches(key, optimize)]
         if not matches:
             return None
         best = max(t.specificity for t in matches)
@@ -193,10 +205,10 @@ def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
             continue
         fields = {k: row[k] for k in REQUIRED + OPTIONAL if k in row}
         rule = Threshold(**{**fields, "value": float(fields["value"])}, index=i)  # TOML ints become floats
-        if rule.key in seen:
-            problems.append(f"{rule.label()}: duplicate of {seen[rule.key].label()}")
+        if (rule.key, rule.optimize) in seen:
+            problems.append(f"{rule.label()}: duplicate of {seen[rule.key, rule.optimize].label()}")
             continue
-        seen[rule.key] = rule
+        seen[rule.key, rule.optimize] = rule
         rules.append(rule)
     if problems:
         raise ThresholdError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))

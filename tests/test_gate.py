@@ -269,3 +269,32 @@ def test_summary_header_worst_values_and_gate_rewrite(tmp_path):
             "engine_vs_reference psnr_db 25 (>= 28): margin -3, 200% of its error budget [seed 0, prompt_idx 1]"
             in text), text
     assert "| 25 | 4 | 1.5 |" not in text  # the wide table lives in the parquet and the HTML, not here
+
+
+def test_thresholds_keyed_by_the_engine_switches():
+    """A compiled cell has floors of its own (optimize label): its rows use them, eager rows keep the general ones,
+    and the same key twice for one optimize label is a duplicate while two labels are not."""
+    t = thresholds(rule("single_step_cosine", ">=", 0.999),
+                   rule("single_step_cosine", ">=", 0.9999, optimize="compile_blocks"))
+    key = ("flux1", "fp32", "none", "sp1", ENGINE_VS_REFERENCE, "single_step_cosine")
+    assert t.lookup(key, "compile_blocks").value == 0.9999
+    assert t.lookup(key, "eager").value == 0.999 and t.lookup(key, None).value == 0.999
+    # 0.9995: inside the eager floor, a regression for the compiled cell (measured 0.99998).
+    res = gate(frame(row("single_step_cosine", 0.9995), row("single_step_cosine", 0.9995, optimize="compile_blocks",
+                                                            cell="flux1/fp32/none/sp1/compile_blocks")), t)
+    assert res.exit_code == 1 and list(res.failed.optimize) == ["compile_blocks"]
+    with pytest.raises(ThresholdError, match="duplicate"):
+        thresholds(rule("ssim", ">=", 0.9, optimize="compile_blocks"), rule("ssim", ">=", 0.8, optimize="compile_blocks"))
+    with pytest.raises(ThresholdError, match="optimize must be a non-empty string"):
+        thresholds(rule("ssim", ">=", 0.9, optimize=""))
+    # Results without the optimize column cannot be told apart: an error, not a silent use of the general floors.
+    rows = frame(row("single_step_cosine", 0.99999)).drop(columns=["optimize"])
+    res = gate(rows, t)
+    assert res.exit_code == 2 and any("lack the optimize column" in e for e in res.errors)
+
+
+def test_the_compiled_cells_own_floors_in_the_shipped_thresholds():
+    t = load_thresholds()
+    key = ("flux1", "bf16", "none", "sp1", ENGINE_VS_REFERENCE, "single_step_cosine")
+    compiled, eager = t.lookup(key, "compile_blocks"), t.lookup(key, "eager")
+    assert compiled.optimize == "compile_blocks" and compiled.value > eager.value

@@ -82,6 +82,37 @@ def test_whole_forward_compile_fails_the_gate_on_the_compiled_cell(tmp_path, zoo
     assert "FAIL" in gate and "compile_blocks" in gate and "single_step_cosine" in gate
 
 
+def test_a_small_compile_regression_fails_the_compiled_cells_own_floors(tmp_path, zoo_root, monkeypatch):
+    """A compiled forward that loses a little precision (~3% relative noise on its output, as a reduced-precision
+    kernel or a wrong fusion would): inside the eager bf16 floors (single-step cosine >= 0.999), so only the compiled
+    cell's own floors (thresholds keyed by optimize = compile_blocks) can catch it."""
+    import engine.runner as runner
+
+    optimize = runner.optimize
+
+    def lossy(model, spec):
+        model = optimize(model, spec)
+        forward = model.forward
+
+        def noisy(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            gen = torch.Generator().manual_seed(0)
+            noise = torch.randn(out.shape, generator=gen).to(out.dtype)
+            return out + 0.03 * out.float().square().mean().sqrt().to(out.dtype) * noise
+
+        model.forward = noisy
+        return model
+
+    monkeypatch.setattr(runner, "optimize", lossy)
+    code, run = sweep(tmp_path, zoo_root, "--cells", "compile_blocks", "--no-golden", suite="smoke")
+    assert code == 1
+    frame = pd.read_parquet(run / "results.parquet")
+    step = frame[(frame.metric == "single_step_cosine") & (frame.comparison == schema.ENGINE_VS_REFERENCE)]
+    print(f"\nplanted compile regression: single-step cosine {step.value.min():.6f}..{step.value.max():.6f}")
+    assert (step.value >= 0.999).all() and (step.value < 0.9999).all()  # eager floor passes, compiled floor fails
+    assert "single_step_cosine" in failing_metrics(run)
+
+
 def test_nan_in_engine_output_fails_with_the_reason(tmp_path, zoo_root, monkeypatch):
     forward = flux1_model.Flux1Transformer.forward
 
