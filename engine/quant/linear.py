@@ -112,6 +112,9 @@ class Fp8Linear(QuantLinear):
             backend = (Fp8Backend.SCALED_MM if scaled_mm_runs(qweight.device, dtype, in_features, out_features)
                        else Fp8Backend.EMULATED)
         self.backend = backend
+        # torch._scaled_mm's use_fast_accum; set after build by engine.optimize (OptimizeSpec.fp8_fast_accum), before
+        # any compile traces forward, so forward still branches only on attributes fixed before the first call.
+        self.fast_accum = False
         self._finish()
 
     @classmethod
@@ -147,7 +150,7 @@ class Fp8Linear(QuantLinear):
         codes, scale = fp8.quantize_rows(x2)
         if self.backend is Fp8Backend.SCALED_MM:
             out = torch._scaled_mm(codes, self.qweight.t(), scale_a=scale, scale_b=self.weight_scale.t(),
-                                   out_dtype=x.dtype)
+                                   out_dtype=x.dtype, use_fast_accum=self.fast_accum)
         else:
             out = emulated_scaled_mm(codes, self.qweight, scale, self.weight_scale, x.dtype)
         if self.bias is not None:
@@ -155,7 +158,17 @@ class Fp8Linear(QuantLinear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend.value}"
+        return super().extra_repr() + f", backend={self.backend.value}, fast_accum={self.fast_accum}"
+
+
+def enable_fp8_fast_accum(model: nn.Module) -> int:
+    """Switch every fp8 W8A8 linear of `model` that runs torch._scaled_mm to fast accumulation; return how many.
+    The emulated twin and weight-only linears have no accumulator to choose and are left alone."""
+    chosen = [m for m in model.modules()
+              if isinstance(m, Fp8Linear) and m.options.act and m.backend is Fp8Backend.SCALED_MM]
+    for module in chosen:
+        module.fast_accum = True
+    return len(chosen)
 
 
 class NVFP4Linear(QuantLinear):

@@ -1,0 +1,222 @@
+"""The speed switches of engine.optimize against the eager engine, on CPU (issue 14): each switch reaches what it
+switches, changes the output by no more than the tolerance stated here (bitwise where it is bitwise), and is
+refused with a clear error where it cannot run.
+
+CUDA graphs cannot be captured on CPU; their bookkeeping (static input buffers, the replay, the cloned output,
+re-capture per input signature) is engine/cuda_graphs.py's GraphedForward, tested here with a stand-in graph that
+re-runs the captured call on replay. Planted defects show that each check can fail."""
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.api import OptimizeSpec, RunConfig, bench_inputs, bench_shape, build_denoiser, preflight
+from engine.cuda_graphs import GraphedForward
+from engine.optimize import optimize
+from harness import metrics as M
+from harness.zoo import synthesize_transformer_state_dict, transformer_config
+
+FAMILIES = ("flux1", "qwen-image")
+
+
+def _denoiser(family, quant="none", spec=OptimizeSpec(), dtype=torch.bfloat16):
+    tcfg = transformer_config(family, "tiny")
+    sd = synthesize_transformer_state_dict(family, "tiny", dtype=dtype)
+    model, forward = build_denoiser(family, "transformer", tcfg, sd, quant, spec, "sp1", dtype, "cpu")
+    inputs = bench_inputs(family, "transformer", tcfg, bench_shape(height=64, width=64, text_tokens=7, batch=2),
+                          dtype, "cpu")
+    return model, forward, inputs
+
+
+# --- fp8_fast_accum --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """Every torch._scaled_mm call's use_fast_accum, recorded around the real kernel."""
+    calls, real = [], torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("use_fast_accum", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_fast_accum_reaches_scaled_mm_and_stays_in_fp8_tolerance(family, scaled_mm_calls, one_thread):
+    _, plain, inputs = _denoiser(family, "fp8")
+    _, fast, _ = _denoiser(family, "fp8", OptimizeSpec(fp8_fast_accum=True))
+    _, bf16, _ = _denoiser(family)
+    with torch.no_grad():
+        want, reference = plain(inputs), bf16(inputs)
+        n_plain = len(scaled_mm_calls)
+        got = fast(inputs)
+    assert n_plain > 0 and not any(scaled_mm_calls[:n_plain])
+    assert len(scaled_mm_calls) == 2 * n_plain and all(scaled_mm_calls[n_plain:]), "the flag did not reach every call"
+    # CPU's _scaled_mm has one accumulation mode: measured bitwise equal with and without the flag (torch 2.14.1).
+    # On Hopper the flag changes the sums; the GPU suite's fp8 cells judge that against the fp8 floors.
+    assert torch.equal(got, want)
+    # and so within the fp8 W8A8 error against bf16 that the smoke suite gates (single-step cosine floor 0.99).
+    assert float(M.cosine(got.float(), reference.float()).min()) >= 0.99
+
+
+@pytest.mark.parametrize("quant", ["none", "fp8-wo", "nvfp4"])
+def test_fp8_fast_accum_refused_without_a_scaled_mm_linear(quant, one_thread):
+    with pytest.raises(ValueError, match="no fp8 W8A8 linear running torch._scaled_mm"):
+        _denoiser("flux1", quant, OptimizeSpec(fp8_fast_accum=True))
+
+
+def test_fp8_fast_accum_refused_by_preflight_for_other_quant_modes():
+    cfg = RunConfig(family="flux1", model_dir="/nonexistent", prompts=("a",), quant="fp8-wo",
+                    optimize=OptimizeSpec(fp8_fast_accum=True))
+    with pytest.raises(ValueError, match="fp8_fast_accum needs quant mode 'fp8'.*'fp8-wo'"):
+        preflight(cfg)
+
+
+def test_fp8_fast_accum_skips_the_emulated_twin(one_thread):
+    from engine.quant.api import QuantSpec, quantize_
+    from engine.quant.linear import enable_fp8_fast_accum
+
+    model = torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([torch.nn.Linear(32, 32)])})
+    quantize_(model, QuantSpec("fp8", fp8_backend="emulated"))
+    assert enable_fp8_fast_accum(model) == 0 and not model["blocks"][0].fast_accum
+
+
+# --- cuda_graphs: refused off CUDA -----------------------------------------------------------------------------------
+def test_cuda_graphs_refused_on_cpu_naming_the_valid_devices(one_thread):
+    with pytest.raises(ValueError, match=r"cuda_graphs needs a CUDA device \(valid: cuda, cuda:N\).*cpu"):
+        _denoiser("flux1", spec=OptimizeSpec(cuda_graphs=True))
+    cfg = RunConfig(family="flux1", model_dir="/nonexistent", prompts=("a",), optimize=OptimizeSpec(cuda_graphs=True))
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        preflight(cfg)  # before any folder is read
+
+
+# --- cuda_graphs: the wrapper's bookkeeping, with a stand-in graph ---------------------------------------------------
+class ReplayingGraph:
+    """A Graph that 'replays' by re-running the captured call on the static buffers it closed over and writing the
+    result into the tensors capture returned, as a CUDA graph writes into its static output."""
+
+    def __init__(self):
+        self.warmups = 0
+
+    def warmup(self, run):
+        self.warmups += 1
+        run()
+
+    def capture(self, run):
+        self.run = run
+        self.out = run()
+        return self.out
+
+    def replay(self):
+        for static, new in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(self.run())):
+            static.copy_(new)
+
+
+class NoCopy(GraphedForward):
+    """Planted: the static input buffers ignore every copy into them, so replays see the first call's inputs."""
+
+    def _capture(self, leaves, spec):
+        entry = super()._capture(leaves, spec)
+        for static in entry.static:
+            if isinstance(static, torch.Tensor):
+                static.copy_ = lambda *args, _s=static, **kwargs: _s
+        return entry
+
+
+class NoClone(GraphedForward):
+    """Planted: returns the static output itself, which the next replay overwrites."""
+
+    def __call__(self, *args, **kwargs):
+        super().__call__(*args, **kwargs)
+        return next(reversed(self.graphs.values())).out
+
+
+class NoRecapture(GraphedForward):
+    """Planted: keys graphs on nothing, so a new shape replays the old graph."""
+
+    def __call__(self, *args, **kwargs):
+        if self.graphs:
+            entry = next(iter(self.graphs.values()))
+            for static, x in zip(entry.static, pytree.tree_leaves((args, kwargs))):
+                if isinstance(x, torch.Tensor) and x.shape == static.shape:
+                    static.copy_(x)
+            entry.graph.replay()
+            return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.out)
+        return super().__call__(*args, **kwargs)
+
+
+def graph_defects(cls, fn, make_input) -> list[str]:
+    """What a graphed `fn` gets wrong against calling fn: stale inputs, an output later overwritten, a shape change
+    served by the old graph, or an extra capture for a signature already seen."""
+    graphed = cls(fn, new_graph=ReplayingGraph)
+    a, b, c = make_input(0, 1), make_input(1, 1), make_input(2, 2)  # b: same shape as a; c: another shape
+    want_a, want_b, want_c = fn(*a), fn(*b), fn(*c)
+    defects = []
+    got_a = graphed(*a)
+    got_b = graphed(*b)
+    if not torch.equal(got_b, want_b):
+        defects.append("stale inputs")
+    if not torch.equal(got_a, want_a):
+        defects.append("output overwritten by a later replay")
+    try:
+        got_c = graphed(*c)
+        if got_c.shape != want_c.shape or not torch.equal(got_c, want_c):
+            defects.append("shape change not re-captured")
+    except RuntimeError:
+        defects.append("shape change not re-captured")
+    if not torch.equal(graphed(*a), want_a) or graphed.captures > 2:
+        defects.append("signature seen before captured again")
+    return defects
+
+
+def _toy_forward():
+    weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+
+    def fn(x, scale):
+        return (x @ weight).tanh() * scale
+
+    def make_input(seed, rows):
+        return torch.randn(rows, 3, 8, generator=torch.Generator().manual_seed(seed)), 2.0
+
+    return fn, make_input
+
+
+def test_graphed_forward_copies_inputs_clones_outputs_and_recaptures():
+    fn, make_input = _toy_forward()
+    assert graph_defects(GraphedForward, fn, make_input) == []
+
+
+@pytest.mark.parametrize("plant, defect", [(NoCopy, "stale inputs"), (NoClone, "output overwritten by a later replay"),
+                                           (NoRecapture, "shape change not re-captured")])
+def test_graph_checks_catch_planted_defects(plant, defect):
+    fn, make_input = _toy_forward()
+    assert defect in graph_defects(plant, fn, make_input)
+
+
+def test_graphed_forward_keys_non_tensor_arguments_and_evicts_the_oldest():
+    fn, make_input = _toy_forward()
+    graphed = GraphedForward(fn, new_graph=ReplayingGraph, max_graphs=2)
+    x, _ = make_input(0, 1)
+    for scale in (1.0, 2.0, 1.0, 3.0):
+        assert torch.equal(graphed(x, scale), fn(x, scale))
+    assert graphed.captures == 3 and len(graphed.graphs) == 2
+    with pytest.raises(TypeError, match="must be hashable"):
+        graphed(x, {1.0})  # a set is one pytree leaf, and unhashable: it cannot key a captured graph
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphed_denoiser_is_bitwise_the_eager_one(family, one_thread):
+    """The whole tiny denoiser behind GraphedForward (stand-in graph): every call bitwise equal to eager, including a
+    second input of the same signature (replay on refreshed buffers) and a batch of another size (re-capture)."""
+    model, forward, inputs = _denoiser(family)
+    with torch.no_grad():
+        eager = forward(inputs)
+        other = {k: (v.flip(0) if isinstance(v, torch.Tensor) and v.shape[:1] == (2,) else v) for k, v in inputs.items()}
+        eager_other = forward(other)
+        single = {k: (v[:1] if isinstance(v, torch.Tensor) and v.shape[:1] == (2,) else v) for k, v in inputs.items()}
+        eager_single = forward(single)
+        model.forward = GraphedForward(model.forward, new_graph=ReplayingGraph)
+        assert torch.equal(forward(inputs), eager)
+        assert torch.equal(forward(other), eager_other)
+        assert torch.equal(forward(single), eager_single)
+        assert model.forward.captures == 2
