@@ -1,9 +1,9 @@
 """Speed-ups applied to a built model, one switch each, so an accuracy regression can be traced to one flag. Every
 switch is a field of OptimizeSpec, which RunConfig holds, so each is a suite axis the gate sees.
 
-optimize() applies them in one order: fp8 fast accumulation (a property of the quantized linears, set before
-anything traces them), the attention kernel, block compilation, then the CUDA graph around the whole forward (last:
-it captures whatever the earlier steps left, compiled kernels included).
+optimize() applies them in one order: the fp8 linears' switches (fast accumulation, weight-only output scaling:
+properties of the quantized linears, set before anything traces them), the attention kernel, block compilation,
+then the CUDA graph around the whole forward (last: it captures what the earlier steps left, compiled kernels too).
 
 Compilation is regional: each transformer block is compiled on its own and the conditioning path (timestep,
 guidance and pooled-text embeddings) stays eager (why: the comment below).
@@ -25,7 +25,7 @@ from torch import nn
 
 from engine.attention import attention_backend
 from engine.cuda_graphs import GraphedForward
-from engine.quant.linear import enable_fp8_fast_accum
+from engine.quant.linear import enable_fp8_fast_accum, enable_fp8_wo_output_scale
 
 GRAPH_DEVICES = ("cuda", "cuda:N")
 
@@ -39,6 +39,11 @@ class OptimizeSpec:
     # fp8 tensor-core accumulator (ANCHORS 8: 870-1160 -> 980-1255 TFLOP/s). CPU has no such mode: the flag reaches
     # the call and changes nothing there. Refused on a model without a _scaled_mm fp8 W8A8 linear.
     fp8_fast_accum: bool = False
+    # fp8 weight-only linears multiply the matmul output by the per-row weight scale instead of dequantizing the
+    # weight (engine/quant/linear.py Fp8Linear.forward): the per-call weight work is an exact fp8 cast, and eager no
+    # longer writes a float32 copy of every weight per call. With compile_mode "max-autotune-no-cudagraphs"
+    # inductor may fold the cast into a Triton GEMM's prologue. Refused on a model without such a linear.
+    fp8_wo_output_scale: bool = False
     # Capture the denoiser forward in a CUDA graph per input shape and replay it (engine/cuda_graphs.py): removes
     # the launch gaps (~5.5 ms of a compiled FLUX.1 forward on an H100). CUDA only.
     cuda_graphs: bool = False
@@ -50,6 +55,9 @@ class OptimizeSpec:
         if self.fp8_fast_accum and quant is not None and quant != "fp8":
             raise ValueError(f"optimize.fp8_fast_accum needs quant mode 'fp8' (W8A8 through torch._scaled_mm); "
                              f"this run's quant mode is {quant!r}")
+        if self.fp8_wo_output_scale and quant is not None and quant != "fp8-wo":
+            raise ValueError(f"optimize.fp8_wo_output_scale needs quant mode 'fp8-wo' (fp8 weight-only); this run's "
+                             f"quant mode is {quant!r}")
         if self.cuda_graphs and torch.device(device).type != "cuda":
             raise ValueError(f"optimize.cuda_graphs needs a CUDA device (valid: {', '.join(GRAPH_DEVICES)}); "
                              f"the model runs on {torch.device(device)}")
@@ -78,6 +86,9 @@ def optimize(model: nn.Module, spec: OptimizeSpec) -> nn.Module:
     if spec.fp8_fast_accum and enable_fp8_fast_accum(model) == 0:
         raise ValueError("optimize.fp8_fast_accum: the model has no fp8 W8A8 linear running torch._scaled_mm "
                          "(quant mode 'fp8' with the scaled_mm backend: CPU, or CUDA sm89+ in bf16); nothing to switch")
+    if spec.fp8_wo_output_scale and enable_fp8_wo_output_scale(model) == 0:
+        raise ValueError("optimize.fp8_wo_output_scale: the model has no fp8 weight-only linear that dequantizes per "
+                         "call (quant mode 'fp8-wo' without cache_dequant); nothing to switch")
     model.attention = attention_backend(spec.attention)
     if spec.compile_blocks:
         for blocks in block_lists(model):

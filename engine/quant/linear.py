@@ -115,6 +115,8 @@ class Fp8Linear(QuantLinear):
         # torch._scaled_mm's use_fast_accum; set after build by engine.optimize (OptimizeSpec.fp8_fast_accum), before
         # any compile traces forward, so forward still branches only on attributes fixed before the first call.
         self.fast_accum = False
+        # Weight-only: scale the matmul's output columns instead of the weight rows (OptimizeSpec.fp8_wo_output_scale).
+        self.output_scale = False
         self._finish()
 
     @classmethod
@@ -145,6 +147,14 @@ class Fp8Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.options.act:
+            if self.output_scale:
+                # x @ (codes * s)^T == (x @ codes^T) * s per output column. The cast of e4m3 codes to bf16 / fp32 is
+                # exact, so the only per-call weight work is that cast (inductor can fold it into a GEMM prologue);
+                # the scale and bias are applied in float32 to the matmul's output, then rounded once more.
+                out = F.linear(x, self.qweight.to(x.dtype)) * self.weight_scale.t()
+                if self.bias is not None:
+                    out = out + self.bias
+                return out.to(x.dtype)
             return F.linear(x, self._weight_in(x.dtype), self.bias)
         x2 = x.reshape(-1, self.in_features)
         codes, scale = fp8.quantize_rows(x2)
@@ -158,7 +168,8 @@ class Fp8Linear(QuantLinear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend.value}, fast_accum={self.fast_accum}"
+        return (super().extra_repr() + f", backend={self.backend.value}, fast_accum={self.fast_accum}, "
+                f"output_scale={self.output_scale}")
 
 
 def enable_fp8_fast_accum(model: nn.Module) -> int:
@@ -168,6 +179,16 @@ def enable_fp8_fast_accum(model: nn.Module) -> int:
               if isinstance(m, Fp8Linear) and m.options.act and m.backend is Fp8Backend.SCALED_MM]
     for module in chosen:
         module.fast_accum = True
+    return len(chosen)
+
+
+def enable_fp8_wo_output_scale(model: nn.Module) -> int:
+    """Switch every fp8 weight-only linear of `model` that dequantizes per call to scaling its output instead; return
+    how many. Linears holding a dequantized cache (cache_dequant) have no per-call dequantization to save."""
+    chosen = [m for m in model.modules()
+              if isinstance(m, Fp8Linear) and not m.options.act and not m.options.cache_dequant]
+    for module in chosen:
+        module.output_scale = True
     return len(chosen)
 
 
