@@ -274,3 +274,19 @@ def test_graphed_denoiser_is_bitwise_the_eager_one(family, one_thread):
         assert torch.equal(forward(other), eager_other)
         assert torch.equal(forward(single), eager_single)
         assert model.forward.captures == 2
+
+
+def test_optimize_wraps_the_forward_last(monkeypatch, one_thread):
+    """optimize(cuda_graphs) puts the graph around the whole forward after every other switch, and the family's
+    forward goes through it: shown on CPU with the device check answered 'cuda' and the stand-in graph injected."""
+    import engine.optimize as O
+
+    monkeypatch.setattr(O, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(O, "GraphedForward", lambda fn: GraphedForward(fn, new_graph=ReplayingGraph))
+    _, eager, inputs = _denoiser("flux1", "fp8")
+    model, graphed, _ = _denoiser("flux1", "fp8", OptimizeSpec(cuda_graphs=True, fp8_fast_accum=True))
+    assert isinstance(model.forward, GraphedForward)
+    with torch.no_grad():
+        assert torch.equal(graphed(inputs), eager(inputs))
+        assert torch.equal(graphed(inputs), eager(inputs))
+    assert model.forward.captures == 1
