@@ -28,6 +28,7 @@ from engine.cuda_graphs import GraphedForward
 from engine.quant.linear import enable_fp8_fast_accum, enable_fp8_wo_output_scale
 
 GRAPH_DEVICES = ("cuda", "cuda:N")
+INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs themselves
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class OptimizeSpec:
         """Raise if this spec cannot run on `device` with quant mode `quant` (None: not known yet); preflight calls
         it before any weight is loaded, optimize() again on the built model."""
         attention_backend(self.attention)
+        if self.cuda_graphs and self.compile_mode in INDUCTOR_GRAPH_MODES:
+            raise ValueError(f"optimize.cuda_graphs with compile_mode {self.compile_mode!r}: that mode already records "
+                             "CUDA graphs of its own (inductor's cudagraph trees) and cannot run inside ours; use "
+                             "compile_mode 'max-autotune-no-cudagraphs' or None")
         if self.fp8_fast_accum and quant is not None and quant != "fp8":
             raise ValueError(f"optimize.fp8_fast_accum needs quant mode 'fp8' (W8A8 through torch._scaled_mm); "
                              f"this run's quant mode is {quant!r}")

@@ -144,6 +144,13 @@ def test_cuda_graphs_refused_on_cpu_naming_the_valid_devices(one_thread):
         preflight(cfg)  # before any folder is read
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graphs_refuse_a_compile_mode_with_graphs_of_its_own(mode):
+    with pytest.raises(ValueError, match=f"compile_mode {mode!r}.*max-autotune-no-cudagraphs"):
+        OptimizeSpec(cuda_graphs=True, compile_blocks=True, compile_mode=mode).check("cuda")
+    OptimizeSpec(cuda_graphs=True, compile_blocks=True, compile_mode="max-autotune-no-cudagraphs").check("cuda")
+
+
 # --- cuda_graphs: the wrapper's bookkeeping, with a stand-in graph ---------------------------------------------------
 class ReplayingGraph:
     """A Graph that 'replays' by re-running the captured call on the static buffers it closed over and writing the
