@@ -211,6 +211,10 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
                 out_dir.mkdir(parents=True, exist_ok=True)
                 pd.DataFrame(rows).to_csv(out_dir / f"bench-{cfg.parallel}.csv", index=False)
             del model, fwd, out
+            # Every mode compiles from a clean slate: blocks of one class share dynamo's per-code cache across model
+            # instances, and a mode past its recompile limit would silently run eager blocks. Inductor's on-disk
+            # cache still spares recompiling identical graphs.
+            torch._dynamo.reset()
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
