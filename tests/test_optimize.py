@@ -208,7 +208,7 @@ class NoRecapture(GraphedForward):
 
 def graph_defects(cls, fn, make_input) -> list[str]:
     """What a graphed `fn` gets wrong against calling fn: stale inputs, an output later overwritten, a shape change
-    served by the old graph, or an extra capture for a signature already seen."""
+    served by the old graph, or a number of captures other than one per signature (none: the graph is not used)."""
     graphed = cls(fn, new_graph=ReplayingGraph)
     a, b, c = make_input(0, 1), make_input(1, 1), make_input(2, 2)  # b: same shape as a; c: another shape
     want_a, want_b, want_c = fn(*a), fn(*b), fn(*c)
@@ -225,8 +225,10 @@ def graph_defects(cls, fn, make_input) -> list[str]:
             defects.append("shape change not re-captured")
     except RuntimeError:
         defects.append("shape change not re-captured")
-    if not torch.equal(graphed(*a), want_a) or graphed.captures > 2:
-        defects.append("signature seen before captured again")
+    if not torch.equal(graphed(*a), want_a):
+        defects.append("wrong output for a signature seen before")
+    if graphed.captures != 2:
+        defects.append(f"{graphed.captures} captures for 2 signatures")
     return defects
 
 
@@ -247,8 +249,16 @@ def test_graphed_forward_copies_inputs_clones_outputs_and_recaptures():
     assert graph_defects(GraphedForward, fn, make_input) == []
 
 
+class NoGraph(GraphedForward):
+    """Planted: calls the function every time; right answers, no graph."""
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 @pytest.mark.parametrize("plant, defect", [(NoCopy, "stale inputs"), (NoClone, "output overwritten by a later replay"),
-                                           (NoRecapture, "shape change not re-captured")])
+                                           (NoRecapture, "shape change not re-captured"),
+                                           (NoGraph, "0 captures for 2 signatures")])
 def test_graph_checks_catch_planted_defects(plant, defect):
     fn, make_input = _toy_forward()
     assert defect in graph_defects(plant, fn, make_input)
