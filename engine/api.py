@@ -215,12 +215,11 @@ def world_size(parallel: str) -> int:
 def preflight(cfg: RunConfig) -> None:
     """Input errors that would make a run fail, found without loading weights: the parallel and optimize specs,
     and the quant spec against every denoiser (meta-device builds)."""
-    from engine.attention import attention_backend
     from engine.denoisers import check_quant_spec
     from engine.quant.api import QuantSpec
 
     world_size(cfg.parallel)
-    attention_backend(cfg.optimize.attention)
+    cfg.optimize.check(cfg.device, cfg.quant)
     check_quant_spec(_family(cfg.family), Path(cfg.model_dir), QuantSpec(cfg.quant, cfg.quant_ignored))
 
 

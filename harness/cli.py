@@ -272,11 +272,14 @@ def cmd_bench(args) -> int:
     from harness.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(family=args.family, height=args.height, width=args.width, text_tokens=args.text_tokens,
-                      iters=args.iters, warmup=args.warmup, parallel=args.parallel)
-    frame = run_bench(cfg, args.modes, Path(args.out))
+                      iters=args.iters, warmup=args.warmup, parallel=args.parallel, size=args.size, device=args.device)
+    frame = run_bench(cfg, args.modes, Path(args.out))  # a bad mode, family or device: ValueError, exit 2
+    failed = frame[frame["error"] != ""]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
         print(frame[["mode", "parallel", "median_ms", "min_ms", "weight_gb", "cosine_vs_first"]].to_string(index=False))
-    return EXIT_PASS
+        for _, row in failed.iterrows():
+            print(f"FAILED {row['mode']} ({row['denoiser']}): {row['error']}")
+    return EXIT_FAIL if len(failed) else EXIT_PASS
 
 
 def cmd_sensitivity(args) -> int:
@@ -458,7 +461,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--iters", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--modes", nargs="+", default=["diffusers-bf16", "engine-bf16"],
-                       help="diffusers-bf16 and engine-<bf16|quant mode>[+compile]; the first is the accuracy baseline")
+                       help="diffusers-bf16[+compile|+regional] and engine-<bf16|quant mode>[+option...] (options: "
+                            "compile, cudnn, autotune and every OptimizeSpec switch by name, e.g. +cuda_graphs); the "
+                            "first is the accuracy baseline; a mode that fails is a row with its error (exit 1)")
+    bench.add_argument("--size", default="full", help="zoo size of the synthesized weights (tiny: a quick CPU check)")
+    bench.add_argument("--device", default="cuda", help="cuda, or cpu to check that modes build and agree")
     bench.add_argument("--parallel", default="sp1",
                        help="sequence-parallel config; run under torchrun with that many processes, e.g. "
                             "`torchrun --nproc-per-node 2 -m harness.cli bench --parallel ulysses2`")

@@ -112,6 +112,11 @@ class Fp8Linear(QuantLinear):
             backend = (Fp8Backend.SCALED_MM if scaled_mm_runs(qweight.device, dtype, in_features, out_features)
                        else Fp8Backend.EMULATED)
         self.backend = backend
+        # torch._scaled_mm's use_fast_accum; set after build by engine.optimize (OptimizeSpec.fp8_fast_accum), before
+        # any compile traces forward, so forward still branches only on attributes fixed before the first call.
+        self.fast_accum = False
+        # Weight-only: scale the matmul's output columns instead of the weight rows (OptimizeSpec.fp8_wo_output_scale).
+        self.output_scale = False
         self._finish()
 
     @classmethod
@@ -142,12 +147,20 @@ class Fp8Linear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.options.act:
+            if self.output_scale:
+                # x @ (codes * s)^T == (x @ codes^T) * s per output column. The cast of e4m3 codes to bf16 / fp32 is
+                # exact, so the only per-call weight work is that cast (inductor can fold it into a GEMM prologue);
+                # the scale and bias are applied in float32 to the matmul's output, then rounded once more.
+                out = F.linear(x, self.qweight.to(x.dtype)) * self.weight_scale.t()
+                if self.bias is not None:
+                    out = out + self.bias
+                return out.to(x.dtype)
             return F.linear(x, self._weight_in(x.dtype), self.bias)
         x2 = x.reshape(-1, self.in_features)
         codes, scale = fp8.quantize_rows(x2)
         if self.backend is Fp8Backend.SCALED_MM:
             out = torch._scaled_mm(codes, self.qweight.t(), scale_a=scale, scale_b=self.weight_scale.t(),
-                                   out_dtype=x.dtype)
+                                   out_dtype=x.dtype, use_fast_accum=self.fast_accum)
         else:
             out = emulated_scaled_mm(codes, self.qweight, scale, self.weight_scale, x.dtype)
         if self.bias is not None:
@@ -155,7 +168,28 @@ class Fp8Linear(QuantLinear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend.value}"
+        return (super().extra_repr() + f", backend={self.backend.value}, fast_accum={self.fast_accum}, "
+                f"output_scale={self.output_scale}")
+
+
+def enable_fp8_fast_accum(model: nn.Module) -> int:
+    """Switch every fp8 W8A8 linear of `model` that runs torch._scaled_mm to fast accumulation; return how many.
+    The emulated twin and weight-only linears have no accumulator to choose and are left alone."""
+    chosen = [m for m in model.modules()
+              if isinstance(m, Fp8Linear) and m.options.act and m.backend is Fp8Backend.SCALED_MM]
+    for module in chosen:
+        module.fast_accum = True
+    return len(chosen)
+
+
+def enable_fp8_wo_output_scale(model: nn.Module) -> int:
+    """Switch every fp8 weight-only linear of `model` that dequantizes per call to scaling its output instead; return
+    how many. Linears holding a dequantized cache (cache_dequant) have no per-call dequantization to save."""
+    chosen = [m for m in model.modules()
+              if isinstance(m, Fp8Linear) and not m.options.act and not m.options.cache_dequant]
+    for module in chosen:
+        module.output_scale = True
+    return len(chosen)
 
 
 class NVFP4Linear(QuantLinear):
