@@ -20,6 +20,14 @@ class ReplicationError(RuntimeError):
     pass
 
 
+# The replication check (a tiny all-reduce and a host sync) runs on forward 0 of a wrapped model and then on every
+# REPLICATION_CHECK_EVERY-th forward. Ranks that drew different noise differ from their first forward, so forward 0
+# catches them; the later samples catch ranks that drift apart mid-run, and with 16 every generate() of 16 steps or
+# more (any later seed on the same model included) is checked at least once, while a sync that stalls the host
+# before each forward's launches is paid on one forward in 16 instead of on every one.
+REPLICATION_CHECK_EVERY = 16
+
+
 def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
     return plan.shard(x, dim, index)
 
@@ -33,7 +41,7 @@ def shard_positions(plan: ShardPlan, ids: torch.Tensor, dim: int, index: int) ->
 def assert_replicated(x: torch.Tensor, group, what: str) -> None:
     """Raise if `x` differs between the ranks of `group`. A float64 fingerprint (sum, sum of squares, a position-
     weighted sum) is reduced with MAX over (f, -f): equal on every rank iff max == -max(-f) == min. One tiny
-    all-reduce per forward; it catches ranks that drew different noise, which would otherwise only blur the
+    all-reduce and a host sync per call (the wrapper samples its forwards: REPLICATION_CHECK_EVERY); it catches ranks that drew different noise, which would otherwise only blur the
     result (CFG ranks on different latents still produce a plausible image)."""
     flat = x.detach().flatten().double()
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973)
@@ -59,8 +67,10 @@ class SequenceParallelTransformer(nn.Module):
             raise ValueError("transformer is already wrapped for parallelism; apply_parallel once per pipeline")
         self.inner = inner
         self.mesh = mesh
-        # One tiny all-reduce and host sync per forward; set False to drop it (e.g. under CUDA graphs).
-        self.check_replicated = True
+        # Forwards between replication checks (forward 0 is always checked); 0 turns the check off (e.g. under CUDA
+        # graphs, which cannot capture a host sync).
+        self.replication_check_every = REPLICATION_CHECK_EVERY
+        self.forwards = 0
         if mesh.sp.size > 1:
             self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
             inner.attention = self.sp_attention
@@ -88,8 +98,10 @@ class SequenceParallelTransformer(nn.Module):
     def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call):
         """call(image_shard, ids_shard) runs the inner model on this rank's shard; returns the gathered output.
         image_ids: one row per image token along dim 0 (position ids, or RoPE rows), cut exactly as the tokens."""
-        if self.check_replicated:
-            assert_replicated(image, None, "the image latents given to the transformer")
+        every, n = self.replication_check_every, self.forwards
+        self.forwards += 1
+        if every > 0 and n % every == 0:
+            assert_replicated(image, None, f"the image latents given to the transformer (forward {n})")
         sp = self.mesh.sp
         if sp.size == 1:
             return call(image, image_ids)
