@@ -21,11 +21,12 @@ the attention output for the same tokens in the same order, equal to what one de
 """
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.distributed as dist
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention
-from engine.parallel.comm import all_gather_stacked
+from engine.parallel.comm import all_gather_stacked, all_to_all, start_ring_shift, wait
 from engine.parallel.kernels import LseAttentionFn, fused_attention_lse, merge_ordered, merge_partials
 from engine.parallel.mesh import Axis, Mesh
 from engine.parallel.sharding import ShardPlan
@@ -50,8 +51,7 @@ def heads_to_sequence(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> to
     n, b, s, h, d = x.shape
     u = axis.size
     send = x.view(n, b, s, u, h // u, d).permute(3, 2, 0, 1, 4, 5).reshape(u * s, n, b, h // u, d)
-    recv = x.new_empty((sum(sizes), n, b, h // u, d))
-    dist.all_to_all_single(recv, send, output_split_sizes=list(sizes), input_split_sizes=[s] * u, group=axis.group)
+    recv = all_to_all(send, list(sizes), [s] * u, axis.group_name)
     return recv.permute(1, 2, 0, 3, 4)
 
 
@@ -59,15 +59,13 @@ def sequence_to_heads(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> to
     """Inverse of heads_to_sequence for one tensor: (B, sum(sizes), H/U, D) -> (B, S_local, H, D)."""
     b, _, hu, d = x.shape
     u, s = axis.size, sizes[axis.index]
-    send = x.permute(1, 0, 2, 3).contiguous()
-    recv = x.new_empty((u * s, b, hu, d))
-    dist.all_to_all_single(recv, send, output_split_sizes=[s] * u, input_split_sizes=list(sizes), group=axis.group)
+    recv = all_to_all(x.permute(1, 0, 2, 3), [s] * u, list(sizes), axis.group_name)
     return recv.view(u, s, b, hu, d).permute(2, 1, 0, 3, 4).reshape(b, s, u * hu, d)
 
 
 def gather_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
     """(B, T, H/U, D) on each Ulysses rank -> (B, T, H, D) on all of them, head chunks in rank order."""
-    buf = all_gather_stacked(x, axis.group, axis.size)
+    buf = all_gather_stacked(x, axis.group_name, axis.size)
     return buf.permute(1, 2, 0, 3, 4).flatten(2, 3)
 
 
@@ -85,19 +83,17 @@ def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, t
     """This ring rank's image queries against every rank's image block, plus the replicated text keys exactly once
     (with their mask, if any).
 
-    Step i computes on the block of ring rank (index - i) while that block's successor is already in flight
-    (double buffering). Returns fp32 (out, lse)."""
+    Step i computes on the block of ring rank (index - i) while that block's successor is already in flight: the
+    exchange for step i + 1 is started before step i's attention and waited for after its merge (double
+    buffering). Returns fp32 (out, lse)."""
     r, size = axis.index, axis.size
     kv = torch.stack([k, v])  # one message per hop
     out = lse = None
     for step in range(size):
         src = (r - step) % size
         if step + 1 < size:
-            incoming = kv.new_empty((2, kv.shape[1], block_sizes[(src - 1) % size], *kv.shape[3:]))
-            requests = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, kv, axis.global_rank(r + 1), axis.group),
-                dist.P2POp(dist.irecv, incoming, axis.global_rank(r - 1), axis.group),
-            ])
+            incoming_shape = (2, kv.shape[1], block_sizes[(src - 1) % size], *kv.shape[3:])
+            incoming = start_ring_shift(kv, r, size, math.prod(incoming_shape), axis.group_name)
         block_k, block_v = kv[0], kv[1]
         mask = None
         if step == 0 and text_kv is not None:
@@ -112,9 +108,7 @@ def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, t
         else:
             out, lse = merge_partials(out, lse, block_out, block_lse)
         if step + 1 < size:
-            for req in requests:
-                req.wait()
-            kv = incoming
+            kv = wait(incoming).view(incoming_shape)
     return out, lse
 
 
@@ -131,7 +125,7 @@ def ring_text_attention(tq, tk, tv, image_k, image_v, axis: Axis, text_first: bo
     out, lse = (lse_attention(tq, image_k, image_v) if mask is None
                 else lse_attention(tq, image_k, image_v, mask))
     packed = torch.cat([out, lse], dim=-1)  # one collective for both
-    buf = all_gather_stacked(packed, axis.group, axis.size)
+    buf = all_gather_stacked(packed, axis.group_name, axis.size)
     out, _ = merge_ordered([(buf[i, ..., :-1], buf[i, ..., -1:]) for i in range(axis.size)])
     return out
 
