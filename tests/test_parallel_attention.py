@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 
 from engine.parallel import attention as sp_attention
 from engine.parallel.config import ParallelConfigError, ParallelSpec, parse_parallel
-from engine.parallel.kernels import fused_attention_lse, math_attention_lse, merge_ordered
+from engine.parallel.kernels import (
+    cudnn_lse_supported, fused_attention_lse, lse_kernel, math_attention_lse, merge_ordered,
+)
 from engine.parallel.mesh import DistributedSetupError, build_mesh
 from engine.parallel.sharding import ShardPlan, plan_shards
 
@@ -73,6 +75,38 @@ def test_fused_lse_attention_matches_math(dtype):
     want, want_lse = math_attention_lse(q.double(), k.double(), v.double())
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert (out.double() - want).abs().max() < tol and (lse.double() - want_lse).abs().max() < tol * 10
+
+
+def test_lse_kernel_choice():
+    """cuDNN for 16-bit CUDA where it can run (the fast one), flash where it cannot; nothing else moves."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert lse_kernel("cuda", bf16, 128, False, cudnn_ok=True) == "cudnn"
+    assert lse_kernel("cuda", torch.float16, 64, False, cudnn_ok=True) == "cudnn"
+    assert lse_kernel("cuda", bf16, 128, False, cudnn_ok=False) == "flash"
+    assert lse_kernel("cuda", bf16, 256, False, cudnn_ok=True) == "flash"
+    assert lse_kernel("cuda", bf16, 100, False, cudnn_ok=True) == "flash"
+    assert lse_kernel("cuda", fp32, 128, False, cudnn_ok=True) == "efficient"
+    assert lse_kernel("cuda", bf16, 128, True, cudnn_ok=True) == "math"
+    assert lse_kernel("cpu", bf16, 128, False, cudnn_ok=True) == "cpu-flash"
+    assert lse_kernel("cpu", fp32, 128, True, cudnn_ok=False) == "cpu-flash"
+    assert lse_kernel("mps", fp32, 128, False, cudnn_ok=False) == "math"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN and flash lse kernels exist on CUDA only")
+@pytest.mark.parametrize("sizes", [(1024, 1536), (512, 1025), (77, 300)])
+def test_cuda_lse_kernels_match_math(sizes):
+    """On a GPU: the kernel the ring runs (cuDNN on Hopper) against the fp64 twin, with FLUX.1's head size and
+    uneven lengths; flash alongside, and both must return the same lse convention (natural log, per query)."""
+    n_q, n_k = sizes
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, n, 24, 128, generator=g, device="cuda").bfloat16() for n in (n_q, n_k, n_k))
+    want, want_lse = math_attention_lse(q.double(), k.double(), v.double())
+    if cudnn_lse_supported():
+        assert lse_kernel("cuda", q.dtype, 128, False, cudnn_lse_supported()) == "cudnn"
+    out, lse = fused_attention_lse(q, k, v)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    assert (out.double() - want).abs().max() < BF16_TOL and (lse.double() - want_lse).abs().max() < BF16_TOL * 10
+    assert (lse - flash[1].transpose(1, 2)[..., None]).abs().max() < BF16_TOL
 
 
 # --- distributed cases ------------------------------------------------------------------------------------------
