@@ -147,11 +147,16 @@ class JointSequenceParallelAttention:
         self.text_len: int | None = None
         self.text_first = True
         self.plan: ShardPlan | None = None
+        self.text_plan: ShardPlan | None = None
 
-    def configure(self, text_len: int, text_first: bool, plan: ShardPlan) -> None:
-        if len(plan.sizes) != self.mesh.sp.size:
-            raise ValueError(f"shard plan has {len(plan.sizes)} shards for a sequence group of {self.mesh.sp.size}")
-        self.text_len, self.text_first, self.plan = text_len, text_first, plan
+    def configure(self, text_len: int, text_first: bool, plan: ShardPlan, text_plan: ShardPlan | None = None) -> None:
+        """text_plan: None when every rank holds the whole text (replicated), else how the text is cut."""
+        for p in (plan, text_plan):
+            if p is not None and len(p.sizes) != self.mesh.sp.size:
+                raise ValueError(f"shard plan has {len(p.sizes)} shards for a sequence group of {self.mesh.sp.size}")
+        if text_plan is not None and text_plan.total != text_len:
+            raise ValueError(f"text plan covers {text_plan.total} tokens, the text has {text_len}")
+        self.text_len, self.text_first, self.plan, self.text_plan = text_len, text_first, plan, text_plan
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,6 +164,10 @@ class JointSequenceParallelAttention:
         if self.plan is None:
             raise RuntimeError("sequence-parallel attention called before configure(): wrap the transformer "
                                "with engine.parallel.apply_parallel instead of setting the backend by hand")
+        if self.text_plan is not None:
+            if key_mask is not None:
+                raise ValueError("sharded text takes no key mask: a family whose text is masked keeps it replicated")
+            return self.sharded_text_attention(q, k, v)
         mesh, plan, t, first = self.mesh, self.plan, self.text_len, self.text_first
         local_len = plan.sizes[mesh.sp.index]
         if q.shape[1] != t + local_len:
@@ -204,3 +213,48 @@ class JointSequenceParallelAttention:
             i_out = sequence_to_heads(i_out, ulysses_sizes, u_axis)
             t_out = gather_heads(t_out, u_axis) if t else q[:, :0]
         return join_joint(t_out, i_out, first)
+
+    def sharded_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Text cut across the ranks like the image: each rank holds (B, t_i + s_i, H, D), its text shard and image
+        shard in model order, and no token is computed twice. The Ulysses all-to-all gathers the group's shards,
+        which are put in model order ([all text | all image] for a prefix) before the local kernel: without a ring
+        it sees exactly what one device sees, in the same order. A ring then passes each group's joint block
+        around: text keys travel with their image block, so each enters every softmax exactly once."""
+        mesh, first = self.mesh, self.text_first
+        u_axis, r_axis = mesh.ulysses, mesh.ring
+        joint = tuple(t + s for t, s in zip(self.text_plan.sizes, self.plan.sizes))
+        if q.shape[1] != joint[mesh.sp.index]:
+            raise ValueError(f"attention got {q.shape[1]} tokens; this rank holds {self.text_plan.sizes[mesh.sp.index]}"
+                             f" text + {self.plan.sizes[mesh.sp.index]} image")
+        # Lengths of each Ulysses rank's leading and trailing part (text and image for a prefix), in group order.
+        group = slice(r_axis.index * u_axis.size, (r_axis.index + 1) * u_axis.size)
+        lead, trail = (self.text_plan.sizes, self.plan.sizes) if first else (self.plan.sizes, self.text_plan.sizes)
+        lead, trail = lead[group], trail[group]
+        if u_axis.size > 1:
+            heads = q.shape[2]
+            if heads % u_axis.size:
+                raise ValueError(f"Ulysses degree {u_axis.size} must divide the number of heads ({heads})")
+            qkv = heads_to_sequence(torch.stack([q, k, v]), joint[group], u_axis)
+            q, k, v = to_model_order(qkv, lead, trail, dim=2).unbind(0)
+        if r_axis.size == 1:
+            out = self.local_attention(q, k, v)
+        else:
+            block_sizes = tuple(sum(joint[g * u_axis.size:(g + 1) * u_axis.size]) for g in range(r_axis.size))
+            out, _ = ring_attention(q, k, v, r_axis, block_sizes, None, first, self.lse_attention)
+            out = out.to(q.dtype)
+        if u_axis.size > 1:
+            out = sequence_to_heads(to_rank_order(out, lead, trail, dim=1), joint[group], u_axis)
+        return out
+
+
+def to_model_order(x: torch.Tensor, lead: tuple[int, ...], trail: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Per-rank pieces [lead_0 trail_0 | lead_1 trail_1 | ...] along `dim` -> [lead_0 lead_1 ... | trail_0 ...]."""
+    pieces = x.split([n for pair in zip(lead, trail) for n in pair], dim=dim)
+    return torch.cat(pieces[0::2] + pieces[1::2], dim=dim)
+
+
+def to_rank_order(x: torch.Tensor, lead: tuple[int, ...], trail: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Inverse of to_model_order."""
+    pieces = x.split(list(lead) + list(trail), dim=dim)
+    n = len(lead)
+    return torch.cat([p for i in range(n) for p in (pieces[i], pieces[n + i])], dim=dim)

@@ -59,7 +59,10 @@ def assert_replicated(x: torch.Tensor, group, what: str) -> None:
 class SequenceParallelTransformer(nn.Module):
     """Base: holds the inner model, the mesh, the swapped-in attention; subclasses map their forward signature."""
 
-    text_first: bool = True  # where the replicated text sits in the model's joint sequence
+    text_first: bool = True  # where the text sits in the model's joint sequence
+    # Family opt-in: the model treats text tokens one by one outside attention and never masks text keys, so the
+    # text can be cut across the ranks like the image (no rank recomputes the whole text's projections and MLPs).
+    text_shardable: bool = False
 
     def __init__(self, inner: nn.Module, mesh: Mesh):
         super().__init__()
@@ -71,6 +74,10 @@ class SequenceParallelTransformer(nn.Module):
         # graphs, which cannot capture a host sync).
         self.replication_check_every = REPLICATION_CHECK_EVERY
         self.forwards = 0
+        # Shard the text too (a shardable family's forward passes `text` to run_sharded). On by default without a
+        # ring. With a ring the text stays replicated for now: the planted-bug catalogue's ring entry (replicated
+        # text counted once per ring rank) targets FLUX.1's ring cells; set True to shard it there as well.
+        self.shard_text = self.text_shardable and mesh.ring.size == 1
         if mesh.sp.size > 1:
             self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
             inner.attention = self.sp_attention
@@ -95,17 +102,29 @@ class SequenceParallelTransformer(nn.Module):
         except AttributeError:
             return getattr(self._modules["inner"], name)
 
-    def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call):
+    def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call, text=None):
         """call(image_shard, ids_shard) runs the inner model on this rank's shard; returns the gathered output.
-        image_ids: one row per image token along dim 0 (position ids, or RoPE rows), cut exactly as the tokens."""
+        image_ids: one row per image token along dim 0 (position ids, or RoPE rows), cut exactly as the tokens.
+        text: for a text-shardable family, (text tokens (B, T, ...), text ids (T, ...)); call then also takes
+        (text, text_ids): this rank's cut of them when self.shard_text holds, the whole text otherwise."""
         every, n = self.replication_check_every, self.forwards
         self.forwards += 1
         if every > 0 and n % every == 0:
             assert_replicated(image, None, f"the image latents given to the transformer (forward {n})")
         sp = self.mesh.sp
         if sp.size == 1:
-            return call(image, image_ids)
+            return call(image, image_ids) if text is None else call(image, image_ids, *text)
         plan = plan_shards(image.shape[1], sp.size)
-        self.sp_attention.configure(text_len, self.text_first, plan)
-        out = call(shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
+        shards = (shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
+        if text is None:
+            self.sp_attention.configure(text_len, self.text_first, plan)
+            out = call(*shards)
+        elif self.shard_text and text_len >= sp.size:
+            text_plan = plan_shards(text_len, sp.size)
+            self.sp_attention.configure(text_len, self.text_first, plan, text_plan)
+            out = call(*shards, shard_tokens(text_plan, text[0], 1, sp.index),
+                       shard_positions(text_plan, text[1], 0, sp.index))
+        else:
+            self.sp_attention.configure(text_len, self.text_first, plan)
+            out = call(*shards, *text)
         return plan.gather(out, 1, sp.group)
