@@ -63,6 +63,10 @@ class SequenceParallelTransformer(nn.Module):
     # Family opt-in: the model treats text tokens one by one outside attention and never masks text keys, so the
     # text can be cut across the ranks like the image (no rank recomputes the whole text's projections and MLPs).
     text_shardable: bool = False
+    # With a ring the text stays replicated by default for now: the planted-bug catalogue's ring entry (replicated
+    # text counted once per ring rank) targets FLUX.1's ring cells. True shards it there as well (text keys then
+    # travel with their block); tools/sp_bench.py measures both.
+    shard_text_with_ring: bool = False
 
     def __init__(self, inner: nn.Module, mesh: Mesh):
         super().__init__()
@@ -74,10 +78,8 @@ class SequenceParallelTransformer(nn.Module):
         # graphs, which cannot capture a host sync).
         self.replication_check_every = REPLICATION_CHECK_EVERY
         self.forwards = 0
-        # Shard the text too (a shardable family's forward passes `text` to run_sharded). On by default without a
-        # ring. With a ring the text stays replicated for now: the planted-bug catalogue's ring entry (replicated
-        # text counted once per ring rank) targets FLUX.1's ring cells; set True to shard it there as well.
-        self.shard_text = self.text_shardable and mesh.ring.size == 1
+        # Shard the text too (a shardable family's forward passes `text` to run_sharded).
+        self.shard_text = self.text_shardable and (mesh.ring.size == 1 or self.shard_text_with_ring)
         if mesh.sp.size > 1:
             self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
             inner.attention = self.sp_attention
