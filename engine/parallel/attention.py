@@ -15,6 +15,10 @@ the attention output for the same tokens in the same order, equal to what one de
   all-gathered and merged in ring order, so every rank ends with the same bits.
 - Lengths that do not divide are moved exactly (uneven all_to_all_single splits, ring receive buffers sized for
   the sender's block): no padding, so no mask is needed.
+- Text sharded like the image (`configure(..., text_plan)`, for families whose text is never masked): each rank
+  holds its text shard and image shard, nothing is computed twice. Ulysses puts the gathered shards in model order
+  before the local kernel (so it stays equal to one device); a ring passes joint [text | image] blocks, the text
+  keys travelling with their block (sharded_text_attention).
 - A key mask (padded text in a batch of prompts of different lengths) may cover text keys only: the text is
   replicated, so its mask is too, and it goes wherever the text keys go (the local attention after the all-to-all,
   the ring's first block, the text queries' owner block). Image keys are never masked.

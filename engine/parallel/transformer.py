@@ -1,6 +1,7 @@
 """Wrap a built transformer so that its forward runs sequence-parallel: shard the image tokens and their position
-ids on entry (text stays replicated), run the unchanged model with the SP attention backend swapped in, gather the
-image output on exit. Every rank passes full-length inputs and gets the full-length output.
+ids on entry (the text too where the family allows it, else the text stays replicated), run the unchanged model
+with the SP attention backend swapped in, gather the image output on exit. Every rank passes full-length inputs
+and gets the full-length output.
 
 Family knowledge (which arguments are image tokens and ids, whether text comes before or after the image in the
 joint sequence) lives in one small subclass per family, in the family's own pipeline file (Family.sequence_parallel).
@@ -41,8 +42,9 @@ def shard_positions(plan: ShardPlan, ids: torch.Tensor, dim: int, index: int) ->
 def assert_replicated(x: torch.Tensor, group, what: str) -> None:
     """Raise if `x` differs between the ranks of `group`. A float64 fingerprint (sum, sum of squares, a position-
     weighted sum) is reduced with MAX over (f, -f): equal on every rank iff max == -max(-f) == min. One tiny
-    all-reduce and a host sync per call (the wrapper samples its forwards: REPLICATION_CHECK_EVERY); it catches ranks that drew different noise, which would otherwise only blur the
-    result (CFG ranks on different latents still produce a plausible image)."""
+    all-reduce and a host sync per call (the wrapper samples its forwards: REPLICATION_CHECK_EVERY); it catches
+    ranks that drew different noise, which would otherwise only blur the result (CFG ranks on different latents
+    still produce a plausible image)."""
     flat = x.detach().flatten().double()
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973)
     f = torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()])
