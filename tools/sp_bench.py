@@ -69,6 +69,8 @@ def table(out: Path, names: list[str]) -> pd.DataFrame:
             frame.insert(0, "config", name)
             frame["ring_text_sharded"] = flag == "ringtext"
             rows.append(frame)
+    if not rows:
+        return pd.DataFrame()
     frame = pd.concat(rows, ignore_index=True)
     base = frame[frame.parallel == "sp1"].set_index("height").median_ms
     frame["speedup_vs_sp1"] = [base.get(h, float("nan")) / ms for h, ms in zip(frame.height, frame.median_ms)]
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
     done = [n for n in names if n not in failed]
     frame = table(Path(args.out), done)
+    if frame.empty:
+        print("[sp_bench] no config finished: nothing to write", flush=True)
+        return 1
     frame.to_csv(Path(args.out) / "sp_bench.csv", index=False)
     cols = ["config", "median_ms", "speedup_vs_sp1", "cosine_vs_first", "peak_mem_gb", "device_name"]
     print(frame[[c for c in cols if c in frame]].to_string(index=False), flush=True)

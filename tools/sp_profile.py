@@ -91,6 +91,24 @@ def analyse(prof, iters: int, device: str) -> dict:
     }
 
 
+def lse_kernel_check(device: str, dtype: torch.dtype) -> dict:
+    """The ring's partial-attention kernel on this device against the fp64 twin, at FLUX.1-like shapes with uneven
+    lengths: which kernel runs and its worst errors (out, lse). The same check as tests/test_parallel_attention.py's
+    CUDA test, for machines without pytest."""
+    from engine.parallel.kernels import cudnn_lse_supported, fused_attention_lse, lse_kernel, math_attention_lse
+
+    g = torch.Generator(device).manual_seed(0)
+    report = {"lse_kernel": lse_kernel(torch.device(device).type, dtype, 128, False,
+                                       torch.device(device).type == "cuda" and cudnn_lse_supported())}
+    for n_q, n_k in [(1024, 1536), (512, 1025), (77, 300)]:
+        q, k, v = (torch.randn(1, n, 24, 128, generator=g, device=device).to(dtype) for n in (n_q, n_k, n_k))
+        out, lse = fused_attention_lse(q, k, v)
+        want, want_lse = math_attention_lse(q.double(), k.double(), v.double())
+        report[f"lse_check_{n_q}x{n_k}"] = {"out_max_abs_err": (out.double() - want).abs().max().item(),
+                                             "lse_max_abs_err": (lse.double() - want_lse).abs().max().item()}
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="flux1")
@@ -160,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                 inner.attention = model.sp_attention
             cosine = torch.nn.functional.cosine_similarity(out.double().flatten(), single.double().flatten(),
                                                            dim=0).item()
+    kernel_check = lse_kernel_check(device, dtype)
     summary = {"parallel": args.parallel, "rank": rank, "family": args.family, "size": args.size,
                "height": args.height, "width": args.width, "text_tokens": args.text_tokens,
                "compiled_blocks": not args.no_compile, "shard_text": getattr(model, "shard_text", None),
                "build_and_warmup_s": round(build_s, 1), **compiled,
                "new_graphs_while_profiled": unique_after - compiled["unique_graphs"],
-               "output_cosine_vs_one_device": cosine, **analyse(prof, args.iters, args.device),
+               "output_cosine_vs_one_device": cosine, **analyse(prof, args.iters, args.device), **kernel_check,
                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "torch": torch.__version__}
     out_dir = Path(args.out) / (args.parallel + ("+ringtext" if args.shard_text_with_ring else ""))
