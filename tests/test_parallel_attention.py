@@ -17,7 +17,9 @@ import torch.multiprocessing as mp
 
 from engine.parallel import attention as sp_attention
 from engine.parallel.config import ParallelConfigError, ParallelSpec, parse_parallel
-from engine.parallel.kernels import fused_attention_lse, math_attention_lse, merge_ordered
+from engine.parallel.kernels import (
+    cudnn_lse_supported, fused_attention_lse, lse_kernel, math_attention_lse, merge_ordered,
+)
 from engine.parallel.mesh import DistributedSetupError, build_mesh
 from engine.parallel.sharding import ShardPlan, plan_shards
 
@@ -75,6 +77,38 @@ def test_fused_lse_attention_matches_math(dtype):
     assert (out.double() - want).abs().max() < tol and (lse.double() - want_lse).abs().max() < tol * 10
 
 
+def test_lse_kernel_choice():
+    """cuDNN for 16-bit CUDA where it can run (the fast one), flash where it cannot; nothing else moves."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert lse_kernel("cuda", bf16, 128, False, cudnn_ok=True) == "cudnn"
+    assert lse_kernel("cuda", torch.float16, 64, False, cudnn_ok=True) == "cudnn"
+    assert lse_kernel("cuda", bf16, 128, False, cudnn_ok=False) == "flash"
+    assert lse_kernel("cuda", bf16, 256, False, cudnn_ok=True) == "flash"
+    assert lse_kernel("cuda", bf16, 100, False, cudnn_ok=True) == "flash"
+    assert lse_kernel("cuda", fp32, 128, False, cudnn_ok=True) == "efficient"
+    assert lse_kernel("cuda", bf16, 128, True, cudnn_ok=True) == "math"
+    assert lse_kernel("cpu", bf16, 128, False, cudnn_ok=True) == "cpu-flash"
+    assert lse_kernel("cpu", fp32, 128, True, cudnn_ok=False) == "cpu-flash"
+    assert lse_kernel("mps", fp32, 128, False, cudnn_ok=False) == "math"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN and flash lse kernels exist on CUDA only")
+@pytest.mark.parametrize("sizes", [(1024, 1536), (512, 1025), (77, 300)])
+def test_cuda_lse_kernels_match_math(sizes):
+    """On a GPU: the kernel the ring runs (cuDNN on Hopper) against the fp64 twin, with FLUX.1's head size and
+    uneven lengths; flash alongside, and both must return the same lse convention (natural log, per query)."""
+    n_q, n_k = sizes
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, n, 24, 128, generator=g, device="cuda").bfloat16() for n in (n_q, n_k, n_k))
+    want, want_lse = math_attention_lse(q.double(), k.double(), v.double())
+    if cudnn_lse_supported():
+        assert lse_kernel("cuda", q.dtype, 128, False, cudnn_lse_supported()) == "cudnn"
+    out, lse = fused_attention_lse(q, k, v)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    assert (out.double() - want).abs().max() < BF16_TOL and (lse.double() - want_lse).abs().max() < BF16_TOL * 10
+    assert (lse - flash[1].transpose(1, 2)[..., None]).abs().max() < BF16_TOL
+
+
 # --- distributed cases ------------------------------------------------------------------------------------------
 def _inputs(n_image: int, text: int, seed: int, gap_block: int | None = None):
     """Full q, k, v (B, text + n_image, H, D) in [text | image] order, fp64, identical on every rank (seeded).
@@ -109,6 +143,33 @@ def _run_case(mesh, n_image, text, text_first, dtype, lse_gap=False):
     return got, want_local
 
 
+def _run_sharded_text_case(mesh, n_image, text, text_first, dtype):
+    """Text cut across the ranks with the image: each rank holds its text shard and image shard, in model order."""
+    plan, text_plan = plan_shards(n_image, mesh.sp.size), plan_shards(text, mesh.sp.size)
+    q, k, v = (x.to(dtype).double() for x in _inputs(n_image, text, seed=n_image * 5 + text))
+    want, _ = math_attention_lse(q, k, v)
+
+    def local(x):
+        txt, img = text_plan.shard(x[:, :text], 1, mesh.sp.index), plan.shard(x[:, text:], 1, mesh.sp.index)
+        return torch.cat([txt, img] if text_first else [img, txt], 1)
+    attn = sp_attention.JointSequenceParallelAttention(mesh, local_attention=_sdpa)
+    attn.configure(text, text_first, plan, text_plan)
+    ql, kl, vl = (local(x).to(dtype) for x in (q, k, v))
+    got = attn(ql, kl, vl)
+    assert got.shape == ql.shape and got.dtype == dtype
+    return got, local(want), (attn, ql, kl, vl)
+
+
+def _run_case_text(mesh, n_image, text, text_first, dtype, seed):
+    """Replicated text, given text length and seed: this rank's output (whole text + image shard)."""
+    plan = plan_shards(n_image, mesh.sp.size)
+    q, k, v = (x.to(dtype).double() for x in _inputs(n_image, text, seed=seed))
+    attn = sp_attention.JointSequenceParallelAttention(mesh, local_attention=_sdpa)
+    attn.configure(text, text_first, plan)
+    ql, kl, vl = (_local(x, text, text_first, plan, mesh.sp.index).to(dtype) for x in (q, k, v))
+    return attn(ql, kl, vl), None
+
+
 def _sdpa(q, k, v):
     from engine.attention import sdpa_attention
     return sdpa_attention(q, k, v)
@@ -129,6 +190,32 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
         all_txt = [torch.empty_like(txt) for _ in range(world)]
         dist.all_gather(all_txt, txt.contiguous())
         results[("text_identical", u, r, text_first, n_image, str(dtype))] = all(torch.equal(t, txt) for t in all_txt)
+    # Text sharded with the image: every mesh against fp64; without a ring, bitwise equal to replicated-text Ulysses
+    # (the same kernel on the same tokens in the same order) once the outputs are cut the same way.
+    for (u, r), text_first, n_image, dtype in itertools.product(
+            meshes, (True, False), (4 * world + 1, 4 * world), (torch.float32, torch.bfloat16)):
+        mesh = build_mesh(ParallelSpec(ulysses=u, ring=r))
+        text = TEXT + 2 if n_image % 2 else TEXT + 3  # 7 or 8 text tokens: uneven and even text cuts
+        got, want, _ = _run_sharded_text_case(mesh, n_image, text, text_first, dtype)
+        results[("sharded_err", u, r, text_first, n_image, str(dtype))] = (got.double() - want).abs().max().item()
+        if r == 1:
+            rep, _ = _run_case_text(mesh, n_image, text, text_first, dtype, seed=n_image * 5 + text)
+            text_plan, plan = plan_shards(text, world), plan_shards(n_image, world)
+            rep_txt, rep_img = (rep[:, :text], rep[:, text:]) if text_first else (rep[:, -text:], rep[:, :-text])
+            rep_txt = text_plan.shard(rep_txt, 1, mesh.sp.index)
+            expect = torch.cat([rep_txt, rep_img] if text_first else [rep_img, rep_txt], 1)
+            results[("sharded_bitwise", u, r, text_first, n_image, str(dtype))] = torch.equal(got, expect)
+    # Plant: outputs put back in the wrong order before the inverse all-to-all (text and image pieces swapped).
+    real_order = sp_attention.to_rank_order
+    sp_attention.to_rank_order = lambda x, lead, trail, dim: real_order(x, trail, lead, dim)
+    try:
+        for (u, r) in meshes:
+            if u > 1:
+                mesh = build_mesh(ParallelSpec(ulysses=u, ring=r))
+                got, want, _ = _run_sharded_text_case(mesh, 4 * world + 1, TEXT + 2, True, torch.float32)
+                results[("plant_rank_order", u, r)] = (got.double() - want).abs().max().item()
+    finally:
+        sp_attention.to_rank_order = real_order
     for (u, r) in meshes:
         mesh = build_mesh(ParallelSpec(ulysses=u, ring=r))
         if r > 1:
@@ -245,3 +332,25 @@ def test_misconfigured_mesh_and_heads_fail_clearly(world_results):
         assert f"needs world_size = ulysses {2 * world} x ring 1 x cfg 1 = {2 * world}, but {world} processes" \
             in res["error_world"]
         assert f"Ulysses degree {world} must divide the number of heads (3)" in res["error_heads"]
+
+
+def test_sharded_text_matches_fp64_reference(world_results):
+    world, results = world_results
+    errs = _worst(results, "sharded_err")
+    assert len(errs) == len({(world, 1), (1, world), (2, world // 2)}) * 2 * 2 * 2
+    for key, err in errs.items():
+        assert err <= (FP32_TOL if key[-1] == "torch.float32" else BF16_TOL), (key, err)
+    print(f"\nsharded text P={world}: max abs err fp32 "
+          f"{max(e for k, e in errs.items() if k[-1] == 'torch.float32'):.2e}")
+
+
+def test_sharded_text_ulysses_is_bitwise_replicated_ulysses(world_results):
+    _, results = world_results
+    same = [v for res in results for k, v in res.items() if k[0] == "sharded_bitwise"]
+    assert same and all(same)
+
+
+def test_plant_sharded_text_put_back_in_wrong_order_is_caught(world_results):
+    _, results = world_results
+    errs = _worst(results, "plant_rank_order")
+    assert errs and all(e > 100 * FP32_TOL for e in errs.values()), errs

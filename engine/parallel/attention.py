@@ -15,17 +15,22 @@ the attention output for the same tokens in the same order, equal to what one de
   all-gathered and merged in ring order, so every rank ends with the same bits.
 - Lengths that do not divide are moved exactly (uneven all_to_all_single splits, ring receive buffers sized for
   the sender's block): no padding, so no mask is needed.
+- Text sharded like the image (`configure(..., text_plan)`, for families whose text is never masked): each rank
+  holds its text shard and image shard, nothing is computed twice. Ulysses puts the gathered shards in model order
+  before the local kernel (so it stays equal to one device); a ring passes joint [text | image] blocks, the text
+  keys travelling with their block (sharded_text_attention).
 - A key mask (padded text in a batch of prompts of different lengths) may cover text keys only: the text is
   replicated, so its mask is too, and it goes wherever the text keys go (the local attention after the all-to-all,
   the ring's first block, the text queries' owner block). Image keys are never masked.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.distributed as dist
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention
-from engine.parallel.comm import all_gather_stacked
+from engine.parallel.comm import all_gather_stacked, all_to_all, start_ring_shift, wait
 from engine.parallel.kernels import LseAttentionFn, fused_attention_lse, merge_ordered, merge_partials
 from engine.parallel.mesh import Axis, Mesh
 from engine.parallel.sharding import ShardPlan
@@ -50,8 +55,7 @@ def heads_to_sequence(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> to
     n, b, s, h, d = x.shape
     u = axis.size
     send = x.view(n, b, s, u, h // u, d).permute(3, 2, 0, 1, 4, 5).reshape(u * s, n, b, h // u, d)
-    recv = x.new_empty((sum(sizes), n, b, h // u, d))
-    dist.all_to_all_single(recv, send, output_split_sizes=list(sizes), input_split_sizes=[s] * u, group=axis.group)
+    recv = all_to_all(send, list(sizes), [s] * u, axis.group_name)
     return recv.permute(1, 2, 0, 3, 4)
 
 
@@ -59,15 +63,13 @@ def sequence_to_heads(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> to
     """Inverse of heads_to_sequence for one tensor: (B, sum(sizes), H/U, D) -> (B, S_local, H, D)."""
     b, _, hu, d = x.shape
     u, s = axis.size, sizes[axis.index]
-    send = x.permute(1, 0, 2, 3).contiguous()
-    recv = x.new_empty((u * s, b, hu, d))
-    dist.all_to_all_single(recv, send, output_split_sizes=[s] * u, input_split_sizes=list(sizes), group=axis.group)
+    recv = all_to_all(x.permute(1, 0, 2, 3), [s] * u, list(sizes), axis.group_name)
     return recv.view(u, s, b, hu, d).permute(2, 1, 0, 3, 4).reshape(b, s, u * hu, d)
 
 
 def gather_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
     """(B, T, H/U, D) on each Ulysses rank -> (B, T, H, D) on all of them, head chunks in rank order."""
-    buf = all_gather_stacked(x, axis.group, axis.size)
+    buf = all_gather_stacked(x, axis.group_name, axis.size)
     return buf.permute(1, 2, 0, 3, 4).flatten(2, 3)
 
 
@@ -85,19 +87,17 @@ def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, t
     """This ring rank's image queries against every rank's image block, plus the replicated text keys exactly once
     (with their mask, if any).
 
-    Step i computes on the block of ring rank (index - i) while that block's successor is already in flight
-    (double buffering). Returns fp32 (out, lse)."""
+    Step i computes on the block of ring rank (index - i) while that block's successor is already in flight: the
+    exchange for step i + 1 is started before step i's attention and waited for after its merge (double
+    buffering). Returns fp32 (out, lse)."""
     r, size = axis.index, axis.size
     kv = torch.stack([k, v])  # one message per hop
     out = lse = None
     for step in range(size):
         src = (r - step) % size
         if step + 1 < size:
-            incoming = kv.new_empty((2, kv.shape[1], block_sizes[(src - 1) % size], *kv.shape[3:]))
-            requests = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, kv, axis.global_rank(r + 1), axis.group),
-                dist.P2POp(dist.irecv, incoming, axis.global_rank(r - 1), axis.group),
-            ])
+            incoming_shape = (2, kv.shape[1], block_sizes[(src - 1) % size], *kv.shape[3:])
+            incoming = start_ring_shift(kv, r, size, math.prod(incoming_shape), axis.group_name)
         block_k, block_v = kv[0], kv[1]
         mask = None
         if step == 0 and text_kv is not None:
@@ -112,9 +112,7 @@ def ring_attention(q, k, v, axis: Axis, block_sizes: tuple[int, ...], text_kv, t
         else:
             out, lse = merge_partials(out, lse, block_out, block_lse)
         if step + 1 < size:
-            for req in requests:
-                req.wait()
-            kv = incoming
+            kv = wait(incoming).view(incoming_shape)
     return out, lse
 
 
@@ -131,7 +129,7 @@ def ring_text_attention(tq, tk, tv, image_k, image_v, axis: Axis, text_first: bo
     out, lse = (lse_attention(tq, image_k, image_v) if mask is None
                 else lse_attention(tq, image_k, image_v, mask))
     packed = torch.cat([out, lse], dim=-1)  # one collective for both
-    buf = all_gather_stacked(packed, axis.group, axis.size)
+    buf = all_gather_stacked(packed, axis.group_name, axis.size)
     out, _ = merge_ordered([(buf[i, ..., :-1], buf[i, ..., -1:]) for i in range(axis.size)])
     return out
 
@@ -153,11 +151,16 @@ class JointSequenceParallelAttention:
         self.text_len: int | None = None
         self.text_first = True
         self.plan: ShardPlan | None = None
+        self.text_plan: ShardPlan | None = None
 
-    def configure(self, text_len: int, text_first: bool, plan: ShardPlan) -> None:
-        if len(plan.sizes) != self.mesh.sp.size:
-            raise ValueError(f"shard plan has {len(plan.sizes)} shards for a sequence group of {self.mesh.sp.size}")
-        self.text_len, self.text_first, self.plan = text_len, text_first, plan
+    def configure(self, text_len: int, text_first: bool, plan: ShardPlan, text_plan: ShardPlan | None = None) -> None:
+        """text_plan: None when every rank holds the whole text (replicated), else how the text is cut."""
+        for p in (plan, text_plan):
+            if p is not None and len(p.sizes) != self.mesh.sp.size:
+                raise ValueError(f"shard plan has {len(p.sizes)} shards for a sequence group of {self.mesh.sp.size}")
+        if text_plan is not None and text_plan.total != text_len:
+            raise ValueError(f"text plan covers {text_plan.total} tokens, the text has {text_len}")
+        self.text_len, self.text_first, self.plan, self.text_plan = text_len, text_first, plan, text_plan
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,6 +168,10 @@ class JointSequenceParallelAttention:
         if self.plan is None:
             raise RuntimeError("sequence-parallel attention called before configure(): wrap the transformer "
                                "with engine.parallel.apply_parallel instead of setting the backend by hand")
+        if self.text_plan is not None:
+            if key_mask is not None:
+                raise ValueError("sharded text takes no key mask: a family whose text is masked keeps it replicated")
+            return self.sharded_text_attention(q, k, v)
         mesh, plan, t, first = self.mesh, self.plan, self.text_len, self.text_first
         local_len = plan.sizes[mesh.sp.index]
         if q.shape[1] != t + local_len:
@@ -210,3 +217,48 @@ class JointSequenceParallelAttention:
             i_out = sequence_to_heads(i_out, ulysses_sizes, u_axis)
             t_out = gather_heads(t_out, u_axis) if t else q[:, :0]
         return join_joint(t_out, i_out, first)
+
+    def sharded_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Text cut across the ranks like the image: each rank holds (B, t_i + s_i, H, D), its text shard and image
+        shard in model order, and no token is computed twice. The Ulysses all-to-all gathers the group's shards,
+        which are put in model order ([all text | all image] for a prefix) before the local kernel: without a ring
+        it sees exactly what one device sees, in the same order. A ring then passes each group's joint block
+        around: text keys travel with their image block, so each enters every softmax exactly once."""
+        mesh, first = self.mesh, self.text_first
+        u_axis, r_axis = mesh.ulysses, mesh.ring
+        joint = tuple(t + s for t, s in zip(self.text_plan.sizes, self.plan.sizes))
+        if q.shape[1] != joint[mesh.sp.index]:
+            raise ValueError(f"attention got {q.shape[1]} tokens; this rank holds {self.text_plan.sizes[mesh.sp.index]}"
+                             f" text + {self.plan.sizes[mesh.sp.index]} image")
+        # Lengths of each Ulysses rank's leading and trailing part (text and image for a prefix), in group order.
+        group = slice(r_axis.index * u_axis.size, (r_axis.index + 1) * u_axis.size)
+        lead, trail = (self.text_plan.sizes, self.plan.sizes) if first else (self.plan.sizes, self.text_plan.sizes)
+        lead, trail = lead[group], trail[group]
+        if u_axis.size > 1:
+            heads = q.shape[2]
+            if heads % u_axis.size:
+                raise ValueError(f"Ulysses degree {u_axis.size} must divide the number of heads ({heads})")
+            qkv = heads_to_sequence(torch.stack([q, k, v]), joint[group], u_axis)
+            q, k, v = to_model_order(qkv, lead, trail, dim=2).unbind(0)
+        if r_axis.size == 1:
+            out = self.local_attention(q, k, v)
+        else:
+            block_sizes = tuple(sum(joint[g * u_axis.size:(g + 1) * u_axis.size]) for g in range(r_axis.size))
+            out, _ = ring_attention(q, k, v, r_axis, block_sizes, None, first, self.lse_attention)
+            out = out.to(q.dtype)
+        if u_axis.size > 1:
+            out = sequence_to_heads(to_rank_order(out, lead, trail, dim=1), joint[group], u_axis)
+        return out
+
+
+def to_model_order(x: torch.Tensor, lead: tuple[int, ...], trail: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Per-rank pieces [lead_0 trail_0 | lead_1 trail_1 | ...] along `dim` -> [lead_0 lead_1 ... | trail_0 ...]."""
+    pieces = x.split([n for pair in zip(lead, trail) for n in pair], dim=dim)
+    return torch.cat(pieces[0::2] + pieces[1::2], dim=dim)
+
+
+def to_rank_order(x: torch.Tensor, lead: tuple[int, ...], trail: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Inverse of to_model_order."""
+    pieces = x.split(list(lead) + list(trail), dim=dim)
+    n = len(lead)
+    return torch.cat([p for i in range(n) for p in (pieces[i], pieces[n + i])], dim=dim)

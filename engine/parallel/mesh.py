@@ -28,6 +28,7 @@ class Axis:
     index: int
     ranks: tuple[int, ...]
     group: object = field(compare=False, repr=False)
+    group_name: str = field(default="", compare=False, repr=False)  # what the functional collectives take
 
     def global_rank(self, index: int) -> int:
         return self.ranks[index % self.size]
@@ -53,7 +54,7 @@ def _axis(rank: int, all_groups: list[tuple[int, ...]], pgs: list) -> Axis:
     """Pick, among every group of one axis (all ranks must create all of them, in the same order), ours."""
     for ranks, pg in zip(all_groups, pgs):
         if rank in ranks:
-            return Axis(size=len(ranks), index=ranks.index(rank), ranks=ranks, group=pg)
+            return Axis(size=len(ranks), index=ranks.index(rank), ranks=ranks, group=pg, group_name=pg.group_name)
     raise AssertionError(f"rank {rank} is in no group of {all_groups}")
 
 

@@ -1,6 +1,7 @@
 """Wrap a built transformer so that its forward runs sequence-parallel: shard the image tokens and their position
-ids on entry (text stays replicated), run the unchanged model with the SP attention backend swapped in, gather the
-image output on exit. Every rank passes full-length inputs and gets the full-length output.
+ids on entry (the text too where the family allows it, else the text stays replicated), run the unchanged model
+with the SP attention backend swapped in, gather the image output on exit. Every rank passes full-length inputs
+and gets the full-length output.
 
 Family knowledge (which arguments are image tokens and ids, whether text comes before or after the image in the
 joint sequence) lives in one small subclass per family, in the family's own pipeline file (Family.sequence_parallel).
@@ -20,6 +21,14 @@ class ReplicationError(RuntimeError):
     pass
 
 
+# The replication check (a tiny all-reduce and a host sync) runs on forward 0 of a wrapped model and then on every
+# REPLICATION_CHECK_EVERY-th forward. Ranks that drew different noise differ from their first forward, so forward 0
+# catches them; the later samples catch ranks that drift apart mid-run, and with 16 every generate() of 16 steps or
+# more (any later seed on the same model included) is checked at least once, while a sync that stalls the host
+# before each forward's launches is paid on one forward in 16 instead of on every one.
+REPLICATION_CHECK_EVERY = 16
+
+
 def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
     return plan.shard(x, dim, index)
 
@@ -33,8 +42,9 @@ def shard_positions(plan: ShardPlan, ids: torch.Tensor, dim: int, index: int) ->
 def assert_replicated(x: torch.Tensor, group, what: str) -> None:
     """Raise if `x` differs between the ranks of `group`. A float64 fingerprint (sum, sum of squares, a position-
     weighted sum) is reduced with MAX over (f, -f): equal on every rank iff max == -max(-f) == min. One tiny
-    all-reduce per forward; it catches ranks that drew different noise, which would otherwise only blur the
-    result (CFG ranks on different latents still produce a plausible image)."""
+    all-reduce and a host sync per call (the wrapper samples its forwards: REPLICATION_CHECK_EVERY); it catches
+    ranks that drew different noise, which would otherwise only blur the result (CFG ranks on different latents
+    still produce a plausible image)."""
     flat = x.detach().flatten().double()
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973)
     f = torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()])
@@ -51,7 +61,14 @@ def assert_replicated(x: torch.Tensor, group, what: str) -> None:
 class SequenceParallelTransformer(nn.Module):
     """Base: holds the inner model, the mesh, the swapped-in attention; subclasses map their forward signature."""
 
-    text_first: bool = True  # where the replicated text sits in the model's joint sequence
+    text_first: bool = True  # where the text sits in the model's joint sequence
+    # Family opt-in: the model treats text tokens one by one outside attention and never masks text keys, so the
+    # text can be cut across the ranks like the image (no rank recomputes the whole text's projections and MLPs).
+    text_shardable: bool = False
+    # With a ring the text stays replicated by default for now: the planted-bug catalogue's ring entry (replicated
+    # text counted once per ring rank) targets FLUX.1's ring cells. True shards it there as well (text keys then
+    # travel with their block); tools/sp_bench.py measures both.
+    shard_text_with_ring: bool = False
 
     def __init__(self, inner: nn.Module, mesh: Mesh):
         super().__init__()
@@ -59,8 +76,12 @@ class SequenceParallelTransformer(nn.Module):
             raise ValueError("transformer is already wrapped for parallelism; apply_parallel once per pipeline")
         self.inner = inner
         self.mesh = mesh
-        # One tiny all-reduce and host sync per forward; set False to drop it (e.g. under CUDA graphs).
-        self.check_replicated = True
+        # Forwards between replication checks (forward 0 is always checked); 0 turns the check off (e.g. under CUDA
+        # graphs, which cannot capture a host sync).
+        self.replication_check_every = REPLICATION_CHECK_EVERY
+        self.forwards = 0
+        # Shard the text too (a shardable family's forward passes `text` to run_sharded).
+        self.shard_text = self.text_shardable and (mesh.ring.size == 1 or self.shard_text_with_ring)
         if mesh.sp.size > 1:
             self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
             inner.attention = self.sp_attention
@@ -85,15 +106,29 @@ class SequenceParallelTransformer(nn.Module):
         except AttributeError:
             return getattr(self._modules["inner"], name)
 
-    def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call):
+    def run_sharded(self, image: torch.Tensor, image_ids: torch.Tensor, text_len: int, call, text=None):
         """call(image_shard, ids_shard) runs the inner model on this rank's shard; returns the gathered output.
-        image_ids: one row per image token along dim 0 (position ids, or RoPE rows), cut exactly as the tokens."""
-        if self.check_replicated:
-            assert_replicated(image, None, "the image latents given to the transformer")
+        image_ids: one row per image token along dim 0 (position ids, or RoPE rows), cut exactly as the tokens.
+        text: for a text-shardable family, (text tokens (B, T, ...), text ids (T, ...)); call then also takes
+        (text, text_ids): this rank's cut of them when self.shard_text holds, the whole text otherwise."""
+        every, n = self.replication_check_every, self.forwards
+        self.forwards += 1
+        if every > 0 and n % every == 0:
+            assert_replicated(image, None, f"the image latents given to the transformer (forward {n})")
         sp = self.mesh.sp
         if sp.size == 1:
-            return call(image, image_ids)
+            return call(image, image_ids) if text is None else call(image, image_ids, *text)
         plan = plan_shards(image.shape[1], sp.size)
-        self.sp_attention.configure(text_len, self.text_first, plan)
-        out = call(shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
+        shards = (shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
+        if text is None:
+            self.sp_attention.configure(text_len, self.text_first, plan)
+            out = call(*shards)
+        elif self.shard_text and text_len >= sp.size:
+            text_plan = plan_shards(text_len, sp.size)
+            self.sp_attention.configure(text_len, self.text_first, plan, text_plan)
+            out = call(*shards, shard_tokens(text_plan, text[0], 1, sp.index),
+                       shard_positions(text_plan, text[1], 0, sp.index))
+        else:
+            self.sp_attention.configure(text_len, self.text_first, plan)
+            out = call(*shards, *text)
         return plan.gather(out, 1, sp.group)

@@ -219,6 +219,7 @@ class Flux1SequenceParallel(SequenceParallelTransformer):
     """FLUX.1: joint sequence [text | image] in both block kinds; RoPE tables from cat(txt_ids, img_ids)."""
 
     text_first = True
+    text_shardable = True  # text tokens go through per-token layers only, and FLUX.1 never masks them
 
     def __init__(self, inner: nn.Module, mesh):
         heads = inner.config.num_attention_heads
@@ -227,8 +228,8 @@ class Flux1SequenceParallel(SequenceParallelTransformer):
         super().__init__(inner, mesh)
 
     def forward(self, img, txt, timestep, pooled, img_ids, txt_ids, guidance=None):
-        return self.run_sharded(img, img_ids, txt.shape[1], lambda x, ids: self.inner(
-            x, txt, timestep, pooled, ids, txt_ids, guidance))
+        return self.run_sharded(img, img_ids, txt.shape[1], lambda x, ids, t, t_ids: self.inner(
+            x, t, timestep, pooled, ids, t_ids, guidance), text=(txt, txt_ids))
 
 
 FAMILY = Family(
