@@ -68,7 +68,7 @@ def test_pad_tokens_and_rope_offset_matter(tiny_dir, one_thread):
         no_pad = ours(x, t, caps)[0]
     assert M.cosine(no_pad[None], base[None])[0] < 0.9999
     layout = ours.layout((1, 16, 20), [33])
-    assert layout.image_freqs.shape == (1, 96, 8) and layout.cap_freqs.shape == (1, 64, 8)
+    assert layout.image_freqs.shape == (1, 96, 12) and layout.cap_freqs.shape == (1, 64, 12)
     ids = Z.image_positions((1, 8, 10), 64)
     assert ids[0].tolist() == [65, 0, 0] and ids[79].tolist() == [65, 7, 9] and ids[80:].abs().sum() == 0
     assert Z.caption_positions(64)[:2].tolist() == [[1, 0, 0], [2, 0, 0]]

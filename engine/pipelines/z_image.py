@@ -115,6 +115,12 @@ def guide(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalization: flo
     return torch.stack(out)
 
 
+def velocity(prediction: torch.Tensor) -> torch.Tensor:
+    """The flow velocity the sampler steps with: Z-Image's transformer (and its guided combination) predicts its
+    negative."""
+    return -prediction
+
+
 def caption_tensors(caps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample captions -> (zero-padded (B, L, D), lengths (B,) int64): step-0 inputs travel as tensors."""
     longest = max(len(c) for c in caps)
@@ -191,11 +197,23 @@ class ZImagePipeline:
         def branch(kwargs):
             return denoiser_forward(self.transformer, {k: v.to(self.device) for k, v in kwargs.items()})
         if negative is None:
-            pred = branch(cond).float()
-        else:
-            pos, neg = self.cfg_executor(lambda: branch(cond), lambda: branch(negative))
-            pred = guide(pos, neg, scale, normalization)
-        return pack(-pred)
+            return pack(velocity(branch(cond).float()))
+        batch = cond["x"].shape[0]
+        caps = caption_list(cond["cap_feats"], cond["cap_lens"]) + caption_list(negative["cap_feats"],
+                                                                                negative["cap_lens"])
+        pos, neg = self.branches(lambda: branch(cond), lambda: branch(negative), lambda: self.call(
+            torch.cat([cond["x"], negative["x"]]).to(self.device), torch.cat([cond["t"], negative["t"]]).to(self.device),
+            [c.to(self.device) for c in caps]), batch)
+        return pack(velocity(guide(pos, neg, scale, normalization)))
+
+    def branches(self, cond, uncond, joint, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both CFG branches' outputs. Serially they run as one batch of 2B samples (positive first), as the reference
+        runs them: the batch pads every caption to the longest of both branches under one key mask, which rounds
+        differently from two batches. A parallel CFG executor runs one branch per rank instead."""
+        if self.cfg_executor is serial_cfg:
+            out = joint()
+            return out[:batch], out[batch:]
+        return self.cfg_executor(cond, uncond)
 
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
@@ -227,10 +245,11 @@ class ZImagePipeline:
                                                s.guidance_scale))
                     step0[CFG_NORMALIZATION] = torch.tensor(float(s.cfg_normalization), dtype=torch.float64)
             if not cfg_on[i]:
-                return pack(-self.call(x_in, model_t, caps).float())
-            pos, neg = self.cfg_executor(lambda: self.call(x_in, model_t, caps),
-                                         lambda: self.call(x_in, model_t, neg_caps))
-            return pack(-guide(pos, neg, s.guidance_scale, s.cfg_normalization))
+                return pack(velocity(self.call(x_in, model_t, caps).float()))
+            pos, neg = self.branches(lambda: self.call(x_in, model_t, caps), lambda: self.call(x_in, model_t, neg_caps),
+                                     lambda: self.call(torch.cat([x_in, x_in]), torch.cat([model_t, model_t]),
+                                                       caps + neg_caps), batch)
+            return pack(velocity(guide(pos, neg, s.guidance_scale, s.cfg_normalization)))
 
         t0 = time.perf_counter()
         initial = latents.detach().float().cpu()

@@ -2,10 +2,12 @@
 diffusers-format folders that `ZImagePipeline.from_pretrained` loads offline with no missing or unexpected keys.
 
 Tiny sizes, and why they look the way they do:
-  - transformer: diffusers' own test config (ANCHORS section 1) with two changes: 4 heads of 16 (dim 64) instead of
-    1 head, so sequence-parallel cells can split heads over 2 and 4 ranks; axes_lens (1024, 64, 64) instead of
-    (256, 32, 32), so captions of the byte-level tokenizer (one token per byte, up to max_sequence_length 512) and
-    the suite's image grids stay inside the RoPE tables. x_pad_token / cap_pad_token are drawn like any other
+  - transformer: diffusers' own test config (ANCHORS section 1) with three changes: 4 heads of 24 (dim 96) instead
+    of 1 head of 16, so sequence-parallel cells can split heads over 2 and 4 ranks and the feed-forward's hidden
+    width int(dim / 3 * 8) = 256 takes every quant format (NVFP4 needs in_features % 16, MXFP4 % 32; dim 64 gives
+    170), with MXFP4's output-dim < 256 skip still reaching to_out and w2 (96 outputs); axes_dims (8, 8, 8) to sum
+    to the head dim; axes_lens (1024, 64, 64) instead of (256, 32, 32), so captions of the byte-level tokenizer
+    (one token per byte, up to max_sequence_length 512) and the suite's image grids stay inside the RoPE tables. x_pad_token / cap_pad_token are drawn like any other
     tensor (diffusers creates them with torch.empty; the pads take part in attention, so their values matter).
   - VAE: FLUX.1's tiny AutoencoderKL geometry with 16 latent channels (vae_scale_factor 2).
   - text encoder: a 2-layer Qwen3Model whose width is the transformer's cap_feat_dim (16); the pipeline reads
@@ -27,8 +29,8 @@ SIZES = ("tiny", "full")
 STORAGE_DTYPE = {"tiny": torch.float32, "full": torch.bfloat16}
 
 TRANSFORMER = {
-    "tiny": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
-                 n_heads=4, n_kv_heads=4, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64]),
+    "tiny": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=96, n_layers=2, n_refiner_layers=1,
+                 n_heads=4, n_kv_heads=4, cap_feat_dim=16, axes_dims=[8, 8, 8], axes_lens=[1024, 64, 64]),
     # Tongyi-MAI/Z-Image-Turbo: 30 layers + 2 + 2 refiners, 30 heads of 128, Qwen3-4B's 2560-wide hidden states.
     "full": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
                  n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
