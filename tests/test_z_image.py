@@ -164,3 +164,25 @@ def test_bench_inputs_run_both_sides(one_thread):
         got = engine_forward(inputs)
     assert got.shape == inputs["x"].shape
     assert torch.equal(got, want)
+
+
+def test_full_size_key_map_covers_the_checkpoint():
+    """Full-size Z-Image-Turbo on the meta device: every diffusers tensor reaches exactly one engine tensor with the
+    right shape (fused ones stacked along rows), and both have ANCHORS' 6.2B parameters."""
+    from harness.zoo import transformer_config
+
+    tcfg = transformer_config("z-image", "full")
+    with torch.device("meta"):
+        ref = ZImageTransformer2DModel(**tcfg)
+        cfg = Z.ZImageConfig.from_diffusers(tcfg)
+        ours = Z.ZImageTransformer(cfg)
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    key_map = Z.diffusers_key_map(cfg)
+    assert set(key_map) == set(mine)
+    for name, sources in key_map.items():
+        assert mine[name][0] == sum(theirs[s][0] for s in sources), name
+        assert all(theirs[s][1:] == mine[name][1:] for s in sources), name
+    assert sorted(s for sources in key_map.values() for s in sources) == sorted(theirs)
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in ref.parameters()) and 6.1e9 < count < 6.2e9
