@@ -186,3 +186,19 @@ def test_full_size_key_map_covers_the_checkpoint():
     assert sorted(s for sources in key_map.values() for s in sources) == sorted(theirs)
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in ref.parameters()) and 6.1e9 < count < 6.2e9
+
+
+def test_zoo_folder_loads_without_missing_or_unexpected_keys(tiny_dir, tmp_path):
+    """The tiny folder is what ZImagePipeline's components expect, and building it again gives the same bytes."""
+    from transformers import Qwen3Model
+
+    from harness.zoo import build
+
+    _, info = Qwen3Model.from_pretrained(tiny_dir / "text_encoder", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    _, info = ZImageTransformer2DModel.from_pretrained(tiny_dir / "transformer", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    again = build("z-image", tmp_path / "again", "tiny", seed=0)
+    for sub in ("transformer", "text_encoder", "vae"):
+        for f in sorted((tiny_dir / sub).iterdir()):
+            assert f.read_bytes() == (again / sub / f.name).read_bytes(), f
