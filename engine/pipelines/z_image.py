@@ -230,7 +230,8 @@ class ZImagePipeline:
         timesteps = (sigmas[:-1] * train_steps).to(self.device)
         # CFG is dropped on steps whose normalized time exceeds cfg_truncation (only when cfg_truncation <= 1).
         truncate = s.true_cfg and s.cfg_truncation <= 1
-        cfg_on = [s.true_cfg and not (truncate and (1000 - float(t)) / 1000 > s.cfg_truncation) for t in timesteps]
+        t_norms = ((1000 - timesteps.float()) / 1000).tolist()  # in float32, as the reference compares them
+        cfg_on = [s.true_cfg and not (truncate and t_norm > s.cfg_truncation) for t_norm in t_norms]
         step0: dict[str, torch.Tensor] = {}
 
         def predict(x, i, _t):
