@@ -29,5 +29,5 @@ def test_every_z_image_plant_fails_the_gate(tmp_path, zoo_root):
     code, matrix, _ = runner.run_selftest(runner.Options(suite="zimage", only=PLANTS, out=tmp_path,
                                                          zoo_root=zoo_root, baseline=False), log=print)
     caught = matrix.groupby("plant").caught.any()
-    print(matrix[["plant", "comparison", "metric", "value", "threshold"]].to_string())
+    print(matrix[["plant", "comparison", "metric", "worst_value", "threshold"]].to_string())
     assert code == 0 and set(caught.index) == set(PLANTS) and caught.all(), caught
