@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from reference.flux1 import Flux1Reference
 from reference.qwen_image import QwenImageEditReference, QwenImageReference
+from reference.z_image import ZImageReference
 
 REFERENCES: dict[str, type] = {
     "flux1": Flux1Reference,
     "qwen-image": QwenImageReference,
     "qwen-image-edit": QwenImageEditReference,
+    "z-image": ZImageReference,
 }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from harness.zoo import flux1, qwen_image, synth
+from harness.zoo import flux1, qwen_image, synth, z_image
 
 # Bump whenever synthesis, configs or tokenizers change what a build writes: it keys the cached builds.
 ZOO_VERSION = "1"
@@ -31,6 +31,7 @@ FAMILIES = {
     "flux1": flux1,
     "qwen-image": qwen_image.IMAGE,
     "qwen-image-edit": qwen_image.EDIT,
+    "z-image": z_image,
 }
 
 
