@@ -89,7 +89,10 @@ def test_pool_serves_cells_like_fresh_launches_and_survives_a_crashed_cell(tiny_
             pools.run([_cfg(tiny_flux_dir, "ring2", seed=13)], inputs, 120, env)
         assert not pool.alive and _pids_mentioning(str(pool.folder)) == []
         again = pools.run([_cfg(tiny_flux_dir, "ring2")], inputs, 120, env)[0]  # a new pool
-        assert next(iter(pools._pools.values())) is not pool
+        (fresh_pool,) = pools._pools.values()
+        assert fresh_pool is not pool
+    # Closing asks the idle ranks to stop: torchrun exits 0 and nothing is left behind.
+    assert not fresh_pool.alive and fresh_pool.proc.returncode == 0 and _pids_mentioning(str(fresh_pool.folder)) == []
     print(f"\npool: first job {first:.1f}s (start-up included), second {second:.1f}s")
     fresh = run_engine_distributed(_cfg(tiny_flux_dir, "ulysses2"), art_ref.step0_inputs, 2, 120, tmp_path / "cell")
     assert _same(ulysses, fresh)  # a pool rank computes what a fresh torchrun computes, bit for bit
@@ -113,9 +116,9 @@ def test_a_hung_job_is_killed_with_its_pool(tiny_flux_dir, single, tmp_path, mon
     monkeypatch.setattr(rankpool, "RankPool", Recorded)
     pools = RankPools()
     t0 = time.perf_counter()
-    with pytest.raises(DistributedCellError, match=r"timed out after 20s; killed \d+ processes"):
-        pools.run([_cfg(tiny_flux_dir, "ring2", seed=13)], [single[0].step0_inputs], 20, _env(tmp_path, HANG))
-    assert time.perf_counter() - t0 < 30 and not pools._pools
+    with pytest.raises(DistributedCellError, match=r"timed out after 10s; killed \d+ processes"):
+        pools.run([_cfg(tiny_flux_dir, "ring2", seed=13)], [single[0].step0_inputs], 10, _env(tmp_path, HANG))
+    assert time.perf_counter() - t0 < 20 and not pools._pools
     time.sleep(0.2)  # SIGKILLed processes vanish once reaped
     (pool,) = started
     assert not pool.alive and _pids_mentioning(str(pool.folder)) == []
@@ -133,12 +136,3 @@ def test_ranks_exit_when_their_owner_dies(tmp_path):
     while _pids_mentioning(folder) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _pids_mentioning(folder) == []
-
-
-def test_a_pool_stops_cleanly_when_closed(tmp_path):
-    from harness.launch import _job_env
-
-    pool = RankPool(2, _job_env(None))
-    folder = str(pool.folder)
-    pool.close()
-    assert not pool.alive and pool.proc.returncode == 0 and _pids_mentioning(folder) == []
