@@ -15,7 +15,7 @@ import torch
 from engine.quant.formats import e2m1, fp8, mxfp4, nvfp4
 from engine.quant.linear import Fp8Linear, LinearOptions, MXFP4Linear, NVFP4Linear
 
-torchao_mx = pytest.importorskip("torchao.prototype.mx_formats")
+import torchao.prototype.mx_formats as torchao_mx  # a locked test dependency: missing means a broken install, not a skip
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
 from torchao.prototype.mx_formats.kernels import f32_to_f4_unpacked, pack_uint4  # noqa: E402
 from torchao.prototype.mx_formats.mx_tensor import to_mx  # noqa: E402

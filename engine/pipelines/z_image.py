@@ -14,7 +14,6 @@ itself takes and returns per-sample (C, 1, H, W) lists.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from engine.parallel.attention import JointSequenceParallelAttention
 from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
 from engine.quant.api import QuantSpec
-from engine.sampling.flow_match import shift_mu
+from engine.sampling.flow_match import dynamic_shift_sigmas
 
 # Step-0 input key of a guided step besides engine.api's: the norm clamp factor (0-d float64), so the single-step
 # comparison recomputes the guided prediction with it.
@@ -70,21 +69,8 @@ class ZImageSampling:
 def z_image_sigmas(steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
     """steps + 1 float32 noise levels: the pipeline's linspace(1, 1/steps) drawn by torch in float32 (numpy's
     float64 linspace differs in the last bit), then the scheduler's shift (static, or dynamic from mu)."""
-    unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                               "stochastic_sampling", "shift_terminal") if config.get(k)]
-    if unsupported:
-        raise ValueError(f"scheduler options not supported by the engine's Z-Image sampler: {unsupported}")
-    sigmas = np.array(torch.linspace(1.0, 1 / steps, steps).tolist()).astype(np.float32)
-    if config.get("use_dynamic_shifting", False):
-        mu = shift_mu(image_seq_len, config)
-        if config.get("time_shift_type", "exponential") == "exponential":
-            sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
-        else:
-            sigmas = mu / (mu + (1.0 / sigmas - 1.0))
-    else:
-        shift = config.get("shift", 1.0)
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), torch.zeros(1)])
+    base = np.array(torch.linspace(1.0, 1 / steps, steps).tolist()).astype(np.float32)
+    return dynamic_shift_sigmas(steps, image_seq_len, config, base)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,14 @@ def shift_mu(image_seq_len: int, config: dict) -> float:
     return image_seq_len * slope + (base_shift - slope * base_len)
 
 
-def dynamic_shift_sigmas(steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
-    """steps + 1 noise levels from 1 (pure noise) down to 0, float32."""
+def dynamic_shift_sigmas(steps: int, image_seq_len: int, config: dict, base: np.ndarray | None = None) -> torch.Tensor:
+    """steps + 1 noise levels from 1 (pure noise) down to 0, float32. base: the unshifted float32 levels when a
+    pipeline draws them itself (default numpy's linspace(1, 1/steps), as FLUX.1's and Qwen-Image's pipelines do)."""
     unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                                "stochastic_sampling") if config.get(k)]
     if unsupported:
         raise ValueError(f"scheduler options not supported by the engine's flow-match sampler: {unsupported}")
-    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32) if base is None else base
     if config.get("use_dynamic_shifting", False):
         mu = shift_mu(image_seq_len, config)
         if config.get("time_shift_type", "exponential") == "exponential":
