@@ -22,7 +22,7 @@ def shift_mu(image_seq_len: int, config: dict) -> float:
 
 def dynamic_shift_sigmas(steps: int, image_seq_len: int, config: dict, base: np.ndarray | None = None) -> torch.Tensor:
     """steps + 1 noise levels from 1 (pure noise) down to 0, float32. base: the unshifted float32 levels when a
-    pipeline draws them itself (default numpy's linspace(1, 1/steps), as FLUX.1's and Qwen-Image's pipelines do)."""
+    pipeline draws them itself (default: numpy's float32 linspace(1, 1/steps))."""
     unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                                "stochastic_sampling") if config.get(k)]
     if unsupported:
