@@ -61,3 +61,17 @@ def test_sweep_keeps_the_ignored_w13_out_of_weights_csv(tmp_path, zoo_root):
     frame = pd.read_parquet(run / "results.parquet")
     mismatch = frame[frame.metric == "layer_set_mismatch"].value
     assert len(mismatch) and (mismatch == 0).all()
+
+
+def test_sensitivity_runs_on_a_denoiser_of_per_sample_lists(tmp_path):
+    """Z-Image's transformer takes and returns per-sample lists; `parity sensitivity` once failed on it with
+    "'list' object has no attribute 'detach'" at full size. The synthesized path at tiny size on CPU is the same
+    code: it must rank every kind of linear and write its advice. (32x32: the synthesized inputs take latents at
+    1/8 of the image, as the full-size VAE has them.)"""
+    out = tmp_path / "sens"
+    code = main(["sensitivity", "--model", "z-image", "--size", "tiny", "--device", "cpu", "--quant", "fp8",
+                 "--group", "kind", "--suite", SUITE, "--holdout-seeds", "7", "--height", "32", "--width", "32",
+                 "--out", str(out)])
+    assert code == 0
+    ranking = pd.read_parquet(out / "results.parquet")
+    assert ranking["value"].notna().all() and len(ranking) > 0

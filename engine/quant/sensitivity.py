@@ -48,6 +48,16 @@ class Call:
     kwargs: dict
 
 
+def _detached_copy(x):
+    """A captured call argument, copied so later steps cannot change it: tensors, and lists/tuples of them (the
+    per-sample inputs of variable-length denoisers)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached_copy(v) for v in x)
+    return x
+
+
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -108,7 +118,9 @@ class Probe:
     # --- forwards -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, denoiser: str, call: Call) -> torch.Tensor:
-        return self.models[denoiser](*call.args, **call.kwargs)
+        out = self.models[denoiser](*call.args, **call.kwargs)
+        # Denoisers that take and return per-sample lists (variable-length samples) are compared stacked.
+        return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
     @torch.no_grad()
     def capture(self, cfg) -> dict[str, Call]:
@@ -121,7 +133,7 @@ class Probe:
         for d, model in self.models.items():
             def hook(module, args, kwargs, d=d):
                 if d not in calls:
-                    keep = lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
+                    keep = _detached_copy
                     calls[d] = Call(tuple(keep(a) for a in args), {k: keep(v) for k, v in kwargs.items()})
             handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
         try:
