@@ -67,6 +67,11 @@ class WanSampling:
     def true_cfg(self) -> bool:
         return self.guidance_scale > 1
 
+    @property
+    def cell_tag(self) -> str:
+        """Added to a suite cell's name: text-only and image-conditioned TI2V cells are different runs."""
+        return "+image" if self.image else ""
+
 
 def prompt_clean(text: str) -> str:
     """The reference's prompt cleaning: ftfy's fix_text, HTML unescaped twice, whitespace collapsed."""
