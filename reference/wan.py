@@ -155,7 +155,7 @@ class WanReference:
             initial_latents=initial, step_latents=torch.stack(step_latents), step_outputs=torch.stack(guided),
             final_latents=final, images=images, step0_inputs=step0,
             extras={"load_s": self.load_seconds, "generate_s": seconds, "backend": "diffusers",
-                    "backend_version": diffusers.__version__},
+                    "backend_version": diffusers.__version__, "latent_frames": float(shape[2])},
         )
 
 

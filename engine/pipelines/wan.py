@@ -265,7 +265,8 @@ class WanPipeline:
             initial_latents=initial, step_latents=traj.latents, step_outputs=traj.outputs,
             final_latents=pack(traj.final).detach().float().cpu(), images=self.decode(traj.final),
             step0_inputs={k: v.detach().cpu() for k, v in step0.items()},
-            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, **summary(self.family, self)},
+            extras={"load_s": self.load_seconds, "denoise_s": denoise_s, "latent_frames": float(size[0]),
+                    **summary(self.family, self)},
         )
 
     @torch.no_grad()
