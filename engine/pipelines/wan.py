@@ -103,6 +103,23 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
+def expert_schedule(timesteps: torch.Tensor, boundary: float | None) -> list[int]:
+    """The denoiser index of each step: 0 (`transformer`, high noise) while the integer timestep t >= boundary, 1
+    (`transformer_2`) after; all 0 without a boundary (one expert)."""
+    return [0 if boundary is None or t >= boundary else 1 for t in timesteps]
+
+
+def guidance_scales(s: WanSampling) -> tuple[float, float]:
+    """(the first expert's scale, the second's): guidance_scale_2 None means the same as guidance_scale."""
+    return s.guidance_scale, s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
+
+
+def token_timesteps(mask: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """expand_timesteps: (B, N) per-token timesteps, t on the tokens the sampler moves and 0 on the image-conditioned
+    first frame's (mask (1, 1, F, H, W) at latent resolution, read at the patch grid's (F, H/2, W/2))."""
+    return (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(batch, -1)
+
+
 def realigned(model: nn.Module) -> nn.Module:
     """Copy CPU tensors that sit at unaligned addresses (views into a safetensors file) into fresh allocations.
     oneDNN/MKL pick their reduction order by the operand's alignment, so a weight 8 bytes off a 64-byte boundary
@@ -179,13 +196,6 @@ class WanPipeline:
         return (latent - mean) * inv_std
 
     # --- the denoisers ------------------------------------------------------------------------------------
-    def expert(self, t: torch.Tensor) -> tuple[int, str]:
-        """(index, name) of the denoiser for integer timestep t: the first while t >= boundary_ratio x T."""
-        if self.boundary_ratio is None:
-            return 0, self.denoisers[0]
-        boundary = self.boundary_ratio * self.sampler_config.num_train_timesteps
-        return (0, self.denoisers[0]) if t >= boundary else (1, self.denoisers[1])
-
     def call(self, name: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x, t, text)
 
@@ -213,7 +223,7 @@ class WanPipeline:
                              "is text-to-video")
         if s.guidance_scale_2 is not None and self.boundary_ratio is None:
             raise ValueError("guidance_scale_2 needs a two-expert model (boundary_ratio); this model has one expert")
-        scale_2 = s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
+        scales = guidance_scales(s)
         batch = len(cfg.prompts)
         text = self.encode_prompt(list(cfg.prompts), s.max_sequence_length)
         negative = self.encode_prompt([s.negative_prompt] * batch, s.max_sequence_length) if s.true_cfg else None
@@ -227,17 +237,20 @@ class WanPipeline:
         if condition is not None:
             mask[:, :, 0] = 0
         sampler = UniPCSampler(cfg.steps, self.sampler_config)
+        boundary = (None if self.boundary_ratio is None
+                    else self.boundary_ratio * self.sampler_config.num_train_timesteps)
+        experts = expert_schedule(sampler.timesteps, boundary)
         step0: dict[str, torch.Tensor] = {}
         step_latents, step_outputs = [], []
         initial = pack(latents).detach().float().cpu()
         t0 = time.perf_counter()
         for i, t in enumerate(sampler.timesteps):
-            index, name = self.expert(t)
-            scale = s.guidance_scale if index == 0 else scale_2
+            index = experts[i]
+            name, scale = self.denoisers[index], scales[index]
             x = latents if condition is None else (1 - mask) * condition + mask * latents
             x = x.to(self.dtype)
             if self.expand_timesteps:  # one timestep per token, (F, H/2, W/2) of the patch grid
-                timestep = (mask[0][0][:, ::2, ::2] * t.to(self.device)).flatten().unsqueeze(0).expand(batch, -1)
+                timestep = token_timesteps(mask, t.to(self.device), batch)
             else:
                 timestep = t.to(self.device).expand(batch)
             if i == 0:
