@@ -35,6 +35,7 @@ from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
 from engine.family import BenchShape, Family
 from engine.models.wan import WanConfig, WanTransformer, diffusers_key_map
+from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import Trajectory, serial_cfg, to_uint8_images
 from engine.quant.api import QuantSpec
 from engine.sampling.unipc import UniPCConfig, UniPCSampler
@@ -315,6 +316,33 @@ def bench_inputs(name: str, config: dict, shape: BenchShape, dtype: torch.dtype,
                                                   generator=g).to(device, dtype))
 
 
+class WanParallel(SequenceParallelTransformer):
+    """Wan: self-attention runs over the video tokens alone (text_len 0), so the video tokens are sharded over the
+    sequence group with their RoPE rows and, under expand_timesteps, their per-token modulation; cross-attention
+    keeps the whole projected text on every rank (each rank's query shard attends to all of it, locally), and the
+    text embedding runs whole on every rank."""
+
+    def __init__(self, inner: nn.Module, mesh):
+        heads = inner.config.num_attention_heads
+        if heads % mesh.ulysses.size:
+            raise ValueError(f"Ulysses degree {mesh.ulysses.size} must divide Wan's {heads} attention heads")
+        super().__init__(inner, mesh)  # swaps inner.attention (self-attention only) for the SP attention
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+                ) -> torch.Tensor:
+        inner = self.inner
+        x, text, temb, proj, cos, sin, grid = inner.prepare(hidden_states, timestep, encoder_hidden_states)
+        # Each token's index travels with it (cut by the same plan), so a shard picks its own RoPE rows and, per
+        # token, its own modulation.
+        index = torch.arange(x.shape[1], device=x.device)[:, None]
+
+        def call(window, window_index):
+            idx = window_index[:, 0]
+            t, p = (temb[:, idx], proj[:, idx]) if temb.ndim == 3 else (temb, proj)
+            return inner.core(window, text, t, p, cos[idx], sin[idx])
+        return inner.unpatchify(self.run_sharded(x, index, 0, call), grid)
+
+
 def _family(name: str, pipeline_class: str, denoisers: tuple[str, ...]) -> Family:
     fam: Family
 
@@ -322,7 +350,7 @@ def _family(name: str, pipeline_class: str, denoisers: tuple[str, ...]) -> Famil
         return WanPipeline(cfg, fam)
     fam = Family(name=name, diffusers_pipeline=pipeline_class, sampling=WanSampling, denoisers=denoisers,
                  pipeline=build, denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward,
-                 bench_inputs=bench_inputs, sequence_parallel=None)
+                 bench_inputs=bench_inputs, sequence_parallel=WanParallel)
     return fam
 
 
