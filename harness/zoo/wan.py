@@ -4,9 +4,11 @@ Size tables and the writer of diffusers-format folders that `WanPipeline.from_pr
 `WanImageToVideoPipeline.from_pretrained` (TI2V) load offline with no missing or unexpected keys.
 
 Tiny sizes, and why they look the way they do:
-  - transformer: diffusers' own test config (ANCHORS section 1) with 4 heads of 12 (dim 48) instead of 2, so
-    sequence-parallel cells can split heads over 2 and 4 ranks, and text_dim 32 (the tiny UMT5's width). The two
-    A14B experts share one config and differ in weights (each folder is its own synthesis namespace).
+  - transformer: diffusers' own test config (ANCHORS section 1) with 4 heads of 16 (dim 64) instead of 2 of 12,
+    so sequence-parallel cells can split heads over 2 and 4 ranks and every quant format reaches a layer (NVFP4
+    needs in_features % 16, MXFP4 % 32 and >= 256 outputs: ffn_dim 256 gives the feed-forward's first linear),
+    and text_dim 32 (the tiny UMT5's width). The two A14B experts share one config and differ in weights (each
+    folder is its own synthesis namespace).
   - VAE: A14B's AutoencoderKLWan with base_dim 3 and one res block per level (diffusers' test geometry, 16 latent
     channels, 8x spatial and 4x temporal compression); TI2V's Wan 2.2 VAE (is_residual, patch 2, 16x spatial, 48
     latent channels) at base_dim 8. Latent normalization is the identity for TI2V's 48 channels (the released
@@ -27,8 +29,8 @@ from harness.zoo import synth, tokenizers
 SIZES = ("tiny", "full")
 STORAGE_DTYPE = {"tiny": torch.float32, "full": torch.bfloat16}
 
-TINY_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=12, in_channels=16,
-                        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+TINY_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=16, in_channels=16,
+                        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
 # Wan-AI/Wan2.2-T2V-A14B-Diffusers (each expert) and Wan-AI/Wan2.2-TI2V-5B-Diffusers.
 FULL_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16,
