@@ -53,12 +53,28 @@ def load_transformer(folder: Path, dtype: torch.dtype) -> WanTransformer3DModel:
     return model.eval()
 
 
+class BenchWanTransformer(WanTransformer3DModel):
+    """WanTransformer3DModel as `parity bench` builds it: on the meta device, then assigned a synthesized state dict.
+    Its RoPE tables are non-persistent buffers that assignment does not reach; they are computed again on the CPU as
+    the constructor computes them (float64 angles) and moved to the weights' device. Numerics untouched."""
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+        out = super().load_state_dict(state_dict, *args, **kwargs)
+        c = self.config
+        with torch.device("cpu"):
+            rope = WanRotaryPosEmbed(c.attention_head_dim, tuple(c.patch_size), c.rope_max_seq_len)
+        self.rope = rope.to(next(iter(state_dict.values())).device)
+        return out
+
+
 class WanReference:
     """One runner for both Wan families; which denoisers a folder has comes from its model_index.json."""
 
     family = "wan-a14b"
     # component folder -> the diffusers class of that denoiser (what `parity bench` builds as the reference).
-    DENOISERS = {"transformer": WanTransformer3DModel, "transformer_2": WanTransformer3DModel}
+    DENOISERS = {"transformer": BenchWanTransformer, "transformer_2": BenchWanTransformer}
 
     def __init__(self, cfg: RunConfig):
         t0 = time.perf_counter()
@@ -161,4 +177,4 @@ class WanReference:
 
 class WanTI2VReference(WanReference):
     family = "wan-ti2v"
-    DENOISERS = {"transformer": WanTransformer3DModel}
+    DENOISERS = {"transformer": BenchWanTransformer}
