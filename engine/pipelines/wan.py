@@ -44,6 +44,7 @@ from engine.sampling.unipc import UniPCConfig, UniPCSampler
 # single-step comparison can target either expert.
 DENOISER = "wan.denoiser"
 TEMPORAL = 4  # AutoencoderKLWan's temporal compression: num_frames = 4k + 1
+BENCH_FRAMES = 81  # the bench's video length: Wan 2.2's default num_frames (5 s at 16 fps), 21 latent frames
 
 
 @dataclass(frozen=True)
@@ -304,11 +305,11 @@ def denoiser_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> to
 
 def bench_inputs(name: str, config: dict, shape: BenchShape, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """Random denoiser inputs at `shape`: latents at 1/8 of the frame size (16 channels; the A14B VAE) or 1/16
-    (48 channels, TI2V), shape.frames video frames -> (frames - 1) / 4 + 1 latent frames, shape.text_tokens of
-    text, drawn on the CPU."""
+    (48 channels, TI2V), BENCH_FRAMES video frames (21 latent frames), shape.text_tokens of text, drawn on the
+    CPU."""
     g = torch.Generator("cpu").manual_seed(shape.seed)
     spatial = 16 if config["in_channels"] == 48 else 8
-    frames = (getattr(shape, "frames", 81) - 1) // TEMPORAL + 1
+    frames = (BENCH_FRAMES - 1) // TEMPORAL + 1
     x = torch.randn(shape.batch, config["in_channels"], frames, shape.height // spatial, shape.width // spatial,
                     generator=g)
     return dict(hidden_states=x.to(device, dtype), timestep=torch.full([shape.batch], 500.0).to(device),
