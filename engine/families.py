@@ -10,7 +10,7 @@ FAMILIES: dict[str, Family] = {
     "qwen-image": qwen_image.FAMILY,
     "qwen-image-edit": qwen_image.EDIT_FAMILY,
     "z-image": z_image.FAMILY,
-    "wan-a14b": wan.A14B_FAMILY,
+    "wan": wan.A14B_FAMILY,
     "wan-ti2v": wan.TI2V_FAMILY,
 }
 

@@ -15,7 +15,7 @@ REFERENCES: dict[str, type] = {
     "qwen-image": QwenImageReference,
     "qwen-image-edit": QwenImageEditReference,
     "z-image": ZImageReference,
-    "wan-a14b": WanReference,
+    "wan": WanReference,
     "wan-ti2v": WanTI2VReference,
 }
 

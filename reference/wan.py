@@ -72,7 +72,7 @@ class BenchWanTransformer(WanTransformer3DModel):
 class WanReference:
     """One runner for both Wan families; which denoisers a folder has comes from its model_index.json."""
 
-    family = "wan-a14b"
+    family = "wan"
     # component folder -> the diffusers class of that denoiser (what `parity bench` builds as the reference).
     DENOISERS = {"transformer": BenchWanTransformer, "transformer_2": BenchWanTransformer}
 

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 PROMPT = ("a red fox running through snow",)
 # TI2V adds what A14B lacks (per-token timesteps cut with their tokens) on the ring path, the one that merges
 # partial attentions; Ulysses and cfg2 reach the same wrapper code through A14B.
-JOBS = {"wan-a14b": ("ulysses2", "ring2", "cfg2"), "wan-ti2v": ("ring2",)}
-RUNS = {"wan-a14b": dict(height=32, width=32, num_frames=9, guidance_scale_2=3.0, image=False),
+JOBS = {"wan": ("ulysses2", "ring2", "cfg2"), "wan-ti2v": ("ring2",)}
+RUNS = {"wan": dict(height=32, width=32, num_frames=9, guidance_scale_2=3.0, image=False),
         "wan-ti2v": dict(height=64, width=64, num_frames=5, guidance_scale_2=None, image=True)}
 
 
@@ -86,9 +86,9 @@ def test_ulysses_degree_must_divide_the_heads():
     from engine.pipelines.wan import WanParallel
     from harness.zoo import synthesize_transformer_state_dict, transformer_config
 
-    cfg = W.WanConfig.from_diffusers(transformer_config("wan-a14b", "tiny"))
+    cfg = W.WanConfig.from_diffusers(transformer_config("wan", "tiny"))
     model = load_model(lambda: W.WanTransformer(cfg), W.diffusers_key_map(cfg),
-                       synthesize_transformer_state_dict("wan-a14b", "tiny"), torch.float32, "cpu")
+                       synthesize_transformer_state_dict("wan", "tiny"), torch.float32, "cpu")
     mesh = SimpleNamespace(sp=SimpleNamespace(size=3), ulysses=SimpleNamespace(size=3))
     with pytest.raises(ValueError, match="Ulysses degree 3 must divide Wan's 4 attention heads"):
         WanParallel(model, mesh)

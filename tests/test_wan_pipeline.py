@@ -14,7 +14,7 @@ from harness.zoo import cached_build
 from reference.registry import open_runner as open_reference
 
 RUNS = {
-    "wan-a14b": dict(height=32, width=32, sampling=wpipe.WanSampling(guidance_scale=4.0, guidance_scale_2=3.0,
+    "wan": dict(height=32, width=32, sampling=wpipe.WanSampling(guidance_scale=4.0, guidance_scale_2=3.0,
                                                                       negative_prompt="blurry", num_frames=5,
                                                                       max_sequence_length=16)),
     "wan-ti2v": dict(height=64, width=64, sampling=wpipe.WanSampling(guidance_scale=4.0, negative_prompt="blurry",
@@ -54,7 +54,7 @@ def test_single_step_of_each_expert(runs, family):
     _, engine, reference, _, _ = runs[family]
     calls = reference.last_calls
     experts = sorted({idx for idx, _, _ in calls})
-    assert experts == ([0, 1] if family == "wan-a14b" else [0])  # A14B: the switch is inside the run
+    assert experts == ([0, 1] if family == "wan" else [0])  # A14B: the switch is inside the run
     for expert in experts:
         i = next(i for i, c in enumerate(calls) if c[0] == expert)
         scale = RUNS[family]["sampling"].guidance_scale if expert == 0 else RUNS[family]["sampling"].guidance_scale_2
@@ -85,7 +85,7 @@ def test_reference_copies_of_helpers_agree():
 
 
 def test_bad_sampling_is_a_clear_error(runs):
-    cfg, engine, _, _, _ = runs["wan-a14b"]
+    cfg, engine, _, _, _ = runs["wan"]
     with pytest.raises(ValueError, match="4k \\+ 1"):
         wpipe.WanSampling(num_frames=6)
     with pytest.raises(ValueError, match="TI2V"):

@@ -17,10 +17,10 @@ LAYERS = {"fp8": 14, "mxfp4": 2}  # per expert: every block linear; MXFP4 only f
 
 @pytest.fixture(scope="module")
 def runs(zoo_root, one_thread):
-    model_dir = str(cached_build("wan-a14b", "tiny", 0, root=zoo_root))
+    model_dir = str(cached_build("wan", "tiny", 0, root=zoo_root))
     out = {}
     for quant in ("none", *FLOORS):
-        cfg = RunConfig(family="wan-a14b", model_dir=model_dir, prompts=("a red fox",), steps=3, height=32, width=32,
+        cfg = RunConfig(family="wan", model_dir=model_dir, prompts=("a red fox",), steps=3, height=32, width=32,
                         dtype="bf16", quant=quant, sampling=WanSampling(guidance_scale=4.0, guidance_scale_2=3.0,
                                                                         num_frames=5, max_sequence_length=16))
         runner = open_runner(cfg)

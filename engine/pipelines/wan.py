@@ -357,5 +357,5 @@ def _family(name: str, pipeline_class: str, denoisers: tuple[str, ...]) -> Famil
 
 # A14B: WanPipeline with two experts. TI2V-5B: the zoo writes it as WanImageToVideoPipeline (expand_timesteps, no
 # image encoder), which runs both its text-only and its image-conditioned modes.
-A14B_FAMILY = _family("wan-a14b", "WanPipeline", ("transformer", "transformer_2"))
+A14B_FAMILY = _family("wan", "WanPipeline", ("transformer", "transformer_2"))
 TI2V_FAMILY = _family("wan-ti2v", "WanImageToVideoPipeline", ("transformer",))

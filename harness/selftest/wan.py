@@ -15,7 +15,7 @@ TARGETS = {
     "wan_to_uint8": "engine.pipelines.wan:to_uint8_images",
 }
 
-A14B = ("wan-a14b/tiny/fp32/none/sp1+truecfg/",)
+A14B = ("wan/tiny/fp32/none/sp1+truecfg/",)
 TI2V_IMAGE = ("wan-ti2v/tiny/fp32/none/sp1+truecfg+image/",)
 
 
@@ -72,7 +72,7 @@ def _frames_swapped(p: Patcher):
 
 
 CATALOGUE_A14B: dict[str, Plant] = catalogue(
-    "wan-a14b",
+    "wan",
     Plant("wan_expert_switch_late", "pipeline", "the switch to the low-noise expert one step late", A14B,
           _switch_late),
     Plant("wan_guidance_scale_2_ignored", "pipeline", "the second expert guided with guidance_scale, not "

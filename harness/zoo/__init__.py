@@ -32,7 +32,7 @@ FAMILIES = {
     "qwen-image": qwen_image.IMAGE,
     "qwen-image-edit": qwen_image.EDIT,
     "z-image": z_image,
-    "wan-a14b": wan.A14B,
+    "wan": wan.A14B,
     "wan-ti2v": wan.TI2V,
 }
 
