@@ -16,7 +16,8 @@ from harness.zoo import cached_build
 from reference.registry import open_runner as open_reference
 from tests.test_gate import frame, row
 
-PLANTS = {name: plant.family for name, plant in CATALOGUE.items() if plant.family in ("wan", "wan-ti2v")}
+PLANTS = {name: plant.family for name, plant in CATALOGUE.items()
+          if plant.family in ("wan", "wan-ti2v")}
 SAMPLING = {"wan": dict(height=32, width=32, sampling=wpipe.WanSampling(
                 guidance_scale=4.0, guidance_scale_2=3.0, negative_prompt="blurry", num_frames=9,
                 max_sequence_length=16)),

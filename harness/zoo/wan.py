@@ -19,6 +19,7 @@ Tiny sizes, and why they look the way they do:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,7 +35,8 @@ TINY_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=4, attention_h
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
 # Wan-AI/Wan2.2-T2V-A14B-Diffusers (each expert) and Wan-AI/Wan2.2-TI2V-5B-Diffusers.
 FULL_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                        cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 VARIANTS = {
     "a14b": dict(
@@ -109,8 +111,9 @@ class WanZoo:
         if sensitive_layer is not None:
             raise ValueError(f"the wan zoo cannot plant a sensitive layer ({sensitive_layer!r}); valid: none")
         model = _meta(lambda: WanTransformer3DModel(**self.transformer_config(size, denoiser)))
-        return [s if not (s.kind == synth.LINEAR and any(p in s.name for p in EMBEDDERS))
-                else synth.ParamSpec(**{**s.__dict__, "kind": synth.LINEAR_PLAIN}) for s in synth.specs_from_module(model)]
+        return [dataclasses.replace(s, kind=synth.LINEAR_PLAIN)
+                if s.kind == synth.LINEAR and any(p in s.name for p in EMBEDDERS) else s
+                for s in synth.specs_from_module(model)]
 
     def denoiser_inputs(self, size: str, denoiser: str, prompt_seeds: list[int], seed: int, height: int, width: int,
                         text_tokens: int, sampling) -> dict[str, torch.Tensor]:
