@@ -92,10 +92,16 @@ def test_config_refuses_variants_it_does_not_implement():
 
 
 def test_full_configs_match_the_published_parameter_counts():
-    for name, billions in (("a14b", 14.3), ("ti2v-5b", 5.0)):
+    """The engine's size table and the zoo's full folders (meta-device builds): 14.3B per A14B expert, 5.0B TI2V."""
+    from harness.zoo import transformer_config
+
+    for name, family, denoisers, billions in (("a14b", "wan", ("transformer", "transformer_2"), 14.3),
+                                              ("ti2v-5b", "wan-ti2v", ("transformer",), 5.0)):
         with torch.device("meta"):
             model = W.WanTransformer(W.SIZES[name])
         assert round(sum(p.numel() for p in model.parameters()) / 1e9, 1) == billions
+        for denoiser in denoisers:
+            assert W.WanConfig.from_diffusers(transformer_config(family, "full", denoiser)) == W.SIZES[name]
 
 
 # --- UniPC ------------------------------------------------------------------------------------------------------------
