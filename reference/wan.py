@@ -4,8 +4,8 @@ through hooks only (each denoiser's inputs and outputs, the latents after each s
 numerics. The guided prediction of each step is recomputed from the recorded outputs with the pipeline's formula
 (uncond + s (cond - uncond)), because the step callback does not expose it.
 
-The transformers are built from their folders by hand (config, then the checkpoint, then the dtype with
-WanTransformer3DModel._keep_in_fp32_modules kept in float32, as from_pretrained does): without accelerate,
+The transformers are built from their folders by hand (config, then the checkpoint, then each parameter's dtype,
+WanTransformer3DModel._keep_in_fp32_modules kept in float32 and buffers untouched, as from_pretrained does): without accelerate,
 from_pretrained refuses models that keep modules in float32. Latents are reported as (B, F * H * W, C), the engine's
 layout (engine/pipelines/wan.py); its few shared helpers are copied here (tests/test_wan_pipeline.py checks them).
 """
@@ -45,11 +45,11 @@ def load_transformer(folder: Path, dtype: torch.dtype) -> WanTransformer3DModel:
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(file)))
     model.load_state_dict(state, strict=True)
-    model.to(dtype)
+    # Each parameter in the run's dtype except those under a module kept in float32; buffers (the RoPE tables)
+    # stay as the constructor made them (float32), as from_pretrained leaves them.
     keep = WanTransformer3DModel._keep_in_fp32_modules
     for name, param in model.named_parameters():
-        if any(k in name.split(".") for k in keep):
-            param.data = param.data.float()
+        param.data = param.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
     return model.eval()
 
 

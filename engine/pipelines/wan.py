@@ -132,6 +132,24 @@ def realigned(model: nn.Module) -> nn.Module:
     return model
 
 
+# Parameters the reference keeps in float32 whatever the run's dtype (WanTransformer3DModel._keep_in_fp32_modules:
+# the timestep embedder, the modulation tables, the cross-attention LayerNorm), by engine parameter name.
+FP32_PARAMS = ("time_1.", "time_2.", "scale_shift_table", ".norm2.")
+
+
+def keep_fp32(model: nn.Module, key_map: dict, component_dir: Path) -> nn.Module:
+    """Put FP32_PARAMS back in float32 from the checkpoint (a no-op in an fp32 run), as diffusers loads them."""
+    names = [n for n, p in model.named_parameters() if p.dtype != torch.float32 and any(k in n for k in FP32_PARAMS)]
+    if names:
+        from engine.loading import read_checkpoint
+
+        checkpoint = read_checkpoint(component_dir)
+        params = dict(model.named_parameters())
+        for n in names:
+            params[n].data = checkpoint[key_map[n][0]].to(params[n].device, torch.float32)
+    return model
+
+
 class WanPipeline:
     def __init__(self, cfg: RunConfig, family: Family):
         t0 = time.perf_counter()
@@ -155,7 +173,8 @@ class WanPipeline:
         self.sampler_config = UniPCConfig.from_scheduler_config(self.scheduler_config)
         spec = QuantSpec(cfg.quant, cfg.quant_ignored)
         for name in self.denoisers:
-            setattr(self, name, realigned(load_denoiser(family, name, root / name, spec, self.dtype, self.device)[0]))
+            model, key_map = load_denoiser(family, name, root / name, spec, self.dtype, self.device)
+            setattr(self, name, realigned(keep_fp32(model, key_map, root / name)))
         self.spatial = self.vae.config.scale_factor_spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.spatial)
         self.cfg_executor = serial_cfg  # how the two guidance branches run; CFG parallelism swaps it
