@@ -271,6 +271,9 @@ class MetricSpec:
     # batched network), so an exact tier leaves that metric to its ordinary threshold. tests/test_metrics.py checks
     # every value on identical inputs.
     identical: float | None = None
+    # Rows only for video cells (media of more than one frame; a cell is one when its sampling object has
+    # num_frames > 1): the sweep adds them for F > 1, and a run's expected rows count them only there.
+    video: bool = False
 
 
 def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
@@ -321,18 +324,18 @@ METRICS: dict[str, MetricSpec] = _registry(
                "quantized layers that were asked to stay unquantized, plus ignore patterns that matched no layer "
                "(one row per quant cell; the sets in quant_layers.csv)"),
     MetricSpec("video_psnr_db_min", True, True, "dB", "PSNR of the worst frame (per-frame, capped at 100 dB)",
-               identical=PSNR_CAP_DB),
-    MetricSpec("video_psnr_db_mean", True, False, "dB", "mean over frames of the per-frame PSNR"),
-    MetricSpec("video_ssim_min", True, True, "", "SSIM of the worst frame", identical=1.0),
-    MetricSpec("video_ssim_mean", True, False, "", "mean over frames of the per-frame SSIM"),
+               identical=PSNR_CAP_DB, video=True),
+    MetricSpec("video_psnr_db_mean", True, False, "dB", "mean over frames of the per-frame PSNR", video=True),
+    MetricSpec("video_ssim_min", True, True, "", "SSIM of the worst frame", identical=1.0, video=True),
+    MetricSpec("video_ssim_mean", True, False, "", "mean over frames of the per-frame SSIM", video=True),
     MetricSpec("video_mad_max", False, True, "/255", "mean absolute pixel difference of the worst frame",
-               identical=0.0),
-    MetricSpec("video_mad_mean", False, False, "/255", "mean over frames of the per-frame mean absolute difference"),
+               identical=0.0, video=True),
+    MetricSpec("video_mad_mean", False, False, "/255", "mean over frames of the per-frame mean absolute difference", video=True),
     MetricSpec("frame_diff_cosine_min", True, True, "",
                "cosine of consecutive-frame pixel differences, test vs ref, the worst pair: catches frame order "
-               "and offset errors", identical=1.0),
+               "and offset errors", identical=1.0, video=True),
     MetricSpec("frame_latent_cosine_min", True, True, "",
-               "cosine of each latent frame of the final latents, the worst frame", identical=1.0),
+               "cosine of each latent frame of the final latents, the worst frame", identical=1.0, video=True),
     MetricSpec("metric_crosscheck_error", False, True, "",
                "self-check: worst disagreement of the run's metrics with exact or independently recomputed values "
                "(harness/selfcheck.py); relative, 0 when every metric is computed right"),
