@@ -43,6 +43,7 @@ class BenchConfig:
     device: str = "cuda"
     seed: int = 0
     parallel: str = "sp1"  # under torchrun: every rank times its shard of the same forward
+    denoisers: tuple[str, ...] = ()  # the family's denoisers to time; empty: all (a two-expert family times both)
 
 
 def time_forward(fn, cfg: BenchConfig) -> tuple[list[float], torch.Tensor]:
@@ -164,6 +165,9 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
     its `error`; the others still run."""
     parsed = [parse_mode(m) for m in modes]
     denoisers = denoiser_names(cfg.family)  # raises, listing the families, on an unknown one
+    if bad := [d for d in cfg.denoisers if d not in denoisers]:
+        raise ValueError(f"bench --denoiser {bad[0]!r} is not a denoiser of {cfg.family}; valid: {list(denoisers)}")
+    denoisers = tuple(cfg.denoisers) or denoisers
     cuda = torch.device(cfg.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"bench --device {cfg.device}: no CUDA device here (valid: cuda, cpu)")

@@ -272,7 +272,8 @@ def cmd_bench(args) -> int:
     from harness.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(family=args.family, height=args.height, width=args.width, text_tokens=args.text_tokens,
-                      iters=args.iters, warmup=args.warmup, parallel=args.parallel, size=args.size, device=args.device)
+                      iters=args.iters, warmup=args.warmup, parallel=args.parallel, size=args.size, device=args.device,
+                      denoisers=tuple(args.denoiser or ()))
     frame = run_bench(cfg, args.modes, Path(args.out))  # a bad mode, family or device: ValueError, exit 2
     failed = frame[frame["error"] != ""]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
@@ -464,6 +465,8 @@ def parser() -> argparse.ArgumentParser:
                        help="diffusers-bf16[+compile|+regional] and engine-<bf16|quant mode>[+option...] (options: "
                             "compile, cudnn, autotune and every OptimizeSpec switch by name, e.g. +cuda_graphs); the "
                             "first is the accuracy baseline; a mode that fails is a row with its error (exit 1)")
+    bench.add_argument("--denoiser", nargs="+", default=None,
+                       help="time only these denoisers of the family (default: all; e.g. one A14B expert)")
     bench.add_argument("--size", default="full", help="zoo size of the synthesized weights (tiny: a quick CPU check)")
     bench.add_argument("--device", default="cuda", help="cuda, or cpu to check that modes build and agree")
     bench.add_argument("--parallel", default="sp1",

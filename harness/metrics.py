@@ -194,6 +194,61 @@ def mean_abs_diff(test, ref) -> np.ndarray:
     return diff.reshape(diff.shape[0], -1).mean(axis=1, dtype=np.float64)
 
 
+# ---------------------------------------------------------------- video (F > 1) metrics
+# The image metrics above pool all frames of a sample; a video can hide one bad frame in that pool, and frame-order
+# errors (two frames swapped, the video shifted by a frame) keep every frame plausible. These judge frames one by
+# one and the motion between them. All are (B,) float64 per sample, over the frames of that sample.
+
+def frame_psnr_db(test, ref) -> np.ndarray:
+    """(B, F) PSNR of each frame, capped at PSNR_CAP_DB."""
+    t, r = _images(test, ref)
+    return np.stack([psnr_db(t[:, f], r[:, f]) for f in range(t.shape[1])], axis=1)
+
+
+def frame_ssim(test, ref) -> np.ndarray:
+    """(B, F) SSIM of each frame (the window of `ssim`)."""
+    t, r = _images(test, ref)
+    return np.stack([ssim(t[:, f], r[:, f]) for f in range(t.shape[1])], axis=1)
+
+
+def frame_mean_abs_diff(test, ref) -> np.ndarray:
+    """(B, F) mean |test - ref| of each frame in 0..255 units."""
+    t, r = _images(test, ref)
+    diff = np.abs(t.astype(np.int16) - r.astype(np.int16))
+    return diff.reshape(*diff.shape[:2], -1).mean(axis=2, dtype=np.float64)
+
+
+def frame_diff_cosine_min(test, ref) -> np.ndarray:
+    """Cosine of the frame-to-frame differences (frame f+1 - frame f, float64 pixels) of test and ref, the minimum
+    over consecutive pairs: motion in the wrong order or place scores low even where every frame is right."""
+    t, r = _images(test, ref)
+    if t.shape[1] < 2:
+        raise MetricError(f"frame differences need >= 2 frames, got {t.shape[1]}")
+    td = torch.from_numpy(np.diff(t.astype(np.float64), axis=1))
+    rd = torch.from_numpy(np.diff(r.astype(np.float64), axis=1))
+    b, pairs = td.shape[:2]
+    td, rd = td.reshape(b * pairs, -1), rd.reshape(b * pairs, -1)
+    # A still pair (zero difference) has no direction: equal on both sides it is exactly right (1); still on one
+    # side only, it shares nothing with the other's motion (0), which is what a repeated or dropped frame looks like.
+    nt, nr = td.norm(dim=1), rd.norm(dim=1)
+    cos = ((td * rd).sum(dim=1) / (nt * nr).clamp_min(torch.finfo(torch.float64).tiny)).clamp(-1.0, 1.0)
+    cos = torch.where((nt == 0) | (nr == 0), torch.zeros_like(cos), cos)
+    cos = torch.where((td == rd).all(dim=1), torch.ones_like(cos), cos)
+    return cos.reshape(b, pairs).min(dim=1).values.numpy()
+
+
+def frame_latent_cosine_min(test, ref, frames: int, *, what: str = "final latents") -> np.ndarray:
+    """Cosine of each latent frame of (B, N, C) latents whose N tokens are `frames` equal runs (frame-major), the
+    minimum over frames."""
+    t, r = _pair(test, ref, what, min_dims=2)
+    if frames < 1 or t.shape[1] % frames:
+        raise MetricError(f"{what}: {t.shape[1]} tokens do not split into {frames} latent frames")
+    b = t.shape[0]
+    cos = _cosine_rows(t.reshape(b * frames, -1), r.reshape(b * frames, -1), what,
+                       where=lambda i: f"sample {i // frames} latent frame {i % frames}")
+    return cos.reshape(b, frames).min(dim=1).values.numpy()
+
+
 # ---------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -216,6 +271,9 @@ class MetricSpec:
     # batched network), so an exact tier leaves that metric to its ordinary threshold. tests/test_metrics.py checks
     # every value on identical inputs.
     identical: float | None = None
+    # Rows only for video cells (media of more than one frame; a cell is one when its sampling object has
+    # num_frames > 1): the sweep adds them for F > 1, and a run's expected rows count them only there.
+    video: bool = False
 
 
 def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
@@ -265,6 +323,19 @@ METRICS: dict[str, MetricSpec] = _registry(
     MetricSpec("layer_set_mismatch", False, True, "",
                "quantized layers that were asked to stay unquantized, plus ignore patterns that matched no layer "
                "(one row per quant cell; the sets in quant_layers.csv)"),
+    MetricSpec("video_psnr_db_min", True, True, "dB", "PSNR of the worst frame (per-frame, capped at 100 dB)",
+               identical=PSNR_CAP_DB, video=True),
+    MetricSpec("video_psnr_db_mean", True, False, "dB", "mean over frames of the per-frame PSNR", video=True),
+    MetricSpec("video_ssim_min", True, True, "", "SSIM of the worst frame", identical=1.0, video=True),
+    MetricSpec("video_ssim_mean", True, False, "", "mean over frames of the per-frame SSIM", video=True),
+    MetricSpec("video_mad_max", False, True, "/255", "mean absolute pixel difference of the worst frame",
+               identical=0.0, video=True),
+    MetricSpec("video_mad_mean", False, False, "/255", "mean over frames of the per-frame mean absolute difference", video=True),
+    MetricSpec("frame_diff_cosine_min", True, True, "",
+               "cosine of consecutive-frame pixel differences, test vs ref, the worst pair: catches frame order "
+               "and offset errors", identical=1.0, video=True),
+    MetricSpec("frame_latent_cosine_min", True, True, "",
+               "cosine of each latent frame of the final latents, the worst frame", identical=1.0, video=True),
     MetricSpec("metric_crosscheck_error", False, True, "",
                "self-check: worst disagreement of the run's metrics with exact or independently recomputed values "
                "(harness/selfcheck.py); relative, 0 when every metric is computed right"),

@@ -76,11 +76,13 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
 
     engine = [m for m, s in METRICS.items() if s.gated and not s.per_step and not m.startswith("weight_")
               and not m.startswith("layer_") and m != CROSSCHECK_METRIC and (clip or not m.startswith("clip_"))]
-    no_clip = [m for m in engine if not m.startswith("clip_")]
     n = n_seeds * n_prompts
     out: dict[str, int] = {}
     for cell in cells:
-        plan = {schema.ENGINE_VS_REFERENCE: engine, NEGATIVE_CONTROL: CONTROL_METRICS, SELF_CHECK: (CROSSCHECK_METRIC,)}
+        video = getattr(cell.sampling, "num_frames", 1) > 1  # video metrics (MetricSpec.video) for video cells only
+        engine_cell = [m for m in engine if video or not METRICS[m].video]
+        no_clip = [m for m in engine_cell if not m.startswith("clip_")]
+        plan = {schema.ENGINE_VS_REFERENCE: engine_cell, NEGATIVE_CONTROL: CONTROL_METRICS, SELF_CHECK: (CROSSCHECK_METRIC,)}
         if cell.quant != "none":
             plan[schema.ENGINE_VS_UNQUANTIZED] = no_clip
             out[f"{cell.name}|{schema.ENGINE_VS_UNQUANTIZED}|weight_sqnr_db_min"] = 1

@@ -69,6 +69,8 @@ class Cell:
     def name(self) -> str:
         quant = self.quant + CHECKPOINT_SUFFIX[self.quant_source]
         cfg = "+truecfg" if self.sampling.true_cfg else ""
+        # A sampling object may name a mode that changes what is generated besides CFG (Wan TI2V's "+image").
+        cfg += getattr(self.sampling, "cell_tag", "")
         optimized = [] if self.optimize == OptimizeSpec() else [optimize_label(self.optimize)]
         return "/".join([self.model, self.size, self.dtype, quant, self.parallel + cfg, self.device, *optimized])
 

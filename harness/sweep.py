@@ -245,6 +245,8 @@ def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[s
     rows.add(c, "psnr_db", images(M.psnr_db))
     rows.add(c, "ssim", images(M.ssim))
     rows.add(c, "mean_abs_diff", images(M.mean_abs_diff))
+    if np.ndim(ref.images) == 5 and np.shape(ref.images)[1] > 1:
+        compare_video(rows, c, test, ref, images)
     if clip is None:
         return
     test_score = rows.add(c, "clip_score_test", images(lambda t, r: clip.text_image_score(t, prompts)))
@@ -257,6 +259,22 @@ def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[s
 
     rows.add(c, "clip_score_delta", delta)
     rows.add(c, "clip_image_similarity", images(clip.image_image_similarity))
+
+
+def compare_video(rows: Rows, c: str, test: Artifacts, ref: Artifacts, images) -> None:
+    """Per-frame and temporal rows of a video (F > 1): the worst and the mean frame, the motion between frames, and,
+    where a backend says how many latent frames its (B, N, C) latents hold (extras["latent_frames"]), each latent
+    frame's cosine."""
+    for name, per_frame, worst in (("video_psnr_db", M.frame_psnr_db, np.min), ("video_ssim", M.frame_ssim, np.min),
+                                   ("video_mad", M.frame_mean_abs_diff, np.max)):
+        label = f"{name}_{'min' if worst is np.min else 'max'}"
+        rows.add(c, label, images(lambda t, r, f=per_frame, w=worst: w(f(t, r), axis=1)))
+        rows.add(c, f"{name}_mean", images(lambda t, r, f=per_frame: f(t, r).mean(axis=1)))
+    rows.add(c, "frame_diff_cosine_min", images(M.frame_diff_cosine_min))
+    frames = ref.extras.get("latent_frames", test.extras.get("latent_frames"))
+    if frames is not None:
+        rows.add(c, "frame_latent_cosine_min",
+                 lambda: M.frame_latent_cosine_min(test.final_latents, ref.final_latents, int(frames)))
 
 
 def weight_rows(cell: Cell, ctx: SweepContext, model_dir: Path, engine_cfg: RunConfig, run_dir: Path) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from reference.flux1 import Flux1Reference
 from reference.qwen_image import QwenImageEditReference, QwenImageReference
+from reference.wan import WanReference, WanTI2VReference
 from reference.z_image import ZImageReference
 
 REFERENCES: dict[str, type] = {
@@ -14,6 +15,8 @@ REFERENCES: dict[str, type] = {
     "qwen-image": QwenImageReference,
     "qwen-image-edit": QwenImageEditReference,
     "z-image": ZImageReference,
+    "wan": WanReference,
+    "wan-ti2v": WanTI2VReference,
 }
 
 

@@ -45,6 +45,14 @@ def test_every_identical_value_is_what_the_metric_gives_on_identical_inputs():
                "trajectory_cosine_min": lambda: M.trajectory_cosine(latents[None], latents[None].clone()).min(0),
                "psnr_db": lambda: M.psnr_db(images, images.copy()), "ssim": lambda: M.ssim(images, images.copy()),
                "mean_abs_diff": lambda: M.mean_abs_diff(images, images.copy())}
+    video = np.random.default_rng(1).integers(0, 256, size=(2, 3, 16, 16, 3), dtype=np.uint8)
+    compute.update({  # video metrics: exact names, matched before the suffixes above
+        "video_psnr_db_min": lambda: M.frame_psnr_db(video, video.copy()).min(1),
+        "video_ssim_min": lambda: M.frame_ssim(video, video.copy()).min(1),
+        "video_mad_max": lambda: M.frame_mean_abs_diff(video, video.copy()).max(1),
+        "frame_diff_cosine_min": lambda: M.frame_diff_cosine_min(video, video.copy()),
+        "frame_latent_cosine_min": lambda: M.frame_latent_cosine_min(latents, latents.clone(), 7)})
+    compute = dict(sorted(compute.items(), key=lambda kv: not kv[0].startswith(("video_", "frame_"))))
     checked = 0
     for name, spec in M.METRICS.items():
         if spec.identical is None:
@@ -53,7 +61,7 @@ def test_every_identical_value_is_what_the_metric_gives_on_identical_inputs():
                   or (suffix == "trajectory_cosine_min" and name == "step_output_cosine_min"))
         assert (fn() == spec.identical).all(), name
         checked += 1
-    assert checked == 11
+    assert checked == 16
 
 
 def test_cosine_of_identical_rows_is_exactly_one_and_of_one_ulp_apart_is_not_forced():

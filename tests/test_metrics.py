@@ -184,6 +184,9 @@ def test_registry_names_and_flags():
         "step_output_cosine_min", "psnr_db", "ssim", "mean_abs_diff", "clip_score_test", "clip_score_ref",
         "clip_score_delta", "clip_image_similarity", "weight_sqnr_db_min", "metric_crosscheck_error",
         "layer_output_rel_error", "layer_set_mismatch",
+        # video (F > 1): tests/test_video_metrics.py
+        "video_psnr_db_min", "video_psnr_db_mean", "video_ssim_min", "video_ssim_mean", "video_mad_max",
+        "video_mad_mean", "frame_diff_cosine_min", "frame_latent_cosine_min",
     }
     assert all(name == spec.name for name, spec in M.METRICS.items())
     assert not M.metric_spec("trajectory_cosine").gated and M.metric_spec("trajectory_cosine").per_step

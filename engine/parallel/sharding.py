@@ -32,7 +32,7 @@ class ShardPlan:
         return x.narrow(dim, self.offsets[index], self.sizes[index])
 
     def gather(self, local: torch.Tensor, dim: int, group) -> torch.Tensor:
-        """Every rank's shard -> the full-length tensor, on every rank. Collectives want equal sizes, so shards
+        """Every rank's shard -> the full-length tensor, on every rank. Collectives need equal sizes, so shards
         are padded to the largest for transport only and the padding is cut off before concatenation."""
         longest = max(self.sizes)
         pad = longest - local.shape[dim]

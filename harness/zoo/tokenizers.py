@@ -82,10 +82,11 @@ def write_clip_tokenizer(folder: Path, model_max_length: int = CLIP_MAX_LENGTH):
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tok = CLIPTokenizer.from_pretrained(folder)
-    text, want = CLIP_PROBE
+    text, expected = CLIP_PROBE
     got = tok(text).input_ids
-    if len(tok) != CLIP_VOCAB_SIZE or got != want:
-        raise RuntimeError(f"rebuilt CLIP tokenizer is wrong: {len(tok)} tokens, {text!r} -> {got}, expected {want}")
+    if len(tok) != CLIP_VOCAB_SIZE or got != expected:
+        raise RuntimeError(f"rebuilt CLIP tokenizer is wrong: {len(tok)} tokens, {text!r} -> {got}, "
+                           f"expected {expected}")
     return tok
 
 
