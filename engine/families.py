@@ -3,13 +3,14 @@ family; adding one is its own files (engine/models/<family>.py, engine/pipelines
 from __future__ import annotations
 
 from engine.family import Family
-from engine.pipelines import flux1, qwen_image, z_image
+from engine.pipelines import flux1, ideogram4, qwen_image, z_image
 
 FAMILIES: dict[str, Family] = {
     "flux1": flux1.FAMILY,
     "qwen-image": qwen_image.FAMILY,
     "qwen-image-edit": qwen_image.EDIT_FAMILY,
     "z-image": z_image.FAMILY,
+    "ideogram4": ideogram4.FAMILY,
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from reference.flux1 import Flux1Reference
 from reference.qwen_image import QwenImageEditReference, QwenImageReference
+from reference.ideogram4 import Ideogram4Reference
 from reference.z_image import ZImageReference
 
 REFERENCES: dict[str, type] = {
@@ -14,6 +15,7 @@ REFERENCES: dict[str, type] = {
     "qwen-image": QwenImageReference,
     "qwen-image-edit": QwenImageEditReference,
     "z-image": ZImageReference,
+    "ideogram4": Ideogram4Reference,
 }
 
 
