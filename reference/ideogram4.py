@@ -28,6 +28,20 @@ from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 KWARGS = ("hidden_states", "timestep", "encoder_hidden_states", "position_ids", "segment_ids", "indicator")
 
 
+# The reference's own copy of the sampler presets (ideogram-oss/ideogram4 docs/inference.md): steps, mu, std and the
+# number of final "polish" steps at guidance 3 after the main steps at 7. tests/test_ideogram4.py checks it against
+# the engine's table; keeping a copy means a planted engine bug in the guidance schedule cannot reach the reference.
+PRESETS = {"quality-48": (48, 0.0, 1.5, 3), "default-20": (20, 0.0, 1.75, 2), "turbo-12": (12, 0.5, 1.75, 1)}
+
+
+def sampler_settings(sampling) -> tuple[float, float, list[float]]:
+    """(mu, std, per-step guidance weights) for a sampling object's preset and guidance_scale override."""
+    steps, mu, std, polish = PRESETS[sampling.preset]
+    if sampling.guidance_scale is not None:
+        return mu, std, [float(sampling.guidance_scale)] * steps
+    return mu, std, [7.0] * (steps - polish) + [3.0] * polish
+
+
 def tapped_layers(num_layers: int) -> tuple[int, ...]:
     """The reference's copy of the tap rule (it reaches the engine only through engine.api)."""
     return tuple(range(0, num_layers - 1, 3)) + (num_layers - 1,)
@@ -84,8 +98,7 @@ class Ideogram4Reference:
     @torch.no_grad()
     def generate(self, cfg: RunConfig) -> Artifacts:
         s = cfg.sampling
-        weights = s.guidance()
-        mu, std = s.schedule()
+        mu, std, weights = sampler_settings(s)
         pos_calls: list[dict] = []
         neg_calls: list[dict] = []
         step_latents: list[torch.Tensor] = []

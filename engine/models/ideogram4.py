@@ -53,9 +53,13 @@ class Ideogram4Config:
         if "mrope_section" in fields:
             fields["mrope_section"] = tuple(fields["mrope_section"])
         cfg = cls(**fields)
-        if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != cfg.attention_head_dim // 2:
-            raise ValueError(f"mrope_section {cfg.mrope_section} must be three sections summing to half the head dim "
-                             f"{cfg.attention_head_dim}")
+        # The h and w sections take frequencies 1, 4, 7, ... and 2, 5, 8, ...: they must fit in head_dim / 2 (the
+        # release's (24, 20, 20) reaches frequency 59 of 128; the rest stay on the t axis).
+        half = cfg.attention_head_dim // 2
+        if len(cfg.mrope_section) != 3 or any(3 * n - 3 + a >= half for a, n in ((1, cfg.mrope_section[1]),
+                                                                               (2, cfg.mrope_section[2])) if n):
+            raise ValueError(f"mrope_section {cfg.mrope_section} must be three sections whose h and w frequencies "
+                             f"(3 n of them, interleaved) fit in half the head dim {cfg.attention_head_dim}")
         return cfg
 
     @property

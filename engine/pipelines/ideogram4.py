@@ -61,11 +61,6 @@ class Ideogram4Sampling:
     def true_cfg(self) -> bool:
         return True  # two transformers every step
 
-    def schedule(self) -> tuple[float, float]:
-        """(mu, std) of the preset's logit-normal schedule, before the resolution shift."""
-        p = preset(self.preset)
-        return p.mu, p.std
-
     def guidance(self) -> tuple[float, ...]:
         p = preset(self.preset)
         return (float(self.guidance_scale),) * p.steps if self.guidance_scale is not None else p.guidance()
@@ -175,7 +170,7 @@ class Ideogram4Pipeline:
             + bn.running_mean.view(1, 1, -1).to(latents.dtype)
         b, (gh, gw), c = z.shape[0], grid, z.shape[-1] // PATCH ** 2
         z = z.view(b, gh, gw, PATCH, PATCH, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * PATCH, gw * PATCH)
-        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()  # as the reference postprocesses
 
     # --- the denoisers ------------------------------------------------------------------------------------------
     def branches(self, cond: Mapping[str, torch.Tensor], max_text: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,9 +189,8 @@ class Ideogram4Pipeline:
             out = denoiser_forward(self.transformer, cond).float()
             return -out[cond["indicator"] == IMAGE_INDICATOR].view(out.shape[0], -1, out.shape[-1])
         max_text = cond["hidden_states"].shape[1] - negative["hidden_states"].shape[1]
-        pos = denoiser_forward(self.transformer, cond)[:, max_text:].float()
-        neg = self.cfg_executor(lambda: pos, lambda: denoiser_forward(self.unconditional_transformer,
-                                                                      negative).float())[1]
+        pos, neg = self.cfg_executor(lambda: denoiser_forward(self.transformer, cond)[:, max_text:].float(),
+                                     lambda: denoiser_forward(self.unconditional_transformer, negative).float())
         return -guide(pos, neg, weight)
 
     @torch.no_grad()
@@ -297,22 +291,29 @@ class Ideogram4Parallel(SequenceParallelTransformer):
         text_len = int((~image).sum(1).max())
         if not bool(image[:, text_len:].all()):
             raise ValueError("sequence parallelism needs the image tokens last, after every text and pad token")
+        # The whole sequence is embedded on every rank exactly as the unwrapped model embeds it (per token, cheap;
+        # a separately embedded window rounds differently in bf16). The embedded image tokens travel with their RoPE
+        # rows through the shard plan; the raw latents are what run_sharded checks to be the same on every rank (both
+        # CFG branches see the same latents; their embeddings differ).
         x = inner.embed(hidden_states, encoder_hidden_states, indicator)
         adaln = inner.embed_time(timestep)
         cos, sin = rope_tables(position_ids, inner.config, x.dtype)
-        text_x, text_rows = x[:, :text_len], torch.cat([cos, sin], -1)[:, :text_len]
+        head = cos.shape[-1]
+        rows = torch.cat([cos, sin, x], -1)
+        text_x, text_rows = x[:, :text_len], rows[:, :text_len, :2 * head]
         text_mask = None if key_mask is None else key_mask[:, :text_len]
         text_out: list[torch.Tensor] = []
 
-        def call(window, rows):
-            rows = torch.cat([text_rows, rows.transpose(0, 1)], 1)
+        def call(_window, window_rows):
+            window_rows = window_rows.transpose(0, 1)
+            cs = torch.cat([text_rows, window_rows[..., :2 * head]], 1)
             mask = None if text_mask is None else torch.cat(
-                [text_mask, text_mask.new_ones(text_mask.shape[0], window.shape[1])], 1)
-            out = inner.core(torch.cat([text_x, window], 1), *rows.chunk(2, -1), mask, adaln)
+                [text_mask, text_mask.new_ones(text_mask.shape[0], window_rows.shape[1])], 1)
+            out = inner.core(torch.cat([text_x, window_rows[..., 2 * head:]], 1), cs[..., :head], cs[..., head:],
+                             mask, adaln)
             text_out.append(out[:, :text_len])
             return out[:, text_len:]
-        out = self.run_sharded(x[:, text_len:], torch.cat([cos, sin], -1)[:, text_len:].transpose(0, 1), text_len,
-                               call)
+        out = self.run_sharded(hidden_states[:, text_len:], rows[:, text_len:].transpose(0, 1), text_len, call)
         return torch.cat([text_out[0], out], 1)
 
 
