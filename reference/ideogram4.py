@@ -63,9 +63,18 @@ def guide(pos: torch.Tensor, neg: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 class BenchIdeogram4Transformer(Ideogram4Transformer2DModel):
-    """diffusers' Ideogram4Transformer2DModel as `parity bench` calls it: the output tensor, not the output class."""
+    """diffusers' Ideogram4Transformer2DModel as `parity bench` calls it: the output tensor, not the output class.
+    The bench builds it on the meta device and assigns synthesized weights, which leaves the MRoPE's non-persistent
+    float32 `inv_freq` unmade (or cast to bf16 by a later `.to`); it is made here once, in float32 on the inputs'
+    device, exactly as the constructor makes it and as `from_pretrained` leaves it. Numerics otherwise untouched."""
 
     def forward(self, *args, return_dict: bool = False, **kwargs):
+        rope = self.rotary_emb
+        if rope.inv_freq.is_meta or rope.inv_freq.dtype != torch.float32:
+            device = kwargs["hidden_states"].device
+            dim = rope.head_dim
+            base = self.config.rope_theta
+            rope.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
         return super().forward(*args, return_dict=False, **kwargs)
 
 
