@@ -36,7 +36,7 @@ def tiny_dir(zoo_root):
 
 def _cfg(tiny_dir, preset: str, **kw) -> RunConfig:
     return RunConfig(family="ideogram4", model_dir=str(tiny_dir), prompts=PROMPTS, seed=5,
-                     steps=LN.preset(preset).steps,
+                     steps=ipipe.preset(preset).steps,
                      sampling=ipipe.Ideogram4Sampling(preset=preset, max_sequence_length=64), **SIZE, **kw)
 
 
@@ -117,10 +117,10 @@ def _hand_sigmas(steps: int, mu: float, std: float, height: int, width: int) -> 
     return out[::-1][:-1]
 
 
-@pytest.mark.parametrize("name", sorted(LN.PRESETS))
+@pytest.mark.parametrize("name", sorted(ipipe.PRESETS))
 @pytest.mark.parametrize("size", [(1024, 1024), (768, 1344)])
 def test_schedule_matches_the_formula_in_float64(name, size):
-    p = LN.preset(name)
+    p = ipipe.preset(name)
     ours = LN.logit_normal_sigmas64(p.steps, LN.resolution_mu(p.mu, *size), p.std)
     hand = torch.tensor(_hand_sigmas(p.steps, p.mu, p.std, *size), dtype=torch.float64)
     assert ours.dtype == torch.float64 and ours.shape == (p.steps,)
@@ -132,11 +132,11 @@ def test_schedule_matches_the_formula_in_float64(name, size):
 
 
 def test_presets_and_guidance_schedule():
-    assert {k: (p.steps, p.mu, p.std, p.polish_steps) for k, p in LN.PRESETS.items()} == {
+    assert {k: (p.steps, p.mu, p.std, p.polish_steps) for k, p in ipipe.PRESETS.items()} == {
         "quality-48": (48, 0.0, 1.5, 3), "default-20": (20, 0.0, 1.75, 2), "turbo-12": (12, 0.5, 1.75, 1)}
-    assert LN.preset("quality-48").guidance() == (7.0,) * 45 + (3.0,) * 3  # diffusers' default guidance_schedule
+    assert ipipe.preset("quality-48").guidance() == (7.0,) * 45 + (3.0,) * 3  # diffusers' default guidance_schedule
     assert ipipe.Ideogram4Sampling(preset="turbo-12", guidance_scale=4.0).guidance() == (4.0,) * 12
-    for name, p in LN.PRESETS.items():  # the reference's own copy agrees
+    for name, p in ipipe.PRESETS.items():  # the reference's own copy agrees
         for scale in (None, 4.0):
             s = ipipe.Ideogram4Sampling(preset=name, guidance_scale=scale)
             assert iref.sampler_settings(s) == (p.mu, p.std, list(s.guidance()))

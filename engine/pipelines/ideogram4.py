@@ -31,9 +31,40 @@ from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
 from engine.quant.api import QuantSpec
 from engine.sampling.flow_match import dynamic_shift_sigmas
-from engine.sampling.logit_normal import PRESETS, guide, logit_normal_sigmas, preset
+from engine.sampling.logit_normal import guide, logit_normal_sigmas
 
 PATCH = 2  # the pipeline's 2x2 patches of the VAE latent
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named sampler preset: step count, schedule mean and spread, and the per-step guidance weights (g in
+    v = g v_pos + (1 - g) v_neg): `main` for the first steps, then `polish` for the last `polish_steps`."""
+
+    steps: int
+    mu: float
+    std: float
+    polish_steps: int
+    main: float = 7.0
+    polish: float = 3.0
+
+    def guidance(self) -> tuple[float, ...]:
+        return (self.main,) * (self.steps - self.polish_steps) + (self.polish,) * self.polish_steps
+
+
+# ideogram-oss/ideogram4 docs/inference.md (V4_QUALITY_48 is also diffusers' Ideogram4Pipeline default).
+PRESETS: dict[str, Preset] = {
+    "quality-48": Preset(steps=48, mu=0.0, std=1.5, polish_steps=3),
+    "default-20": Preset(steps=20, mu=0.0, std=1.75, polish_steps=2),
+    "turbo-12": Preset(steps=12, mu=0.5, std=1.75, polish_steps=1),
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown Ideogram 4 sampler preset {name!r}; valid: {sorted(PRESETS)}") from None
 
 
 def tapped_layers(num_layers: int) -> tuple[int, ...]:

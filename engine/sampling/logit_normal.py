@@ -1,4 +1,5 @@
-"""The logit-normal flow-matching schedule (Ideogram 4) and its per-step guidance presets, as pure functions.
+"""The logit-normal flow-matching schedule and the two-model guidance blend, as pure functions (a family's presets
+of mean, spread and per-step guidance live in its pipeline file).
 
 Model time t runs from 0 (noise) to 1 (clean). The N-step schedule places its N + 1 levels at the logit-normal
 quantiles s = linspace(0, 1, N + 1): t(s) = 1 - expit(mu_eff + std * ndtri(s)), clamped to the logSNR range
@@ -9,43 +10,11 @@ sampler's float32 sigmas (1 - t, descending); a float32 evaluation moves the lev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 LOGSNR_RANGE = (-15.0, 18.0)
 BASE_PIXELS = 512 * 512
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named sampler preset: step count, schedule mean and spread, and the per-step guidance weights (g in
-    v = g v_pos + (1 - g) v_neg): `main` for the first steps, then `polish` for the last `polish_steps`."""
-
-    steps: int
-    mu: float
-    std: float
-    polish_steps: int
-    main: float = 7.0
-    polish: float = 3.0
-
-    def guidance(self) -> tuple[float, ...]:
-        return (self.main,) * (self.steps - self.polish_steps) + (self.polish,) * self.polish_steps
-
-
-# ideogram-oss/ideogram4 docs/inference.md (V4_QUALITY_48 is also diffusers' Ideogram4Pipeline default).
-PRESETS: dict[str, Preset] = {
-    "quality-48": Preset(steps=48, mu=0.0, std=1.5, polish_steps=3),
-    "default-20": Preset(steps=20, mu=0.0, std=1.75, polish_steps=2),
-    "turbo-12": Preset(steps=12, mu=0.5, std=1.75, polish_steps=1),
-}
-
-
-def preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown Ideogram 4 sampler preset {name!r}; valid: {sorted(PRESETS)}") from None
 
 
 def resolution_mu(mu: float, height: int, width: int) -> float:

@@ -51,12 +51,12 @@ def _guidance_one_step_late(p: Patcher):
 def _text_to_unconditional(p: Patcher):
     """The unconditional transformer given the conditional packed sequence (text tokens and features included); its
     image tokens' output taken as v_neg."""
-    def branches(self, cond, max_text):
-        from engine.pipelines.ideogram4 import denoiser_forward
+    keys = ("hidden_states", "timestep", "encoder_hidden_states", "position_ids", "segment_ids", "indicator")
 
-        return self.cfg_executor(
-            lambda: denoiser_forward(self.transformer, cond)[:, max_text:].float(),
-            lambda: denoiser_forward(self.unconditional_transformer, cond)[:, max_text:].float())
+    def branches(self, cond, max_text):
+        args = [cond[k] for k in keys]  # the denoisers' positional inputs (engine.pipelines.ideogram4)
+        return self.cfg_executor(lambda: self.transformer(*args)[:, max_text:].float(),
+                                 lambda: self.unconditional_transformer(*args)[:, max_text:].float())
     p.set("ideogram4_branches", branches)
 
 
@@ -91,7 +91,7 @@ def _fp8_scale_per_column(p: Patcher):
 CATALOGUE: dict[str, Plant] = catalogue(
     "ideogram4",
     Plant("ideogram4_schedule_float32", "pipeline", "the logit-normal schedule computed in float32, not float64", FP32,
-          lambda p: p.set("ideogram4_sigmas64", sigmas_in_float32), fast=True),
+          lambda p: p.set("ideogram4_sigmas64", sigmas_in_float32)),
     Plant("ideogram4_logsnr_clamp_dropped", "pipeline", "the logSNR clamp [-15, 18] dropped from the schedule", FP32,
           lambda p: p.set("ideogram4_sigmas64", sigmas_unclamped)),
     Plant("ideogram4_text_to_unconditional", "pipeline", "the unconditional transformer given the text tokens", FP32,
