@@ -3,7 +3,7 @@ family; adding one is its own files (engine/models/<family>.py, engine/pipelines
 from __future__ import annotations
 
 from engine.family import Family
-from engine.pipelines import flux1, qwen_image, wan, z_image
+from engine.pipelines import flux1, ideogram4, qwen_image, wan, z_image
 
 FAMILIES: dict[str, Family] = {
     "flux1": flux1.FAMILY,
@@ -12,6 +12,7 @@ FAMILIES: dict[str, Family] = {
     "z-image": z_image.FAMILY,
     "wan": wan.A14B_FAMILY,
     "wan-ti2v": wan.TI2V_FAMILY,
+    "ideogram4": ideogram4.FAMILY,
 }
 
 

@@ -6,6 +6,7 @@ class of each denoiser in DENOISERS (component folder -> class)."""
 from __future__ import annotations
 
 from reference.flux1 import Flux1Reference
+from reference.ideogram4 import Ideogram4Reference
 from reference.qwen_image import QwenImageEditReference, QwenImageReference
 from reference.wan import WanReference, WanTI2VReference
 from reference.z_image import ZImageReference
@@ -17,6 +18,7 @@ REFERENCES: dict[str, type] = {
     "z-image": ZImageReference,
     "wan": WanReference,
     "wan-ti2v": WanTI2VReference,
+    "ideogram4": Ideogram4Reference,
 }
 
 

@@ -6,7 +6,7 @@ Formats recognised:
          and per quantized module `weight` uint8 [N, K/2], `weight_scale` e4m3 [N, K/16], `weight_scale_2` fp32,
          optionally `input_scale` fp32 (ModelOpt's export).
   fp8    quant_algo "FP8" or "FP8_PER_CHANNEL_PER_TOKEN", or no config at all with `weight` e4m3 next to an fp32
-         `weight_scale` per row or per tensor (the public Ideogram 4 FP8 layout).
+         `weight_scale` per row or per tensor (the layout of public fp8 weight-only releases).
 The tensors decide which modules are quantized (a module is quantized iff its `weight_scale` is present);
 exclude_modules is cross-checked against them. A fused engine module whose checkpoint parts are not all quantized,
 or that the user ignores, is loaded in the compute dtype with its quantized parts dequantized.
