@@ -184,6 +184,9 @@ def test_registry_names_and_flags():
         "step_output_cosine_min", "psnr_db", "ssim", "mean_abs_diff", "clip_score_test", "clip_score_ref",
         "clip_score_delta", "clip_image_similarity", "weight_sqnr_db_min", "metric_crosscheck_error",
         "layer_output_rel_error", "layer_set_mismatch",
+        # token-logits metrics (harness/token_metrics.py)
+        "embedder_cosine_min", "embedder_rel_error", "logits_cosine_min", "top1_agreement", "next_token_kl_max",
+        "greedy_match_rate",
     }
     assert all(name == spec.name for name, spec in M.METRICS.items())
     assert not M.metric_spec("trajectory_cosine").gated and M.metric_spec("trajectory_cosine").per_step

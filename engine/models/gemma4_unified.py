@@ -130,6 +130,11 @@ class Prompt:
     image_position_ids: torch.Tensor | None = None  # (n_images, N, 2)
     waveforms: tuple[torch.Tensor, ...] = ()  # 1-D each
 
+    @classmethod
+    def of(cls, inputs) -> "Prompt":
+        """From the named tensors the harness passes (a Prompt passes through)."""
+        return inputs if isinstance(inputs, Prompt) else cls(**inputs)
+
 
 class Gemma4Unified(nn.Module):
     def __init__(self, config):
@@ -173,8 +178,19 @@ class Gemma4Unified(nn.Module):
             embeds = place(embeds, ids, self.tokens.audio, self.audio_embeddings(prompt))
         return embeds
 
-    def logits(self, prompt: Prompt) -> torch.Tensor:
+    def embedders(self, inputs) -> dict[str, torch.Tensor]:
+        """Each embedder's full output for this prompt: image_embedder (n_images, N, D), audio_embedder (n, D)."""
+        prompt = Prompt.of(inputs)
+        out = {}
+        if prompt.pixel_values is not None:
+            out["image_embedder"] = self.image_embeddings(prompt)
+        if prompt.waveforms:
+            out["audio_embedder"] = self.audio_embeddings(prompt)
+        return out
+
+    def logits(self, inputs) -> torch.Tensor:
         """(1, S, vocab) float32 logits of every position, soft-capped as the checkpoint says."""
+        prompt = Prompt.of(inputs)
         from transformers.masking_utils import create_masks_for_generate
 
         embeds = self.input_embeddings(prompt)
@@ -192,9 +208,10 @@ class Gemma4Unified(nn.Module):
         return logits
 
     @torch.no_grad()
-    def greedy(self, prompt: Prompt, n_tokens: int) -> torch.Tensor:
+    def greedy(self, inputs, n_tokens: int) -> torch.Tensor:
         """n_tokens greedy continuation tokens (1-D), recomputing the whole sequence each step (no KV cache: the
         tiny models this runs on are cheap, and it keeps the decode path free of a second implementation)."""
+        prompt = Prompt.of(inputs)
         ids, types = prompt.input_ids, prompt.mm_token_type_ids
         out = []
         for _ in range(n_tokens):
