@@ -364,6 +364,12 @@ def token_family_names() -> list[str]:
     return sorted(TOKEN_FAMILIES)
 
 
+def quant_modes() -> tuple[str, ...]:
+    from engine.quant.api import MODES
+
+    return MODES
+
+
 def open_token_model(family: str, model_dir: str | Path, dtype: str = "fp32", quant: str = "none",
                      device: str = "cpu") -> torch.nn.Module:
     """A token family's model loaded from its transformers folder, its block linears quantized as `quant` says

@@ -129,6 +129,9 @@ class Prompt:
     pixel_values: torch.Tensor | None = None  # (n_images, N, patch_dim)
     image_position_ids: torch.Tensor | None = None  # (n_images, N, 2)
     waveforms: tuple[torch.Tensor, ...] = ()  # 1-D each
+    # Tokens appended by greedy decoding at the end of input_ids. One that happens to be a placeholder id is embedded
+    # as PAD and receives no media embedding, as transformers' decoding steps do.
+    generated: int = 0
 
     @classmethod
     def of(cls, inputs) -> "Prompt":
@@ -171,12 +174,14 @@ class Gemma4Unified(nn.Module):
         placeholders = (ids == self.tokens.image) | (ids == self.tokens.audio) | (ids == self.tokens.video)
         # Placeholder ids may lie outside the token table (the real ones do not, but checkpoints vary): embed PAD.
         embeds = self.language_model.embed_tokens(torch.where(placeholders, self.tokens.pad, ids))
+        n = ids.shape[1] - prompt.generated
+        head, tail = embeds[:, :n], embeds[:, n:]
         if prompt.pixel_values is not None:
             features = valid_patches(self.image_embeddings(prompt), prompt.image_position_ids)
-            embeds = place(embeds, ids, self.tokens.image, features)
+            head = place(head, ids[:, :n], self.tokens.image, features)
         if prompt.waveforms:
-            embeds = place(embeds, ids, self.tokens.audio, self.audio_embeddings(prompt))
-        return embeds
+            head = place(head, ids[:, :n], self.tokens.audio, self.audio_embeddings(prompt))
+        return torch.cat([head, tail], dim=1)
 
     def embedders(self, inputs) -> dict[str, torch.Tensor]:
         """Each embedder's full output for this prompt: image_embedder (n_images, N, D), audio_embedder (n, D)."""
@@ -215,7 +220,7 @@ class Gemma4Unified(nn.Module):
         ids, types = prompt.input_ids, prompt.mm_token_type_ids
         out = []
         for _ in range(n_tokens):
-            step = Prompt(ids, types, prompt.pixel_values, prompt.image_position_ids, prompt.waveforms)
+            step = Prompt(ids, types, prompt.pixel_values, prompt.image_position_ids, prompt.waveforms, len(out))
             nxt = self.logits(step)[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
             ids = torch.cat([ids, nxt], dim=1)

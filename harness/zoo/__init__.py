@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from harness.zoo import flux1, qwen_image, synth, z_image
+from harness.zoo import flux1, gemma4_unified, qwen_image, synth, z_image
 
 # Bump whenever synthesis, configs or tokenizers change what a build writes: it keys the cached builds.
 ZOO_VERSION = "1"
@@ -32,6 +32,7 @@ FAMILIES = {
     "qwen-image": qwen_image.IMAGE,
     "qwen-image-edit": qwen_image.EDIT,
     "z-image": z_image,
+    "gemma4-unified": gemma4_unified,  # a transformers folder (a token family), not a diffusers pipeline
 }
 
 

@@ -37,9 +37,10 @@ AUDIO = {"tiny": dict(audio_embed_dim=32, rms_norm_eps=1e-6)}
 # the rest of the 70 rows are padding with position (-1, -1): what the embedder's padding mask exists for.
 MAX_SOFT_TOKENS = 70
 # The token table doubles as the LM head (tied) and is scaled by sqrt(hidden) on input: at N(0, 1) the logits sit at
-# the 30.0 soft cap and greedy decoding repeats one token (measured: also at 0.2 and 0.5), which would make the
-# continuation check trivial; at 0.05 the 16 greedy tokens of the zoo prompts vary.
-EMBED_GAIN = 0.05
+# the 30.0 soft cap and greedy decoding repeats one token. At 0.2 (with the q/k norm scaling of write_weights) the
+# logits reach ~10, greedy continuations change token 1-3 times in 16, and fp8 keeps top-1 agreement at 0.96-1.0
+# (measured); at 0.05 the logits stay under 2 and near-ties make top-1 flip under any quantization.
+EMBED_GAIN = 0.2
 
 
 def token_ids() -> dict[str, int]:
@@ -116,6 +117,22 @@ def specs(size: str) -> list[synth.ParamSpec]:
     return out
 
 
+def write_weights(folder: Path, size: str, seed: int, dtype: torch.dtype) -> None:
+    """model.safetensors: synth's tensors, with the query/key norm weights scaled by head_dim^-1/4 each. Gemma 4
+    attends with scaling 1.0 after its q/k RMS norms, so a trained model's q_norm/k_norm weights carry the
+    1/sqrt(head_dim) that other models apply: at synth's ~1 the attention logits have std sqrt(head_dim) and the
+    tiny model turns chaotic (fp8 weights alone moved its logits to cosine 0.55, measured)."""
+    from safetensors.torch import save_file
+
+    head_dim = TEXT[size]["head_dim"]
+    tensors = synth.synthesize(specs(size), seed, "model")
+    for name, t in tensors.items():
+        if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+            tensors[name] = t * head_dim ** -0.25
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
 def write_processor(folder: Path, size: str, tokenizer_dir: Path) -> None:
     from transformers import (
         AutoTokenizer, Gemma4UnifiedAudioFeatureExtractor, Gemma4UnifiedImageProcessor, Gemma4UnifiedProcessor,
@@ -142,7 +159,7 @@ def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None,
     cfg = config(size)
     cfg.dtype = dtype
     cfg.save_pretrained(folder)
-    synth.write_safetensors(specs(size), seed, "model", folder, "model", dtype)
+    write_weights(folder, size, seed, dtype)
     write_tokenizer(folder)
     write_processor(folder, size, folder)
     (folder / "model_index.json").write_text(json.dumps(
