@@ -183,24 +183,35 @@ def cell_rows(cell: TokenCell, suite: TokenSuite, model_dir: Path, refs: Referen
             where = dict(prompt_idx=prompt_idx, prompt_text=prompt.text, seed=seed)
             try:
                 inputs, ref = refs.get(model_dir, cell.dtype, prompt_idx, prompt, seed, n)
-                with torch.no_grad():
-                    outs = dict(model.embedders(inputs), logits=model.logits(inputs), greedy=model.greedy(inputs, n))
             except Exception as e:
-                rows.append(_row(cell, run_id, **where, metric="prompt", value=float("nan"), status=ERROR,
+                rows.append(_row(cell, run_id, **where, metric="reference", value=float("nan"), status=ERROR,
                                  reason=f"{type(e).__name__}: {e}", **facts))
                 continue
-            for name in prompt.embedders():
+            # Each output on its own: a crash in one (a placement count mismatch in the logits) leaves the others'
+            # metrics standing, so the rows say which part broke.
+            outs: dict = {}
+            for output, compute in (("embedders", lambda: model.embedders(inputs)),
+                                    ("logits", lambda: {"logits": model.logits(inputs)}),
+                                    ("greedy", lambda: {"greedy": model.greedy(inputs, n)})):
+                try:
+                    with torch.no_grad():
+                        outs.update(compute())
+                except Exception as e:
+                    rows.append(_row(cell, run_id, **where, metric=output, value=float("nan"), status=ERROR,
+                                     reason=f"{type(e).__name__}: {e}", **facts))
+            for name in (n for n in prompt.embedders() if n in outs):
                 for metric, fn in EMBEDDER_METRICS.items():
                     value, status, reason = _measure(fn, outs.get(name), ref.get(name), name)
                     rows.append(_row(cell, run_id, **where, metric=metric, value=value, status=status,
                                      reason=reason, layer=name, **facts))
-            for metric, fn in LOGITS_METRICS.items():
+            for metric, fn in LOGITS_METRICS.items() if "logits" in outs else ():
                 value, status, reason = _measure(fn, outs["logits"], ref["logits"], "logits")
                 rows.append(_row(cell, run_id, **where, metric=metric, value=value, status=status, reason=reason,
                                  **facts))
-            value, status, reason = _measure(GREEDY_METRIC[1], outs["greedy"], ref["greedy"], "greedy tokens")
-            rows.append(_row(cell, run_id, **where, metric=GREEDY_METRIC[0], value=value, status=status,
-                             reason=reason, **facts))
+            if "greedy" in outs:
+                value, status, reason = _measure(GREEDY_METRIC[1], outs["greedy"], ref["greedy"], "greedy tokens")
+                rows.append(_row(cell, run_id, **where, metric=GREEDY_METRIC[0], value=value, status=status,
+                                 reason=reason, **facts))
     log(f"  {cell.name}: {len(rows)} rows")
     return rows
 
@@ -256,6 +267,74 @@ def run(suite: TokenSuite, out_dir: str | Path, *, model_dirs=None, zoo_root=".z
     return gate_run_dir(out_dir, thresholds, baseline=None), results
 
 
+# --- selftest: every planted bug of the suite's families must fail the gate ----------------------------------------
+def selftest(suite: TokenSuite, only: list[str] | None = None, zoo_root=".zoo", thresholds=None, model_dirs=None,
+             log=print) -> tuple[int, pd.DataFrame]:
+    """Run the suite clean (it must pass), then once per plant of the suite's families on the cells the plant
+    names, gating each run in memory. Returns (0 every plant caught / 1 one escaped / 2 the clean run fails, one row
+    per plant: caught, and which metrics caught it or the error it raised). The reference runs once."""
+    from harness.gate import gate
+    from harness.selftest import CATALOGUE, install
+    from harness.thresholds import load_thresholds
+
+    rules = load_thresholds(thresholds)
+    plants = [p for p in CATALOGUE.values() if any(p.runs_on(c) for c in suite.cells)
+              and (not only or any(pat in p.name for pat in only))]
+    if not plants:
+        raise TokenSuiteError(f"no plant runs on suite {suite.name!r}'s cells (--only {only})")
+    refs: dict = {}
+    quiet = lambda msg: None  # noqa: E731
+
+    def judged(cells, run_id):
+        results = sweep(dataclasses.replace(suite, cells=cells), model_dirs, zoo_root, run_id, refs, quiet)
+        from harness.runfiles import normalize
+        return gate(normalize(results), rules)
+
+    cells_of = {p.name: tuple(c for c in suite.cells if p.runs_on(c)) for p in plants}
+    clean = judged(tuple(dict.fromkeys(c for cs in cells_of.values() for c in cs)), "selftest-clean")
+    if clean.exit_code != 0:
+        log(f"selftest: the clean run does not pass ({clean.verdict}); nothing to learn from the plants")
+        return 2, pd.DataFrame()
+    rows = []
+    for plant in plants:
+        undo = install(plant.name)
+        try:
+            result = judged(cells_of[plant.name], f"selftest-{plant.name}")
+        finally:
+            undo()
+        failed = result.failed
+        caught_by = sorted(set(failed["metric"].astype(str))) if len(failed) else []
+        reasons = sorted(set(failed.loc[failed["status"] != OK, "reason"].dropna().astype(str).str[:120]))
+        rows.append({"plant": plant.name, "breaks": plant.breaks, "caught": result.exit_code != 0,
+                     "caught_by": ", ".join(caught_by), "errors": " | ".join(reasons)})
+        log(f"  {plant.name}: {'CAUGHT' if result.exit_code else 'ESCAPED'} by {', '.join(caught_by) or '-'}")
+    matrix = pd.DataFrame(rows)
+    return (0 if matrix["caught"].all() else 1), matrix
+
+
+def _model_dirs(pairs) -> dict[str, Path]:
+    pairs = list(pairs or [])
+    families = api.token_family_names()
+    if any("=" not in kv or kv.split("=", 1)[0] not in families for kv in pairs):
+        raise TokenSuiteError(f"--model-dir takes FAMILY=PATH with FAMILY one of {families}; got {pairs}")
+    return {k: Path(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
+def sweep_from_cli(args, out_root: Path) -> int:
+    """`parity sweep --suite <token suite>`: the options that apply to a token suite (--out, --run-id, --model-dir,
+    --zoo-root, --thresholds); the diffusion-only ones are refused rather than ignored."""
+    ignored = [f"--{k.replace('_', '-')}" for k in ("device", "cells", "quant_ignored_layers", "shard", "resume")
+               if getattr(args, k, None)]
+    if ignored:
+        raise TokenSuiteError(f"{', '.join(ignored)} do not apply to token-logits suite {args.suite!r}; valid "
+                              "options: --out --run-id --model-dir --zoo-root --thresholds")
+    suite = load_suite(args.suite)
+    out = Path(out_root) / (args.run_id or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{suite.name}")
+    code, _ = run(suite, out, model_dirs=_model_dirs(args.model_dir), zoo_root=args.zoo_root or ".zoo",
+                  thresholds=args.thresholds)
+    return code
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.token_sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="gemma", help="a token-logits suite name or TOML path")
@@ -263,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--zoo-root", default=".zoo")
     ap.add_argument("--thresholds", default=None)
     ap.add_argument("--model-dir", action="append", default=[], metavar="FAMILY=PATH")
+    ap.add_argument("--selftest", action="store_true", help="plant every bug of the suite's families, gate each")
+    ap.add_argument("--only", nargs="+", help="with --selftest: only plants whose name contains one of these")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the tiny zoo's ops ran 24x slower with 2 threads on a busy "
                          "2-core machine, measured; raise it for full-size models)")
@@ -270,17 +351,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         suite = load_suite(args.suite)
-        dirs = dict(kv.split("=", 1) for kv in args.model_dir)
-        bad = sorted(set(dirs) - set(api.token_family_names()))
-        if bad or any("=" not in kv for kv in args.model_dir):
-            raise TokenSuiteError(f"--model-dir takes FAMILY=PATH with FAMILY one of {api.token_family_names()}; "
-                                  f"got {args.model_dir}")
+        dirs = _model_dirs(args.model_dir)
     except (TokenSuiteError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.selftest:
+        code, matrix = selftest(suite, args.only, args.zoo_root, args.thresholds, dirs)
+        print(matrix.to_string(index=False) if len(matrix) else "selftest: not run")
+        print("SELFTEST PASS: every plant caught" if code == 0 else "SELFTEST FAIL" if code == 1 else
+              "SELFTEST ERROR")
+        return code
     out = Path(args.out or f"reports/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{suite.name}")
-    code, _ = run(suite, out, model_dirs={k: Path(v) for k, v in dirs.items()}, zoo_root=args.zoo_root,
-                  thresholds=args.thresholds)
+    code, _ = run(suite, out, model_dirs=dirs, zoo_root=args.zoo_root, thresholds=args.thresholds)
     return code
 
 
