@@ -7,7 +7,7 @@ seeds, prompts (text with `{image}` / `{audio}` where each medium goes, the imag
 the seed draws) and the cells (dtype x quant modes). The media are synthetic: an image of H x W uint8 pixels and a
 waveform in [-1, 1], drawn from the seed and the prompt index, so a run is a pure function of the suite.
 
-    parity-token run:  run(suite, out_dir) -> (exit code, results); `python -m harness.token_sweep --suite gemma`
+    parity-token run:  run(suite, out_dir) -> (exit code, results); `python -m harness.token_sweep --suite NAME`
 Generic: names no family (families come from engine.api and reference.registry's token registries).
 """
 from __future__ import annotations
@@ -269,7 +269,7 @@ def run(suite: TokenSuite, out_dir: str | Path, *, model_dirs=None, zoo_root=".z
 
 # --- selftest: every planted bug of the suite's families must fail the gate ----------------------------------------
 def selftest(suite: TokenSuite, only: list[str] | None = None, zoo_root=".zoo", thresholds=None, model_dirs=None,
-             log=print) -> tuple[int, pd.DataFrame]:
+             refs: dict | None = None, log=print) -> tuple[int, pd.DataFrame]:
     """Run the suite clean (it must pass), then once per plant of the suite's families on the cells the plant
     names, gating each run in memory. Returns (0 every plant caught / 1 one escaped / 2 the clean run fails, one row
     per plant: caught, and which metrics caught it or the error it raised). The reference runs once."""
@@ -282,7 +282,7 @@ def selftest(suite: TokenSuite, only: list[str] | None = None, zoo_root=".zoo", 
               and (not only or any(pat in p.name for pat in only))]
     if not plants:
         raise TokenSuiteError(f"no plant runs on suite {suite.name!r}'s cells (--only {only})")
-    refs: dict = {}
+    refs = {} if refs is None else refs
     quiet = lambda msg: None  # noqa: E731
 
     def judged(cells, run_id):
@@ -337,7 +337,7 @@ def sweep_from_cli(args, out_root: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.token_sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", default="gemma", help="a token-logits suite name or TOML path")
+    ap.add_argument("--suite", required=True, help="a token-logits suite name or TOML path")
     ap.add_argument("--out", default=None, help="run folder (default reports/<time>-<suite>)")
     ap.add_argument("--zoo-root", default=".zoo")
     ap.add_argument("--thresholds", default=None)

@@ -32,7 +32,7 @@ FAMILIES = {
     "qwen-image": qwen_image.IMAGE,
     "qwen-image-edit": qwen_image.EDIT,
     "z-image": z_image,
-    "gemma4-unified": gemma4_unified,  # a transformers folder (a token family), not a diffusers pipeline
+    "gemma4-unified": gemma4_unified,
 }
 
 
