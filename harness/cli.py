@@ -312,6 +312,9 @@ def cmd_selftest(args) -> int:
     from harness.selftest.runner import Options, markdown, run_selftest
 
     _quiet_loading()
+    from harness import token_sweep  # token-logits suites have their own selftest (same catalogue and plants)
+    if token_sweep.is_token_suite(token_sweep.suite_path(args.suite)):
+        return token_sweep.selftest_from_cli(args)
     code, matrix, out = run_selftest(Options(suite=args.suite, only=args.only, out=Path(args.out),
                                              zoo_root=Path(args.zoo_root) if args.zoo_root else None))
     print(markdown(matrix))

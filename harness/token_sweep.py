@@ -335,6 +335,23 @@ def sweep_from_cli(args, out_root: Path) -> int:
     return code
 
 
+def selftest_from_cli(args) -> int:
+    """`parity selftest --suite <token suite>`: prints the plant matrix, writes it to --out/<time>-<suite>/."""
+    from harness.runfiles import markdown_table
+
+    suite = load_suite(args.suite)
+    code, matrix = selftest(suite, args.only, args.zoo_root or ".zoo")
+    print(matrix.to_string(index=False) if len(matrix) else "selftest: the clean run does not pass")
+    if len(matrix):
+        out = Path(args.out) / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{suite.name}"
+        out.mkdir(parents=True, exist_ok=False)
+        matrix.to_parquet(out / "detection.parquet", index=False)
+        (out / "detection.md").write_text(f"# parity selftest: {int(matrix.caught.sum())} of {len(matrix)} plants "
+                                          f"caught ({suite.name})\n\n" + markdown_table(matrix) + "\n")
+        print(f"detection matrix: {out}/detection.parquet, {out}/detection.md")
+    return code
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.token_sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", required=True, help="a token-logits suite name or TOML path")
