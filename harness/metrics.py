@@ -216,6 +216,9 @@ class MetricSpec:
     # batched network), so an exact tier leaves that metric to its ordinary threshold. tests/test_metrics.py checks
     # every value on identical inputs.
     identical: float | None = None
+    # What the metric compares: "media" (a diffusion run's latents and images) or "tokens" (a token family's
+    # embedder outputs, logits and greedy tokens: harness/token_sweep.py). A run expects the metrics of its kind.
+    output: str = "media"
 
 
 def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
@@ -286,17 +289,18 @@ def metric_spec(name: str) -> MetricSpec:
 TOKEN_LOGITS_METRICS = (
     MetricSpec("embedder_cosine_min", True, True, "",
                "worst row's cosine of one embedder's output (every soft-token row, padding rows included); "
-               "column `layer` names the embedder", identical=1.0),
+               "column `layer` names the embedder", identical=1.0, output="tokens"),
     MetricSpec("embedder_rel_error", False, True, "",
                "||test - ref|| / ||ref|| of one embedder's output (catches a uniform scale cosine misses)",
-               identical=0.0),
+               identical=0.0, output="tokens"),
     MetricSpec("logits_cosine_min", True, True, "", "worst position's cosine of the last layer's logits",
-               identical=1.0),
-    MetricSpec("top1_agreement", True, True, "", "share of positions whose argmax token agrees", identical=1.0),
+               identical=1.0, output="tokens"),
+    MetricSpec("top1_agreement", True, True, "", "share of positions whose argmax token agrees", identical=1.0,
+               output="tokens"),
     MetricSpec("next_token_kl_max", False, True, "nats",
-               "worst position's KL(reference || test) of the next-token distribution", identical=0.0),
+               "worst position's KL(reference || test) of the next-token distribution", identical=0.0, output="tokens"),
     MetricSpec("greedy_match_rate", True, True, "",
-               "share of the greedy continuation's tokens equal position by position", identical=1.0),
+               "share of the greedy continuation's tokens equal position by position", identical=1.0, output="tokens"),
 )
 for _spec in TOKEN_LOGITS_METRICS:
     if _spec.name in METRICS:

@@ -124,3 +124,18 @@ def test_suite_cells_are_data():
     suite = S.load_suite("gemma")
     assert dataclasses.is_dataclass(suite) and [c.quant for c in suite.cells] == [
         "none", "fp8", "fp8-wo", "nvfp4-wo", "mxfp4"]
+
+
+def test_diffusion_runs_do_not_expect_token_metrics():
+    """Token-logits metrics are gated like the others but only token suites produce them: a diffusion sweep's
+    expected rows and crashed-cell error rows list media metrics only."""
+    from harness import selfcheck, sweep
+    from harness.metrics import METRICS
+
+    tokens = {m for m, s in METRICS.items() if s.output == "tokens"}
+    assert tokens == {"embedder_cosine_min", "embedder_rel_error", "logits_cosine_min", "top1_agreement",
+                      "next_token_kl_max", "greedy_match_rate"}
+    assert not tokens & set(sweep.ENGINE_METRICS)
+    cell = type("Cell", (), {"name": "c", "quant": "fp8", "parallel": "sp1", "golden": False})()
+    planned = {key.split("|")[2] for key in selfcheck.expected_rows([cell], 1, 1, golden=False, clip=False)}
+    assert planned and not tokens & planned

@@ -11,9 +11,9 @@ straight into the language model's embedding space:
 The embeddings replace the placeholder tokens (<|image|>, <|audio|>) of the prompt, in order.
 
 The embedders are ours. The decoder is transformers' Gemma 4 text model used as a component (as the other families
-use transformers text encoders), with its attention masks (sliding window, bidirectional within an image) built by
-transformers' own mask helper; the engine's quantization walk replaces its block linears. No quantization or
-parallel code lives here.
+use transformers text encoders), with its attention masks (sliding window, bidirectional within each image's block of
+tokens, the blocks found here) built by transformers' mask helper; the engine's quantization walk replaces its block
+linears from outside. No quantization or parallel code lives here.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from torch import nn
 
 
 def rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) in float32, cast back: Gemma's RMSNorm with its scale switched off. (pow(-0.5),
-    not rsqrt, because that is what the checkpoint's reference computes; rsqrt differs in the last bit.)"""
+    """x / sqrt(mean(x^2) + eps) in float32, cast back: Gemma's RMSNorm with its scale switched off. Computed as
+    x * pow(ms + eps, -0.5), the reference's own order of operations, so fp32 stays bitwise comparable."""
     xf = x.float()
     return (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
 
