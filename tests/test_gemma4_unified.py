@@ -139,3 +139,14 @@ def test_diffusion_runs_do_not_expect_token_metrics():
     cell = type("Cell", (), {"name": "c", "quant": "fp8", "parallel": "sp1", "golden": False})()
     planned = {key.split("|")[2] for key in selfcheck.expected_rows([cell], 1, 1, golden=False, clip=False)}
     assert planned and not tokens & planned
+
+
+def test_every_gemma_cell_has_a_threshold_for_every_token_metric():
+    from harness.metrics import METRICS
+    from harness.thresholds import load_thresholds
+
+    rules = load_thresholds()
+    for cell in S.load_suite("gemma").cells:
+        for metric in (m for m, s in METRICS.items() if s.output == "tokens"):
+            rule = rules.lookup((cell.model, cell.dtype, cell.quant, "sp1", "engine_vs_reference", metric))
+            assert rule is not None and rule.source, (cell.name, metric)
