@@ -355,3 +355,27 @@ def sensitivity_probe(cfg: RunConfig, synthesize: Callable[[str], tuple[dict, Ma
     from engine.quant.sensitivity import open_probe
 
     return open_probe(cfg, _family(cfg.family), open_runner, synthesize)
+
+
+# --- token families (multimodal language models; engine.family.TokenFamily) ---------------------------------------
+def token_family_names() -> list[str]:
+    from engine.families import TOKEN_FAMILIES
+
+    return sorted(TOKEN_FAMILIES)
+
+
+def quant_modes() -> tuple[str, ...]:
+    from engine.quant.api import MODES
+
+    return MODES
+
+
+def open_token_model(family: str, model_dir: str | Path, dtype: str = "fp32", quant: str = "none",
+                     device: str = "cpu") -> torch.nn.Module:
+    """A token family's model loaded from its transformers folder, its block linears quantized as `quant` says
+    (the same walk and the same default layer choice as the DiTs: linears inside numbered blocks)."""
+    from engine.families import token_family
+    from engine.quant.api import QuantSpec, quantize_
+
+    model = token_family(family).load(Path(model_dir), torch_dtype(dtype), device)
+    return quantize_(model, QuantSpec(mode=quant))

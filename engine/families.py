@@ -2,8 +2,8 @@
 family; adding one is its own files (engine/models/<family>.py, engine/pipelines/<family>.py) plus one line here."""
 from __future__ import annotations
 
-from engine.family import Family
-from engine.pipelines import flux1, ideogram4, qwen_image, wan, z_image
+from engine.family import Family, TokenFamily
+from engine.pipelines import flux1, gemma4_unified, ideogram4, qwen_image, wan, z_image
 
 FAMILIES: dict[str, Family] = {
     "flux1": flux1.FAMILY,
@@ -42,3 +42,16 @@ def family_of_pipeline(class_name: str | None) -> Family:
             return fam
     known = sorted(f.diffusers_pipeline for f in FAMILIES.values())
     raise ValueError(f"no engine family loads diffusers pipeline {class_name!r}; known: {known}")
+
+
+# Families whose output is tokens (engine.family.TokenFamily): compared by token-logits metrics.
+TOKEN_FAMILIES: dict[str, TokenFamily] = {
+    "gemma4-unified": gemma4_unified.FAMILY,
+}
+
+
+def token_family(name: str) -> TokenFamily:
+    try:
+        return TOKEN_FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"the engine has no token model family {name!r}; valid: {sorted(TOKEN_FAMILIES)}") from None

@@ -52,3 +52,20 @@ class BenchShape:
     text_tokens: int = 512
     batch: int = 1
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class TokenFamily:
+    """A family whose output is tokens, not media (a multimodal language model): the harness compares its logits,
+    embedder outputs and greedy continuations with the transformers reference (token-logits metrics) instead of
+    latents and images. Registered in engine/families.py TOKEN_FAMILIES.
+
+    `load(folder, dtype, device)` builds the model from a transformers folder; the model serves
+    `embedders(inputs) -> {name: tensor}` (each embedder's full output), `logits(inputs) -> (1, S, vocab)` and
+    `greedy(inputs, n) -> (n,)` tokens, where `inputs` is the dict of named tensors the family's reference prepares
+    (engine-side names). Its block linears are what the quantization walk replaces."""
+
+    name: str
+    # config.json `architectures[0]` of the transformers folders this family loads (how a bare folder is recognised).
+    transformers_architecture: str
+    load: Callable[..., nn.Module]

@@ -105,6 +105,9 @@ def cmd_sweep(args) -> int:
     out_root = Path(args.out)
     if args.resume:
         args, out_root = _resume_args(args)
+    from harness import token_sweep  # token-logits suites (language-model families) have their own sweep
+    if token_sweep.is_token_suite(token_sweep.suite_path(args.suite)):
+        return token_sweep.sweep_from_cli(args, out_root)
     suite = load_suite(args.suite)
     if args.executor == "local":  # Ray tasks run on the cluster's devices, not this machine's
         _device_check(args.device)
@@ -310,6 +313,9 @@ def cmd_selftest(args) -> int:
     from harness.selftest.runner import Options, markdown, run_selftest
 
     _quiet_loading()
+    from harness import token_sweep  # token-logits suites have their own selftest (same catalogue and plants)
+    if token_sweep.is_token_suite(token_sweep.suite_path(args.suite)):
+        return token_sweep.selftest_from_cli(args)
     code, matrix, out = run_selftest(Options(suite=args.suite, only=args.only, out=Path(args.out),
                                              zoo_root=Path(args.zoo_root) if args.zoo_root else None))
     print(markdown(matrix))

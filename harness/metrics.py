@@ -274,6 +274,9 @@ class MetricSpec:
     # Rows only for video cells (media of more than one frame; a cell is one when its sampling object has
     # num_frames > 1): the sweep adds them for F > 1, and a run's expected rows count them only there.
     video: bool = False
+    # What the metric compares: "media" (a diffusion run's latents and images) or "tokens" (a token family's
+    # embedder outputs, logits and greedy tokens: harness/token_sweep.py). A run expects the metrics of its kind.
+    output: str = "media"
 
 
 def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
@@ -350,3 +353,27 @@ def metric_spec(name: str) -> MetricSpec:
         close = difflib.get_close_matches(name, METRICS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown metric {name!r}.{hint} Valid metrics: {', '.join(METRICS)}") from None
+
+
+# ---------------------------------------------------------------- token-logits metrics (harness/token_metrics.py)
+# Language-model families (engine.family.TokenFamily) are compared on logits and tokens, not latents and images.
+TOKEN_LOGITS_METRICS = (
+    MetricSpec("embedder_cosine_min", True, True, "",
+               "worst row's cosine of one embedder's output (every soft-token row, padding rows included); "
+               "column `layer` names the embedder", identical=1.0, output="tokens"),
+    MetricSpec("embedder_rel_error", False, True, "",
+               "||test - ref|| / ||ref|| of one embedder's output (catches a uniform scale cosine misses)",
+               identical=0.0, output="tokens"),
+    MetricSpec("logits_cosine_min", True, True, "", "worst position's cosine of the last layer's logits",
+               identical=1.0, output="tokens"),
+    MetricSpec("top1_agreement", True, True, "", "share of positions whose argmax token agrees", identical=1.0,
+               output="tokens"),
+    MetricSpec("next_token_kl_max", False, True, "nats",
+               "worst position's KL(reference || test) of the next-token distribution", identical=0.0, output="tokens"),
+    MetricSpec("greedy_match_rate", True, True, "",
+               "share of the greedy continuation's tokens equal position by position", identical=1.0, output="tokens"),
+)
+for _spec in TOKEN_LOGITS_METRICS:
+    if _spec.name in METRICS:
+        raise ValueError(f"duplicate metric name {_spec.name!r}")
+    METRICS[_spec.name] = _spec

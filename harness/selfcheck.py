@@ -74,8 +74,9 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
     from harness import schema
     from harness.metrics import METRICS
 
-    engine = [m for m, s in METRICS.items() if s.gated and not s.per_step and not m.startswith("weight_")
-              and not m.startswith("layer_") and m != CROSSCHECK_METRIC and (clip or not m.startswith("clip_"))]
+    engine = [m for m, s in METRICS.items() if s.gated and s.output == "media" and not s.per_step
+              and not m.startswith("weight_") and not m.startswith("layer_") and m != CROSSCHECK_METRIC
+              and (clip or not m.startswith("clip_"))]
     n = n_seeds * n_prompts
     out: dict[str, int] = {}
     for cell in cells:

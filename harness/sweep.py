@@ -40,7 +40,8 @@ from harness.zoo import cached_build
 DEFAULT_ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 
 # Which metrics each comparison produces: the error rows of a crashed cell list the same names.
-ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if not spec.per_step and not name.startswith("weight_")
+ENGINE_METRICS = tuple(name for name, spec in M.METRICS.items() if spec.output == "media"  # token metrics: token_sweep
+                       and not spec.per_step and not name.startswith("weight_")
                        and not name.startswith("layer_")  # per-layer checks: harness/quant_oracle.py
                        and name != selfcheck.CROSSCHECK_METRIC)  # the cross-check has its own comparison
 GOLDEN_METRICS = ("final_latent_cosine", "psnr_db")

@@ -6,6 +6,7 @@ class of each denoiser in DENOISERS (component folder -> class)."""
 from __future__ import annotations
 
 from reference.flux1 import Flux1Reference
+from reference.gemma4_unified import Gemma4UnifiedReference
 from reference.ideogram4 import Ideogram4Reference
 from reference.qwen_image import QwenImageEditReference, QwenImageReference
 from reference.wan import WanReference, WanTI2VReference
@@ -31,3 +32,17 @@ def reference(family: str) -> type:
 
 def open_runner(cfg):
     return reference(cfg.family)(cfg)
+
+
+# Token families (multimodal language models): family -> its runner around the transformers model and processor.
+TOKEN_REFERENCES: dict[str, type] = {
+    "gemma4-unified": Gemma4UnifiedReference,
+}
+
+
+def token_reference(family: str) -> type:
+    try:
+        return TOKEN_REFERENCES[family]
+    except KeyError:
+        raise ValueError(f"no transformers reference for token family {family!r}; valid: {sorted(TOKEN_REFERENCES)}"
+                         ) from None

@@ -45,6 +45,14 @@ def test_every_identical_value_is_what_the_metric_gives_on_identical_inputs():
                "trajectory_cosine_min": lambda: M.trajectory_cosine(latents[None], latents[None].clone()).min(0),
                "psnr_db": lambda: M.psnr_db(images, images.copy()), "ssim": lambda: M.ssim(images, images.copy()),
                "mean_abs_diff": lambda: M.mean_abs_diff(images, images.copy())}
+    from harness import token_metrics as T  # token-logits metrics: one value per prompt
+    logits, tokens = latents[0], torch.arange(16)
+    compute = {"embedder_cosine_min": lambda: T.rows_cosine_min(latents, latents.clone()),
+               "embedder_rel_error": lambda: T.rel_error(latents, latents.clone()),
+               "logits_cosine_min": lambda: T.logits_cosine_min(logits, logits.clone()),
+               "top1_agreement": lambda: T.top1_agreement(logits, logits.clone()),
+               "next_token_kl_max": lambda: T.next_token_kl_max(logits, logits.clone()),
+               "greedy_match_rate": lambda: T.greedy_match_rate(tokens, tokens.clone()), **compute}
     video = np.random.default_rng(1).integers(0, 256, size=(2, 3, 16, 16, 3), dtype=np.uint8)
     compute.update({  # video metrics: exact names, matched before the suffixes above
         "video_psnr_db_min": lambda: M.frame_psnr_db(video, video.copy()).min(1),
@@ -59,9 +67,9 @@ def test_every_identical_value_is_what_the_metric_gives_on_identical_inputs():
             continue
         fn = next(f for suffix, f in compute.items() if name.endswith(suffix) or name == suffix
                   or (suffix == "trajectory_cosine_min" and name == "step_output_cosine_min"))
-        assert (fn() == spec.identical).all(), name
+        assert (np.asarray(fn()) == spec.identical).all(), name
         checked += 1
-    assert checked == 16
+    assert checked == 22
 
 
 def test_cosine_of_identical_rows_is_exactly_one_and_of_one_ulp_apart_is_not_forced():

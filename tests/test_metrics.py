@@ -187,6 +187,9 @@ def test_registry_names_and_flags():
         # video (F > 1): tests/test_video_metrics.py
         "video_psnr_db_min", "video_psnr_db_mean", "video_ssim_min", "video_ssim_mean", "video_mad_max",
         "video_mad_mean", "frame_diff_cosine_min", "frame_latent_cosine_min",
+        # token-logits metrics (harness/token_metrics.py)
+        "embedder_cosine_min", "embedder_rel_error", "logits_cosine_min", "top1_agreement", "next_token_kl_max",
+        "greedy_match_rate",
     }
     assert all(name == spec.name for name, spec in M.METRICS.items())
     assert not M.metric_spec("trajectory_cosine").gated and M.metric_spec("trajectory_cosine").per_step

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from harness.zoo import flux1, ideogram4, qwen_image, synth, wan, z_image
+from harness.zoo import flux1, gemma4_unified, ideogram4, qwen_image, synth, wan, z_image
 
 # Bump whenever synthesis, configs or tokenizers change what a build writes: it keys the cached builds.
 ZOO_VERSION = "1"
@@ -35,6 +35,7 @@ FAMILIES = {
     "wan": wan.A14B,
     "wan-ti2v": wan.TI2V,
     "ideogram4": ideogram4,
+    "gemma4-unified": gemma4_unified,
 }
 
 
