@@ -68,6 +68,12 @@ def provenance_errors(results: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------- (b) expected rows
+def is_video(cell) -> bool:
+    """Whether a cell's media have more than one frame: only those get the video metrics (MetricSpec.video), in
+    its rows, its expected rows and the error rows of its crash alike."""
+    return getattr(cell.sampling, "num_frames", 1) > 1
+
+
 def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bool,
                   n_golden_seeds: int | None = None) -> dict[str, int]:
     """'cell|comparison|metric' -> rows the run must hold (per-step curves excluded), from the suite's design."""
@@ -80,8 +86,7 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
     n = n_seeds * n_prompts
     out: dict[str, int] = {}
     for cell in cells:
-        video = getattr(cell.sampling, "num_frames", 1) > 1  # video metrics (MetricSpec.video) for video cells only
-        engine_cell = [m for m in engine if video or not METRICS[m].video]
+        engine_cell = [m for m in engine if is_video(cell) or not METRICS[m].video]
         no_clip = [m for m in engine_cell if not m.startswith("clip_")]
         plan = {schema.ENGINE_VS_REFERENCE: engine_cell, NEGATIVE_CONTROL: CONTROL_METRICS, SELF_CHECK: (CROSSCHECK_METRIC,)}
         if cell.quant != "none":

@@ -449,7 +449,8 @@ def error_rows(cell: Cell, ctx: SweepContext, reason: str) -> list[dict]:
     rows = []
     for seed in ctx.suite.seeds:
         r = Rows({**cell_columns(cell, ctx), "seed": seed, "model_hash": ""}, len(ctx.suite.prompts), ctx.suite.prompts)
-        r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated), reason)
+        r.errors(schema.ENGINE_VS_REFERENCE, tuple(m for m in ENGINE_METRICS if M.METRICS[m].gated
+                                                   and (selfcheck.is_video(cell) or not M.METRICS[m].video)), reason)
         rows += r.rows
     return rows
 

@@ -14,8 +14,14 @@ from harness.selftest import flux1, gemma4_unified, ideogram4, qwen_image, wan, 
 from harness.selftest.plants import Patcher, Plant
 
 # The registry: family -> its catalogue module (TARGETS, CATALOGUE).
-FAMILY_CATALOGUES = {"flux1": flux1, "qwen-image": qwen_image, "z-image": z_image, "wan": wan, "ideogram4": ideogram4,
-                     "gemma4-unified": gemma4_unified}
+FAMILY_CATALOGUES = {
+    "flux1": flux1,
+    "qwen-image": qwen_image,
+    "z-image": z_image,
+    "wan": wan,
+    "ideogram4": ideogram4,
+    "gemma4-unified": gemma4_unified,
+}
 
 
 def _merge(attr: str) -> dict:
