@@ -171,10 +171,12 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
             finally:
                 _swap(old)
             results[("plant", plant, u, r)] = ((bad - got).abs().max().item(), torch.equal(bad, got))
-    # Traceability: graph breaks of the functional code, and of the twin's ring; compiled == eager bitwise.
+    # Traceability: graph breaks of the functional code, and of the twin's ring; compiled == eager bitwise. Traced
+    # at world 2 only: the traced code does not branch on the world size, and four ranks compiling on a 2-core CI
+    # machine cost half a minute of `make test`.
     import torch._dynamo as dynamo
 
-    for (u, r) in meshes:
+    for (u, r) in meshes if world == 2 else ():
         mesh = build_mesh(ParallelSpec(ulysses=u, ring=r))
         plan, qkv = _local_inputs(mesh, 4 * world + 1, True, torch.float32, seed=7)
         attn = _attention(mesh, plan, True)
@@ -232,8 +234,11 @@ def test_planted_ring_order_and_stale_block_are_caught(world_results):
 
 
 def test_sp_attention_compiles_without_graph_breaks(world_results):
-    _, results = world_results
+    world, results = world_results
     breaks, twin = _entries(results, "breaks"), _entries(results, "twin_breaks")
+    if world > 2:  # traced at world 2 only (see _worker): nothing was traced here
+        assert not breaks and not twin
+        return
     assert breaks and all(n == 0 for n in breaks.values()), breaks
     # The control: the batch_isend_irecv ring it replaced broke the graph, so this check can fail.
     assert twin and all(n > 0 for n in twin.values()), twin
