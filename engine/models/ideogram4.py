@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
+from engine.models.common import RoundedRMSNorm
 
 PADDING_INDICATOR = -1
 IMAGE_INDICATOR = 2
@@ -118,19 +119,6 @@ def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # --- layers ---------------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """The reference's RMS norm: normalized in float32, cast to a half-precision weight's dtype, then scaled."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class Attention(nn.Module):
@@ -138,8 +126,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = cfg.num_attention_heads
         self.to_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
-        self.norm_q = RMSNorm(cfg.attention_head_dim, 1e-5)  # eps 1e-5 whatever norm_eps is, as the reference
-        self.norm_k = RMSNorm(cfg.attention_head_dim, 1e-5)
+        self.norm_q = RoundedRMSNorm(cfg.attention_head_dim, 1e-5)  # eps 1e-5 whatever norm_eps is, as the reference
+        self.norm_k = RoundedRMSNorm(cfg.attention_head_dim, 1e-5)
         self.to_out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):
@@ -168,10 +156,10 @@ class Block(nn.Module):
         d = cfg.hidden_size
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(d, cfg.intermediate_size)
-        self.attention_norm1 = RMSNorm(d, cfg.norm_eps)
-        self.attention_norm2 = RMSNorm(d, cfg.norm_eps)
-        self.ffn_norm1 = RMSNorm(d, cfg.norm_eps)
-        self.ffn_norm2 = RMSNorm(d, cfg.norm_eps)
+        self.attention_norm1 = RoundedRMSNorm(d, cfg.norm_eps)
+        self.attention_norm2 = RoundedRMSNorm(d, cfg.norm_eps)
+        self.ffn_norm1 = RoundedRMSNorm(d, cfg.norm_eps)
+        self.ffn_norm2 = RoundedRMSNorm(d, cfg.norm_eps)
         self.adaln_modulation = nn.Linear(cfg.adaln_dim, 4 * d)
 
     def forward(self, x, cos, sin, key_mask, adaln, attention: AttentionFn, masked_attention: MaskedAttentionFn):
@@ -189,7 +177,7 @@ class Ideogram4Transformer(nn.Module):
         self.config = cfg
         d = cfg.hidden_size
         self.input_proj = nn.Linear(cfg.in_channels, d)
-        self.llm_cond_norm = RMSNorm(cfg.llm_features_dim, 1e-6)
+        self.llm_cond_norm = RoundedRMSNorm(cfg.llm_features_dim, 1e-6)
         self.llm_cond_proj = nn.Linear(cfg.llm_features_dim, d)
         self.t_mlp_in = nn.Linear(d, d)
         self.t_mlp_out = nn.Linear(d, d)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
-from engine.models.common import GeluMLP, MLPEmbedder, layer_norm, modulate
+from engine.models.common import GeluMLP, MLPEmbedder, RoundedRMSNorm, layer_norm, modulate
 
 TIMESTEP_CHANNELS = 256
 TIMESTEP_SCALE = 1000.0
@@ -120,27 +120,13 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
-class RMSNorm(nn.Module):
-    """RMS norm with the reference's roundings: normalized in float32, cast to a half-precision weight's dtype,
-    then scaled. torch's fused F.rms_norm rounds once at the end and differs in bf16 (measured: 0.0156 max)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class QKNorm(nn.Module):
     def __init__(self, head_dim: int, eps: float):
         super().__init__()
-        self.query_norm = RMSNorm(head_dim, eps)
-        self.key_norm = RMSNorm(head_dim, eps)
+        self.query_norm = RoundedRMSNorm(head_dim, eps)
+        self.key_norm = RoundedRMSNorm(head_dim, eps)
 
 
 class DualStreamBlock(nn.Module):
@@ -196,7 +182,7 @@ class QwenImageTransformer(nn.Module):
         self.config = cfg
         dim = cfg.dim
         self.img_in = nn.Linear(cfg.in_channels, dim)
-        self.txt_norm = RMSNorm(cfg.joint_attention_dim, cfg.eps)
+        self.txt_norm = RoundedRMSNorm(cfg.joint_attention_dim, cfg.eps)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
         self.time_in = MLPEmbedder(TIMESTEP_CHANNELS, dim)
         self.blocks = nn.ModuleList(DualStreamBlock(cfg) for _ in range(cfg.num_layers))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
-from engine.models.common import layer_norm
+from engine.models.common import RoundedRMSNorm, layer_norm
 
 SEQ_MULTI_OF = 32  # both segments are padded to a multiple of this many tokens
 ADALN_EMBED_DIM = 256
@@ -141,19 +141,6 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 # --- layers -------------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """The reference's RMS norm: normalized in float32, cast to a half-precision weight's dtype, then scaled."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class Attention(nn.Module):
@@ -161,8 +148,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = cfg.n_heads
         self.to_qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.norm_q = RMSNorm(cfg.head_dim, 1e-5)  # the reference's qk norms use eps 1e-5 whatever norm_eps is
-        self.norm_k = RMSNorm(cfg.head_dim, 1e-5)
+        self.norm_q = RoundedRMSNorm(cfg.head_dim, 1e-5)  # the reference's qk norms use eps 1e-5 whatever norm_eps is
+        self.norm_k = RoundedRMSNorm(cfg.head_dim, 1e-5)
         self.to_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, freqs, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):
@@ -192,10 +179,10 @@ class Block(nn.Module):
         super().__init__()
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
-        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm1 = RoundedRMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RoundedRMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RoundedRMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RoundedRMSNorm(cfg.dim, cfg.norm_eps)
         self.adaLN_modulation = nn.Linear(min(cfg.dim, ADALN_EMBED_DIM), 4 * cfg.dim) if modulated else None
 
     def forward(self, x, freqs, key_mask, temb, attention: AttentionFn, masked_attention: MaskedAttentionFn):
@@ -241,7 +228,7 @@ class ZImageTransformer(nn.Module):
         self.context_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
         self.t_embedder_1 = nn.Linear(TIMESTEP_CHANNELS, TIMESTEP_HIDDEN)
         self.t_embedder_2 = nn.Linear(TIMESTEP_HIDDEN, min(cfg.dim, ADALN_EMBED_DIM))
-        self.cap_norm = RMSNorm(cfg.cap_feat_dim, cfg.norm_eps)
+        self.cap_norm = RoundedRMSNorm(cfg.cap_feat_dim, cfg.norm_eps)
         self.cap_embedder = nn.Linear(cfg.cap_feat_dim, cfg.dim)
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
