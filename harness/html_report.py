@@ -102,6 +102,25 @@ def _fig_b64(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _drawn_once(*columns: str):
+    """Memoize a plot on the data it draws: a sweep writes report.html before the gate and again after it, and the
+    plots (most of a render's time) do not depend on the verdict. The key is the text of the columns the plot reads
+    (the frame before the gate and the one read back from results.parquet differ in dtypes, not in values)."""
+    def wrap(plot):
+        cache: dict[tuple, str | None] = {}
+
+        def cached(frame: pd.DataFrame, *args):
+            key = ("\x1f".join(map(str, frame[list(columns)].itertuples(index=False))), args)
+            if key not in cache:
+                if len(cache) >= 256:  # a long-lived process (a test session) renders many runs
+                    cache.clear()
+                cache[key] = plot(frame, *args)
+            return cache[key]
+        return cached
+    return wrap
+
+
+@_drawn_once("status", "value", "comparison", "seed", "prompt_idx", "step")
 def trajectory_plot(curves: pd.DataFrame, title: str) -> str | None:
     """1 - trajectory_cosine per step (log scale), one line per sample, one colour per comparison. None when
     every value is exact (nothing to draw on a log axis; the caller says 'bitwise equal')."""
@@ -136,6 +155,7 @@ def _first(frame: pd.DataFrame, comparison: str) -> tuple:
     return (sub["seed"].iloc[0], sub["prompt_idx"].iloc[0])
 
 
+@_drawn_once("layer", "sqnr_db")
 def weight_plot(layers: pd.DataFrame, floor: float | None, title: str) -> str:
     """Per-layer weight SQNR, worst first (lowest dB on the left), with the gate's floor."""
     layers = layers.sort_values("sqnr_db")

@@ -100,7 +100,10 @@ def meta_from_results(results: pd.DataFrame) -> dict:
 
 def cell_label(df: pd.DataFrame) -> pd.Series:
     """The `cell` id where the run recorded one, else the cell columns joined with '/'."""
-    joined = df[[c for c in CELL_COLUMNS if c in df.columns]].astype("object").fillna("").astype(str).agg("/".join, axis=1)
+    parts = df[[c for c in CELL_COLUMNS if c in df.columns]].astype("object").fillna("").astype(str)
+    # str.cat, not agg("/".join, axis=1): a Python call per row cost about half a second per 2,000-row report
+    joined = (parts.iloc[:, 0].str.cat([parts[c] for c in parts.columns[1:]], sep="/") if len(parts.columns)
+              else pd.Series("", index=df.index, dtype=object))
     return df["cell"].fillna(joined) if "cell" in df.columns else joined
 
 
