@@ -157,12 +157,14 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
         errors.append(f"results lack column(s) {missing}: the exactness tiers of the thresholds cannot be judged")
         return
     cache: dict[tuple, object] = {}
-    rows["floor_passed"] = pd.array([pd.NA] * len(rows), dtype="boolean")
-    for idx, r in rows.iterrows():
-        spec = METRICS.get(r["metric"])
-        if spec is None or spec.identical is None or not spec.gated or r["status"] != OK:
+    floor_passed = pd.array([pd.NA] * len(rows), dtype="boolean")
+    hits, whys = [], []  # positions judged by a tier, and their verdicts: written back in one assignment per column
+    columns = ["metric", "status", "model", "dtype", "quant", "parallel", "device", "optimize", "comparison"]
+    for pos, (metric, status, *key) in enumerate(rows[columns].itertuples(index=False, name=None)):
+        spec = METRICS.get(metric)
+        if spec is None or spec.identical is None or not spec.gated or status != OK:
             continue
-        key = (r["model"], r["dtype"], r["quant"], r["parallel"], r["device"], r["optimize"], r["comparison"])
+        key = tuple(key)
         if key not in cache:
             try:
                 cache[key] = thresholds.exact_rule(key[:4], *key[4:])
@@ -172,13 +174,23 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
         rule = cache[key]
         if rule is None:
             continue
-        value = values[idx]
+        value = values.iloc[pos]
         exact = bool(value == spec.identical)
-        rows.loc[idx, "floor_passed"] = rows.loc[idx, "passed"]  # what the floor alone said (selftest: fragility)
-        rows.loc[idx, ["threshold", "op", "tier"]] = [spec.identical, EXACT_OP, BITWISE]
-        rows.loc[idx, "passed"] = exact
-        rows.loc[idx, "why"] = "" if exact else (
-            f"not bitwise: value {float(value)!r} != {fmt(spec.identical)} ({rule.label()}: measured exact)")
+        hits.append((pos, spec.identical, exact))
+        whys.append("" if exact else
+                    f"not bitwise: value {float(value)!r} != {fmt(spec.identical)} ({rule.label()}: measured exact)")
+    if not hits:
+        rows["floor_passed"] = floor_passed
+        return
+    at = [pos for pos, _, _ in hits]
+    floor_passed[at] = rows["passed"].array[at]  # what the floor alone said (selftest: fragility)
+    rows["floor_passed"] = floor_passed
+    labels = rows.index[at]
+    rows.loc[labels, "threshold"] = [identical for _, identical, _ in hits]
+    rows.loc[labels, "op"] = EXACT_OP
+    rows.loc[labels, "tier"] = BITWISE
+    rows.loc[labels, "passed"] = [exact for _, _, exact in hits]
+    rows.loc[labels, "why"] = whys
 
 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:

@@ -13,6 +13,7 @@ import math
 import operator
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from harness.metrics import METRICS, metric_spec
@@ -145,6 +146,15 @@ class Thresholds:
                                  f"({self.path or 'thresholds'})")
         return top[0]
 
+    @cached_property
+    def _by_comparison_metric(self) -> dict[tuple[str, str], list[Threshold]]:
+        """The rules by (comparison, metric), in file order: a rule matches no key of another comparison or metric,
+        and scanning every rule for every key cost seconds per gate."""
+        index: dict[tuple[str, str], list[Threshold]] = {}
+        for t in self.rules:
+            index.setdefault((t.comparison, t.metric), []).append(t)
+        return index
+
     @property
     def keyed_by_optimize(self) -> bool:
         return any(t.optimize != WILDCARD for t in self.rules)
@@ -152,7 +162,7 @@ class Thresholds:
     def lookup(self, key: tuple, optimize: str | None = None) -> Threshold | None:
         """The most specific rule for a GATE_KEY-ordered key and the row's optimize label, None if none matches;
         raises on a tie."""
-        matches = [t for t in self.rules if t.matches(key, optimize)]
+        matches = [t for t in self._by_comparison_metric.get((key[4], key[5]), ()) if t.matches(key, optimize)]
         if not matches:
             return None
         best = max(t.specificity for t in matches)
