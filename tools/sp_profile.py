@@ -65,7 +65,10 @@ def analyse(prof, iters: int, device: str) -> dict:
     forwards = [e for e in events if e.name == "sp_forward" and e.device_type == DeviceType.CPU]
     host_ms = sum(e.time_range.elapsed_us() for e in forwards) / 1e3 / max(len(forwards), 1)
     if device == "cuda":
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        # Kernels and copies only: the GPU-side copies of user ranges (the whole `sp_forward`, nccl:all_to_all) span
+        # their kernels, and counted as "other" they covered every collective (comm read as fully hidden).
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                   and e.name != "sp_forward"]
     else:  # CPU: the leaf ops stand for kernels (their self time would double-count parents)
         kernels = [e for e in events if e.device_type == DeviceType.CPU and not e.cpu_children
                    and e.name != "sp_forward"]
