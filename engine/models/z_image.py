@@ -245,6 +245,7 @@ class ZImageTransformer(nn.Module):
         self.masked_attention: MaskedAttentionFn = masked_sdpa_attention  # joint sequence, caption keys masked
         self.caption_masked_attention: MaskedAttentionFn = masked_sdpa_attention
         self._rope: list[torch.Tensor] | None = None
+        self._layouts: dict[tuple, Layout] = {}  # layout() per (latent size, caption lengths, device)
 
     @property
     def attention(self) -> AttentionFn:
@@ -266,7 +267,18 @@ class ZImageTransformer(nn.Module):
         return torch.cat([table[ids[..., axis]] for axis, table in enumerate(self._rope)], dim=-1)
 
     def layout(self, latent_size: tuple[int, int, int], cap_lens: list[int], device=None) -> Layout:
-        """The token layout of a batch whose latents are (C, *latent_size) and whose captions have cap_lens tokens."""
+        """The token layout of a batch whose latents are (C, *latent_size) and whose captions have cap_lens tokens.
+        Built once per (size, caption lengths, device) and reused: every step of a run has the same layout, and
+        building it checks RoPE ranges on the host (a device sync that must not sit in the hot loop, and must not
+        happen inside a CUDA-graph capture; the graph wrapper warms up before capturing, which fills this cache)."""
+        key = (tuple(latent_size), tuple(cap_lens), str(device))
+        if key not in self._layouts:
+            if len(self._layouts) >= 8:  # a long-lived model sees a few sizes; do not grow without bound
+                self._layouts.clear()
+            self._layouts[key] = self._build_layout(latent_size, cap_lens, device)
+        return self._layouts[key]
+
+    def _build_layout(self, latent_size: tuple[int, int, int], cap_lens: list[int], device=None) -> Layout:
         cfg = self.config
         f, h, w = latent_size
         p, pf = cfg.patch_size, cfg.f_patch_size
