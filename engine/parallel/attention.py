@@ -26,6 +26,7 @@ the attention output for the same tokens in the same order, equal to what one de
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -148,6 +149,7 @@ class JointSequenceParallelAttention:
         self.local_attention = local_attention
         self.local_masked_attention = local_masked_attention
         self.lse_attention = lse_attention
+        self._checked_mask: weakref.ref | None = None  # the last key mask found to leave image keys unmasked
         self.text_len: int | None = None
         self.text_first = True
         self.plan: ShardPlan | None = None
@@ -161,6 +163,18 @@ class JointSequenceParallelAttention:
         if text_plan is not None and text_plan.total != text_len:
             raise ValueError(f"text plan covers {text_plan.total} tokens, the text has {text_len}")
         self.text_len, self.text_first, self.plan, self.text_plan = text_len, text_first, plan, text_plan
+
+    def _check_image_keys_unmasked(self, key_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
+        """The mask may cover text keys only. Reading it is a host sync, so it is read once per mask tensor (a model
+        passes one mask to all its blocks), and not at all while a CUDA graph is captured (illegal there; the
+        capture's warm-up calls were checked) or while the compiler traces (a sync would break the graph)."""
+        if torch.compiler.is_compiling() or (key_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        if self._checked_mask is not None and self._checked_mask() is key_mask:
+            return
+        if not bool(image_mask.all()):
+            raise ValueError("sequence-parallel attention masks text keys only; this call masks image keys")
+        self._checked_mask = weakref.ref(key_mask)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,8 +194,7 @@ class JointSequenceParallelAttention:
         text_mask = None
         if key_mask is not None:
             text_mask, image_mask = split_joint(key_mask.bool(), t, first)
-            if not bool(image_mask.all()):
-                raise ValueError("sequence-parallel attention masks text keys only; this call masks image keys")
+            self._check_image_keys_unmasked(key_mask, image_mask)
         u_axis, r_axis = mesh.ulysses, mesh.ring
         heads = q.shape[2]
         # The image shards of our Ulysses group, which the all-to-all joins into one contiguous block.
