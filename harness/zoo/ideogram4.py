@@ -81,32 +81,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def _check(size: str, denoiser: str = "transformer") -> None:
-    if size not in SIZES:
-        raise ValueError(f"unknown ideogram4 size {size!r}; valid sizes: {', '.join(SIZES)}")
-    if denoiser not in DENOISERS:
-        raise ValueError(f"ideogram4 has denoisers {DENOISERS}; got {denoiser!r}")
 
 
-def _no_plant(sensitive_layer: str | None) -> None:
-    if sensitive_layer is not None:
-        raise ValueError(f"the ideogram4 zoo cannot plant a sensitive layer ({sensitive_layer!r}); "
-                         "valid: none (planting is implemented for flux1 only)")
 
 
-def _meta(build):
-    with torch.device("meta"):
-        return build()
 
 
-def _transformer_specs(model) -> list[synth.ParamSpec]:
-    specs = synth.specs_from_module(model)
-    return [dataclasses.replace(s, kind=synth.LINEAR_PLAIN) if s.kind == synth.LINEAR and
-            any(p in s.name for p in MODULATION) else s for s in specs]
 
 
 def transformer_config(size: str, denoiser: str = "transformer") -> dict:
-    _check(size, denoiser)
+    synth.check_size("ideogram4", size, SIZES, denoiser, denoisers=DENOISERS)
     return json.loads(json.dumps(TRANSFORMER[size]))
 
 
@@ -114,9 +98,10 @@ def transformer_specs(size: str, denoiser: str = "transformer", sensitive_layer:
                       ) -> list[synth.ParamSpec]:
     from diffusers import Ideogram4Transformer2DModel
 
-    _no_plant(sensitive_layer)
+    synth.refuse_plant("ideogram4", sensitive_layer)
     config = transformer_config(size, denoiser)
-    return _transformer_specs(_meta(lambda: Ideogram4Transformer2DModel(**config)))
+    model = synth.on_meta(lambda: Ideogram4Transformer2DModel(**config))
+    return synth.plain_linears(synth.specs_from_module(model), MODULATION)
 
 
 def text_config(size: str):
@@ -174,7 +159,7 @@ def _write_vae(folder: Path, size: str, seed: int, dtype) -> None:
     from diffusers import AutoencoderKLFlux2
     from safetensors.torch import save_file
 
-    model = _meta(lambda: AutoencoderKLFlux2(**VAE[size]))
+    model = synth.on_meta(lambda: AutoencoderKLFlux2(**VAE[size]))
     folder.mkdir()
     model.save_config(folder)
     specs = [dataclasses.replace(s, name=f"{prefix}.{s.name}") for prefix, sub in model.named_children()
@@ -195,21 +180,22 @@ def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None,
     from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Transformer2DModel
     from transformers import Qwen3VLModel
 
-    _check(size)
-    _no_plant(sensitive_layer)
+    synth.check_size("ideogram4", size, SIZES)
+    synth.refuse_plant("ideogram4", sensitive_layer)
     dtype = dtype or STORAGE_DTYPE[size]
     folder = Path(folder)
     _write_tokenizer(folder / "tokenizer")
     for sub in DENOISERS:
-        model = _meta(lambda: Ideogram4Transformer2DModel(**transformer_config(size, sub)))
+        model = synth.on_meta(lambda: Ideogram4Transformer2DModel(**transformer_config(size, sub)))
         (folder / sub).mkdir()
         model.save_config(folder / sub)
-        synth.write_safetensors(_transformer_specs(model), seed, sub, folder / sub, "diffusion_pytorch_model", dtype)
+        specs = synth.plain_linears(synth.specs_from_module(model), MODULATION)
+        synth.write_safetensors(specs, seed, sub, folder / sub, "diffusion_pytorch_model", dtype)
     _write_vae(folder / "vae", size, seed, dtype)
 
     config = text_config(size)
     config.dtype = dtype
-    model = _meta(lambda: Qwen3VLModel(config))
+    model = synth.on_meta(lambda: Qwen3VLModel(config))
     config.save_pretrained(folder / "text_encoder")
     synth.write_safetensors(synth.specs_from_module(model), seed, "text_encoder", folder / "text_encoder", "model",
                             dtype)

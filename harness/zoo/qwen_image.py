@@ -109,29 +109,12 @@ def write_qwen_tokenizer(folder: Path):
     return loaded
 
 
-def _check(size: str, denoiser: str = "transformer") -> None:
-    if size not in SIZES:
-        raise ValueError(f"unknown qwen-image size {size!r}; valid sizes: {', '.join(SIZES)}")
-    if denoiser != "transformer":
-        raise ValueError(f"qwen-image has one denoiser, 'transformer'; got {denoiser!r}")
 
 
-def _no_plant(sensitive_layer: str | None) -> None:
-    # The quantization-sensitive plant (harness/zoo/flux1.py) is FLUX.1's so far; refuse rather than ignore it.
-    if sensitive_layer is not None:
-        raise ValueError(f"the qwen-image zoo cannot plant a sensitive layer ({sensitive_layer!r}); "
-                         "valid: none (planting is implemented for flux1 only)")
 
 
-def _meta(build):
-    with torch.device("meta"):
-        return build()
 
 
-def _transformer_specs(model) -> list[synth.ParamSpec]:
-    specs = synth.specs_from_module(model)
-    return [dataclasses.replace(s, kind=synth.LINEAR_PLAIN) if s.kind == synth.LINEAR and
-            any(p in s.name for p in MODULATION) else s for s in specs]
 
 
 def _vae_specs(model) -> list[synth.ParamSpec]:
@@ -177,16 +160,17 @@ class QwenZoo:
         self.pipeline_class, self.edit = pipeline_class, edit
 
     def transformer_config(self, size: str, denoiser: str = "transformer") -> dict:
-        _check(size, denoiser)
+        synth.check_size("qwen-image", size, SIZES, denoiser)
         return json.loads(json.dumps(TRANSFORMER[size]))
 
     def transformer_specs(self, size: str, denoiser: str = "transformer", sensitive_layer: str | None = None
                           ) -> list[synth.ParamSpec]:
         from diffusers import QwenImageTransformer2DModel
 
-        _no_plant(sensitive_layer)
+        synth.refuse_plant("qwen-image", sensitive_layer)
         config = self.transformer_config(size, denoiser)
-        return _transformer_specs(_meta(lambda: QwenImageTransformer2DModel(**config)))
+        model = synth.on_meta(lambda: QwenImageTransformer2DModel(**config))
+        return synth.plain_linears(synth.specs_from_module(model), MODULATION)
 
     def denoiser_inputs(self, size: str, denoiser: str, prompt_seeds: list[int], seed: int, height: int, width: int,
                         text_tokens: int, sampling) -> dict[str, torch.Tensor]:
@@ -208,24 +192,25 @@ class QwenZoo:
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        _check(size)
-        _no_plant(sensitive_layer)
+        synth.check_size("qwen-image", size, SIZES)
+        synth.refuse_plant("qwen-image", sensitive_layer)
         dtype = dtype or STORAGE_DTYPE[size]
         folder = Path(folder)
         write_qwen_tokenizer(folder / "tokenizer")
         if self.edit:
             _write_processor(folder / "processor", size, folder / "tokenizer")
 
+        transformer_specs_of = lambda m: synth.plain_linears(synth.specs_from_module(m), MODULATION)  # noqa: E731
         for sub, cls, kw, specs in (("transformer", QwenImageTransformer2DModel, self.transformer_config(size),
-                                     _transformer_specs), ("vae", AutoencoderKLQwenImage, VAE[size], _vae_specs)):
-            model = _meta(lambda: cls(**kw))
+                                     transformer_specs_of), ("vae", AutoencoderKLQwenImage, VAE[size], _vae_specs)):
+            model = synth.on_meta(lambda: cls(**kw))
             (folder / sub).mkdir()
             model.save_config(folder / sub)
             synth.write_safetensors(specs(model), seed, sub, folder / sub, "diffusion_pytorch_model", dtype)
 
         config = _text_config(size, self.edit)
         config.dtype = dtype
-        model = _meta(lambda: Qwen2_5_VLForConditionalGeneration(config))
+        model = synth.on_meta(lambda: Qwen2_5_VLForConditionalGeneration(config))
         config.save_pretrained(folder / "text_encoder")
         synth.write_safetensors(synth.specs_from_module(model), seed, "text_encoder", folder / "text_encoder",
                                 "model", dtype)

@@ -239,3 +239,32 @@ def write_safetensors(specs: list[ParamSpec], seed: int, namespace: str, folder:
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# --- what every family's zoo file needs (one copy here, not one per family) ------------------------------------------
+def on_meta(build):
+    """build() on the meta device: a model's parameter names and shapes without allocating them."""
+    with torch.device("meta"):
+        return build()
+
+
+def plain_linears(specs: list[ParamSpec], patterns: tuple[str, ...]) -> list[ParamSpec]:
+    """The linears whose names contain one of `patterns` (adaLN modulation, timestep embedders) drawn without
+    outliers (LINEAR_PLAIN), so that shift / scale / gate stay O(0.1..1); every other spec unchanged."""
+    return [replace(s, kind=LINEAR_PLAIN) if s.kind == LINEAR and any(p in s.name for p in patterns) else s
+            for s in specs]
+
+
+def check_size(family: str, size: str, sizes: tuple[str, ...], denoiser: str = "transformer",
+               denoisers: tuple[str, ...] = ("transformer",)) -> None:
+    if size not in sizes:
+        raise ValueError(f"unknown {family} size {size!r}; valid sizes: {', '.join(sizes)}")
+    if denoiser not in denoisers:
+        raise ValueError(f"{family} has denoiser(s) {', '.join(repr(d) for d in denoisers)}; got {denoiser!r}")
+
+
+def refuse_plant(family: str, sensitive_layer: str | None) -> None:
+    """For a zoo that cannot plant a quantization-sensitive layer: refuse the request rather than ignore it."""
+    if sensitive_layer is not None:
+        raise ValueError(f"the {family} zoo cannot plant a sensitive layer ({sensitive_layer!r}); valid: none "
+                         "(this family's zoo plants no sensitive layer)")

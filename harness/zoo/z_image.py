@@ -16,7 +16,6 @@ Tokenizer: the synthetic Qwen byte-level BPE of harness/zoo/qwen_image.py (Qwen3
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -58,28 +57,12 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
 MODULATION = ("adaLN_modulation", "t_embedder")  # no outliers (see harness/zoo/flux1.py MODULATION_GAIN)
 
 
-def _check(size: str, denoiser: str = "transformer") -> None:
-    if size not in SIZES:
-        raise ValueError(f"unknown z-image size {size!r}; valid sizes: {', '.join(SIZES)}")
-    if denoiser != "transformer":
-        raise ValueError(f"z-image has one denoiser, 'transformer'; got {denoiser!r}")
 
 
-def _no_plant(sensitive_layer: str | None) -> None:
-    if sensitive_layer is not None:
-        raise ValueError(f"the z-image zoo cannot plant a sensitive layer ({sensitive_layer!r}); "
-                         "valid: none (planting is implemented for flux1 only)")
 
 
-def _meta(build):
-    with torch.device("meta"):
-        return build()
 
 
-def _transformer_specs(model) -> list[synth.ParamSpec]:
-    specs = synth.specs_from_module(model)
-    return [dataclasses.replace(s, kind=synth.LINEAR_PLAIN) if s.kind == synth.LINEAR and
-            any(p in s.name for p in MODULATION) else s for s in specs]
 
 
 def _text_config(size: str):
@@ -95,7 +78,7 @@ def _text_config(size: str):
 
 
 def transformer_config(size: str, denoiser: str = "transformer") -> dict:
-    _check(size, denoiser)
+    synth.check_size("z-image", size, SIZES, denoiser)
     return json.loads(json.dumps(TRANSFORMER[size]))
 
 
@@ -103,9 +86,10 @@ def transformer_specs(size: str, denoiser: str = "transformer", sensitive_layer:
                       ) -> list[synth.ParamSpec]:
     from diffusers import ZImageTransformer2DModel
 
-    _no_plant(sensitive_layer)
+    synth.refuse_plant("z-image", sensitive_layer)
     config = transformer_config(size, denoiser)
-    return _transformer_specs(_meta(lambda: ZImageTransformer2DModel(**config)))
+    model = synth.on_meta(lambda: ZImageTransformer2DModel(**config))
+    return synth.plain_linears(synth.specs_from_module(model), MODULATION)
 
 
 def denoiser_inputs(size: str, denoiser: str, prompt_seeds: list[int], seed: int, height: int, width: int,
@@ -129,21 +113,22 @@ def write(folder: Path, size: str, seed: int, dtype: torch.dtype | None = None,
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Model
 
-    _check(size)
-    _no_plant(sensitive_layer)
+    synth.check_size("z-image", size, SIZES)
+    synth.refuse_plant("z-image", sensitive_layer)
     dtype = dtype or STORAGE_DTYPE[size]
     folder = Path(folder)
     write_qwen_tokenizer(folder / "tokenizer")
-    for sub, cls, kw, specs in (("transformer", ZImageTransformer2DModel, transformer_config(size),
-                                 _transformer_specs), ("vae", AutoencoderKL, VAE[size], synth.specs_from_module)):
-        model = _meta(lambda: cls(**kw))
+    transformer_specs_of = lambda m: synth.plain_linears(synth.specs_from_module(m), MODULATION)  # noqa: E731
+    for sub, cls, kw, specs in (("transformer", ZImageTransformer2DModel, transformer_config(size), transformer_specs_of),
+                                ("vae", AutoencoderKL, VAE[size], synth.specs_from_module)):
+        model = synth.on_meta(lambda: cls(**kw))
         (folder / sub).mkdir()
         model.save_config(folder / sub)
         synth.write_safetensors(specs(model), seed, sub, folder / sub, "diffusion_pytorch_model", dtype)
 
     config = _text_config(size)
     config.dtype = dtype
-    model = _meta(lambda: Qwen3Model(config))
+    model = synth.on_meta(lambda: Qwen3Model(config))
     config.save_pretrained(folder / "text_encoder")
     synth.write_safetensors(synth.specs_from_module(model), seed, "text_encoder", folder / "text_encoder", "model",
                             dtype)
