@@ -1,7 +1,10 @@
+import multiprocessing
+import multiprocessing.forkserver
 import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
 
@@ -43,3 +46,28 @@ def one_thread():
 def _no_ci_step_summary(monkeypatch):
     """The gate appends to $GITHUB_STEP_SUMMARY; the test suite's own synthetic gates must not land on CI's page."""
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+# What every rank of a test's spawned world imports. A spawned rank paid these again (~10 s of CPU each on 2
+# cores, measured: a world of 4 spent most of its set-up importing); ranks forked from one fork server that
+# imported them once start with them loaded. Each world is still a fresh set of processes with its own process
+# group: nothing a test's ranks do (plants, compiled code, process-group state) reaches another test's.
+RANK_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "engine.runner", "engine.parallel.transformer",
+                "harness.zoo", "harness.selftest", "harness.metrics"]
+
+
+@pytest.fixture(scope="session")
+def start_ranks():
+    """start_ranks(fn, args, nprocs): like mp.start_processes(fn, args, nprocs) with spawn (fn(rank, *args) in each
+    of nprocs new processes, an exception in any raised here), but the processes fork from a server that already
+    imported RANK_PRELOAD. The server forks with the environment it started with: a test whose ranks need another
+    environment variable must not use this."""
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)
+    # Started now, from the session's environment (not from whatever a later test has monkeypatched), and it
+    # imports in the background while the first test builds its references.
+    multiprocessing.forkserver.ensure_running()
+
+    def start(fn, args: tuple, nprocs: int) -> None:
+        mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+
+    return start

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.api import RunConfig
 from engine.pipelines.flux1 import FluxSampling
@@ -108,10 +107,10 @@ def references(tiny_flux_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def job_results(references, tiny_flux_dir):
+def job_results(references, tiny_flux_dir, start_ranks):
     tmp, refs = references
     t0 = time.perf_counter()
-    mp.start_processes(_job_worker, args=(str(tiny_flux_dir), str(tmp)), nprocs=4, start_method="spawn")
+    start_ranks(_job_worker, (str(tiny_flux_dir), str(tmp)), 4)
     print(f"\n4-process job world: {time.perf_counter() - t0:.1f}s")
     out = {}
     for job in JOBS:
