@@ -1,6 +1,8 @@
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,3 +73,25 @@ def start_ranks():
         mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
 
     return start
+
+
+@pytest.fixture(scope="session")
+def launched_cfg2(tiny_flux_dir, tmp_path_factory):
+    """One FLUX.1 tiny cfg2 cell through a fresh torchrun (harness.launch.run_engine_distributed), and the one-device
+    run whose step-0 inputs it was given. A fresh launch pays a torchrun start-up and every rank's imports (~15 s on
+    2 cores), so the launcher's own test (tests/test_parallel_pipeline.py: it matches one device) and the rank
+    pool's (tests/test_rankpool.py: a pool job equals a fresh launch bitwise) share this one."""
+    from engine.api import RunConfig
+    from engine.pipelines.flux1 import FluxSampling
+    from engine.runner import open_runner
+    from harness.launch import run_engine_distributed
+
+    cfg = RunConfig(family="flux1", model_dir=str(tiny_flux_dir), prompts=("a red fox in snow", "a lighthouse at dusk"),
+                    seed=5, steps=3, height=36, width=36, dtype="fp32", parallel="cfg2",
+                    sampling=FluxSampling(negative_prompt="blurry, low quality", true_cfg_scale=4.0))
+    runner = open_runner(cfg.replace(parallel="sp1"))
+    art = runner.generate(cfg.replace(parallel="sp1"))
+    single = (art, runner.transformer_forward(art.step0_inputs))
+    t0 = time.perf_counter()
+    launched = run_engine_distributed(cfg, art.step0_inputs, 2, 120, tmp_path_factory.mktemp("cfg2-cell"))
+    return SimpleNamespace(cfg=cfg, single=single, launched=launched, seconds=time.perf_counter() - t0)
