@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.parallel import attention as sp_attention
 from engine.parallel.config import ParallelConfigError, ParallelSpec, parse_parallel
@@ -267,15 +266,14 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
     dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path) -> list[dict]:
-    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
-                       start_method="spawn")
+def _spawn(start_ranks, world: int, tmp_path) -> list[dict]:
+    start_ranks(_worker, (world, str(tmp_path / "store"), str(tmp_path)), world)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
-def world_results(request, tmp_path_factory):
-    return request.param, _spawn(request.param, tmp_path_factory.mktemp(f"sp{request.param}"))
+def world_results(request, tmp_path_factory, start_ranks):
+    return request.param, _spawn(start_ranks, request.param, tmp_path_factory.mktemp(f"sp{request.param}"))
 
 
 def _worst(results: list[dict], *key_prefix) -> dict:

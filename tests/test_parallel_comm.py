@@ -17,7 +17,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.parallel import attention as sp_attention
 from engine.parallel import comm
@@ -203,10 +202,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
-def world_results(request, tmp_path_factory):
+def world_results(request, tmp_path_factory, start_ranks):
     world = request.param
     tmp = tmp_path_factory.mktemp(f"comm{world}")
-    mp.start_processes(_worker, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, start_method="spawn")
+    start_ranks(_worker, (world, str(tmp / "store"), str(tmp)), world)
     return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
@@ -245,9 +244,9 @@ def test_sp_attention_compiles_without_graph_breaks(world_results):
     assert all(_entries(results, "compiled_bitwise").values())
 
 
-def test_ring_shift_moves_uneven_blocks(tmp_path):
+def test_ring_shift_moves_uneven_blocks(tmp_path, start_ranks):
     """start_ring_shift alone: each rank receives exactly its predecessor's (uneven) block."""
-    mp.start_processes(_shift_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, start_method="spawn")
+    start_ranks(_shift_worker, (str(tmp_path / "store"), str(tmp_path)), 3)
     for rank in range(3):
         got = torch.load(tmp_path / f"shift{rank}.pt")
         prev = (rank - 1) % 3

@@ -1,8 +1,9 @@
 """Parallel FLUX.1 tiny pipelines against the single-device pipeline, fp32, 36x36 (81 image tokens: odd, so every
 degree shards unevenly), and the torchrun launcher's failure handling.
 
-The configs and planted bugs run as jobs inside one spawned world of 4 processes (each imports the engine once, a
-job takes the ranks it needs and starts its own process group), so the suite fits the CI budget on 2 cores. One
+The configs and planted bugs run as jobs inside one world of 4 processes (forked from the session's server that
+imported the engine once: conftest.start_ranks; a job takes the ranks it needs and starts its own process group),
+so the suite fits the CI budget on 2 cores. One
 cell goes end to end through harness.launch / harness.worker; crashed and hung ranks go through it too.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.api import RunConfig
 from engine.pipelines.flux1 import FluxSampling
@@ -108,10 +108,10 @@ def references(tiny_flux_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def job_results(references, tiny_flux_dir):
+def job_results(references, tiny_flux_dir, start_ranks):
     tmp, refs = references
     t0 = time.perf_counter()
-    mp.start_processes(_job_worker, args=(str(tiny_flux_dir), str(tmp)), nprocs=4, start_method="spawn")
+    start_ranks(_job_worker, (str(tiny_flux_dir), str(tmp)), 4)
     print(f"\n4-process job world: {time.perf_counter() - t0:.1f}s")
     out = {}
     for job in JOBS:
@@ -209,15 +209,14 @@ def _sitecustomize(tmp_path: Path, body: str) -> dict[str, str]:
     return {"PYTHONPATH": str(plant_dir)}
 
 
-def test_launcher_runs_a_cfg2_cell(references, tiny_flux_dir, tmp_path):
-    from harness.launch import nproc_for, run_engine_distributed
-
+def test_launcher_runs_a_cfg2_cell(references, tiny_flux_dir, launched_cfg2):
+    """The cell launched by conftest.launched_cfg2 (shared with the rank pool's test), against this file's reference."""
     _, refs = references
     art_ref, step_ref = refs[True]
-    cfg = _config(tiny_flux_dir, True, "cfg2")
-    t0 = time.perf_counter()
-    art, step = run_engine_distributed(cfg, art_ref.step0_inputs, nproc_for("cfg2"), 120, tmp_path / "cell")
-    print(f"\nlauncher cfg2 cell: {time.perf_counter() - t0:.1f}s, final-latent cosine "
+    assert launched_cfg2.cfg == _config(tiny_flux_dir, True, "cfg2")  # this file's cfg2 cell
+    assert all(torch.equal(launched_cfg2.single[0].step0_inputs[k], v) for k, v in art_ref.step0_inputs.items())
+    art, step = launched_cfg2.launched
+    print(f"\nlauncher cfg2 cell: {launched_cfg2.seconds:.1f}s, final-latent cosine "
           f"{cosine(art.final_latents, art_ref.final_latents).min():.12f}")
     assert cosine(art.final_latents, art_ref.final_latents).min() >= COSINE_MIN
     assert cosine(step, step_ref).min() >= COSINE_MIN and (art.images == art_ref.images).all()

@@ -7,7 +7,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from engine.parallel import transformer as sp_transformer
@@ -63,9 +62,9 @@ def _worker(rank: int, store: str, out: str):
     dist.destroy_process_group()
 
 
-def test_replication_check_is_sampled_and_still_catches_divergent_ranks(tmp_path):
+def test_replication_check_is_sampled_and_still_catches_divergent_ranks(tmp_path, start_ranks):
     assert sp_transformer.REPLICATION_CHECK_EVERY == 16
-    mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_worker, (str(tmp_path / "store"), str(tmp_path)), 2)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         # Different latents from the start (ranks on different seeds): refused on the very first forward.

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 SHAPES = [(1, 4, 6), (1, 7, 5)]
 # (parallel, dtype, plant) -> the ranks of a 4-process world it runs on; jobs on disjoint ranks run side by side.
@@ -71,9 +70,9 @@ def _worker(proc: int, tmp: str):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, start_ranks):
     tmp = tmp_path_factory.mktemp("qwen_parallel")
-    mp.start_processes(_worker, args=(str(tmp),), nprocs=4, start_method="spawn")
+    start_ranks(_worker, (str(tmp),), 4)
     torch.set_num_threads(1)
     with torch.no_grad():
         single = {d: _model(DTYPES[d])(*_inputs(DTYPES[d])) for d in DTYPES}

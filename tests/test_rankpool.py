@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.api import RunConfig
-from harness.launch import DistributedCellError, run_engine_distributed
+from harness.launch import DistributedCellError
 from harness.metrics import cosine
 from harness.rankpool import RankPool, RankPools
 
@@ -72,13 +72,15 @@ def _same(a, b) -> bool:
             and torch.equal(art_a.step_outputs, art_b.step_outputs) and (art_a.images == art_b.images).all())
 
 
-def test_pool_serves_cells_like_fresh_launches_and_survives_a_crashed_cell(tiny_flux_dir, single, tmp_path):
+def test_pool_serves_cells_like_fresh_launches_and_survives_a_crashed_cell(tiny_flux_dir, single, tmp_path,
+                                                                          launched_cfg2):
     art_ref, step_ref = single
     inputs = [art_ref.step0_inputs]
     env = _env(tmp_path, CRASH)
     with RankPools() as pools:
         t0 = time.perf_counter()
-        ulysses = pools.run([_cfg(tiny_flux_dir, "ulysses2")], inputs, 120, env)[0]
+        # The cell conftest.launched_cfg2 ran in a fresh torchrun, on its inputs.
+        cfg2 = pools.run([launched_cfg2.cfg], [launched_cfg2.single[0].step0_inputs], 120, env)[0]
         first = time.perf_counter() - t0
         (pool,) = pools._pools.values()
         t0 = time.perf_counter()
@@ -94,12 +96,11 @@ def test_pool_serves_cells_like_fresh_launches_and_survives_a_crashed_cell(tiny_
     # Closing asks the idle ranks to stop: torchrun exits 0 and nothing is left behind.
     assert not fresh_pool.alive and fresh_pool.proc.returncode == 0 and _pids_mentioning(str(fresh_pool.folder)) == []
     print(f"\npool: first job {first:.1f}s (start-up included), second {second:.1f}s")
-    fresh = run_engine_distributed(_cfg(tiny_flux_dir, "ulysses2"), art_ref.step0_inputs, 2, 120, tmp_path / "cell")
-    assert _same(ulysses, fresh)  # a pool rank computes what a fresh torchrun computes, bit for bit
+    assert _same(cfg2, launched_cfg2.launched)  # a pool rank computes what a fresh torchrun computes, bit for bit
     assert _same(ring, again)  # and a second job in a world equals a first one: nothing leaks between jobs
-    for art, step in (ulysses, ring):
-        assert cosine(art.final_latents, art_ref.final_latents).min() >= 0.999999
-        assert cosine(step, step_ref).min() >= 0.999999
+    for (art, step), (want, want_step) in ((cfg2, launched_cfg2.single), (ring, single)):
+        assert cosine(art.final_latents, want.final_latents).min() >= 0.999999
+        assert cosine(step, want_step).min() >= 0.999999
     assert not pools._pools
 
 

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 PROMPT = ("a red fox running through snow",)
 # TI2V adds what A14B lacks (per-token timesteps cut with their tokens) on the ring path, the one that merges
@@ -48,14 +47,14 @@ def _worker(rank: int, tmp: str, dirs: dict):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, zoo_root):
+def results(tmp_path_factory, zoo_root, start_ranks):
     from harness.zoo import cached_build
 
     from engine.runner import open_runner
 
     dirs = {f: str(cached_build(f, "tiny", seed=0, root=zoo_root)) for f in RUNS}
     tmp = tmp_path_factory.mktemp("wan_parallel")
-    mp.start_processes(_worker, args=(str(tmp), dirs), nprocs=2, start_method="spawn")
+    start_ranks(_worker, (str(tmp), dirs), 2)
     torch.set_num_threads(1)
     single = {f: open_runner(_cfg(f, dirs[f])).generate(_cfg(f, dirs[f])) for f in RUNS}
     runs = {(f, p): [torch.load(tmp / f"{f}.{p}.rank{r}.pt") for r in range(2)] for f in RUNS for p in JOBS[f]}

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 PROMPTS = ("a red fox in deep snow", "a lighthouse on a rock at dusk")
 JOBS = {"ulysses2": (0, 1), "ring2": (2, 3), "usp2x2": (0, 1, 2, 3)}
@@ -45,14 +44,14 @@ def _worker(proc: int, tmp: str, model_dir: str):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, zoo_root):
+def results(tmp_path_factory, zoo_root, start_ranks):
     from harness.zoo import cached_build
 
     from engine.runner import open_runner
 
     model_dir = str(cached_build("z-image", "tiny", seed=0, root=zoo_root))
     tmp = tmp_path_factory.mktemp("z_image_parallel")
-    mp.start_processes(_worker, args=(str(tmp), model_dir), nprocs=4, start_method="spawn")
+    start_ranks(_worker, (str(tmp), model_dir), 4)
     torch.set_num_threads(1)
     single = open_runner(_cfg(model_dir)).generate(_cfg(model_dir))
     return {p: [torch.load(tmp / f"{p}.rank{r}.pt") for r in range(len(ranks))] for p, ranks in JOBS.items()}, single
