@@ -112,7 +112,7 @@ def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype,
             raise CheckpointError(f"{folder}: {name}.bias is {'missing' if bias is None else 'unexpected'}")
         used |= {f"{name}.{k}" for k in part} | ({f"{name}.bias"} if bias is not None else set())
         try:
-            module = cls.from_checkpoint([part], bias, dtype, options)
+            module = quantized_linear(cls, part, bias, dtype, options)
         except ValueError as e:
             raise CheckpointError(f"{folder}: {name}: {e}") from None
         set_submodule(model, name, module)
@@ -132,6 +132,12 @@ def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype,
     if on_meta := [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]:
         raise CheckpointError(f"{folder}: not loaded: {on_meta[:5]}")
     return model.eval().requires_grad_(False)
+
+
+def quantized_linear(cls, part: dict[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype, options
+                     ) -> nn.Module:
+    """One component linear from its checkpoint tensors (one source module: components have no fused linears)."""
+    return cls.from_checkpoint([part], bias, dtype, options)
 
 
 def _rebuild_non_persistent_buffers(model: nn.Module, device) -> None:
