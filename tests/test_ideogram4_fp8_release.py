@@ -105,6 +105,54 @@ def test_engine_loads_the_text_encoder_directly(folders, runners, one_thread):
         load_component(ipipe.TEXT_ENCODER, out / "text_encoder", QuantSpec("none"), torch.bfloat16, "cpu")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("scale_on_embedding", "names no linear module"),
+    ("scale_dropped", "has no weight_scale"),
+    ("norm_dropped", "missing language_model.norm.weight"),
+])
+def test_component_loader_refuses_a_damaged_folder(folders, tmp_path, damage, message):
+    """A text encoder folder whose tensors do not fit the layout is a CheckpointError naming the problem, never a
+    model with some weights silently left out or read unscaled."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, out = folders
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(out / "text_encoder", folder)
+    tensors = read_checkpoint(folder)
+    if damage == "scale_on_embedding":
+        tensors["language_model.embed_tokens.weight_scale"] = torch.ones(tensors["language_model.embed_tokens.weight"].shape[0])
+    elif damage == "scale_dropped":  # its e4m3 codes would be read as weights
+        del tensors["language_model.layers.0.mlp.up_proj.weight_scale"]
+    else:
+        del tensors["language_model.norm.weight"]
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        load_component(ipipe.TEXT_ENCODER, folder, QuantSpec("fp8-wo"), torch.bfloat16, "cpu")
+
+
+def test_denoiser_loader_refuses_e4m3_codes_without_their_scale(folders, tmp_path):
+    """The same guard on the transformers' loader: a dropped weight_scale must not leave the codes read as weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from engine.denoisers import load_denoiser
+
+    _, out = folders
+    folder = tmp_path / "transformer"
+    shutil.copytree(out / "transformer", folder)
+    tensors = read_checkpoint(folder)
+    dropped = next(k for k in sorted(tensors) if k.endswith(".weight_scale"))
+    del tensors[dropped]
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointError, match="has no weight_scale"):
+        load_denoiser(ipipe.FAMILY, "transformer", folder, QuantSpec("fp8-wo"), torch.bfloat16, "cpu")
+
+
 def _layout_bytes(model: nn.Module, chosen) -> tuple[int, int, int]:
     """(fp8-wo layout bytes, bf16 bytes, bytes of the quantized linears alone in the layout) of a meta-built model:
     1 byte per quantized weight plus a 4-byte scale per row, 2 bytes per other parameter."""

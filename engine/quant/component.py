@@ -93,6 +93,11 @@ def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype,
         raise CheckpointError(f"{folder} holds a pre-quantized {fmt} checkpoint but the quant mode is "
                               f"{spec.mode!r}; modes that load it: {fits}")
     model = meta_build(component, folder)
+    if keep := sorted(set(model._keep_in_fp32_modules or ()) | set(model._keep_in_fp32_modules_strict or ())):
+        # from_pretrained would load these in float32 while every other tensor is cast to `dtype`: not reproduced here.
+        raise CheckpointError(f"{type(model).__name__} keeps {keep} in float32 when loaded; the pre-quantized "
+                              "component loader casts every tensor to the run's dtype and cannot load it as the "
+                              "library would")
     ckpt = read_checkpoint(folder, device)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     excluded = set(config.get("exclude_modules") or ())
@@ -123,6 +128,8 @@ def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype,
             continue
         if key not in ckpt:
             raise CheckpointError(f"{folder}: missing {key}")
+        if ckpt[key].element_size() == 1 and ckpt[key].is_floating_point():  # codes read as values: off by the scale
+            raise CheckpointError(f"{folder}: {key} is {ckpt[key].dtype} but has no weight_scale beside it")
         state[key] = ckpt[key].to(dtype) if ckpt[key].is_floating_point() else ckpt[key]
         used.add(key)
     if unused := sorted(set(ckpt) - used):
