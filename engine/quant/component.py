@@ -123,7 +123,7 @@ def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype,
         set_submodule(model, name, module)
         swapped.append(name)
     state = {}
-    for key, tensor in model.state_dict().items():
+    for key in model.state_dict():
         if key.rpartition(".")[0] in swapped:
             continue
         if key not in ckpt:
