@@ -300,6 +300,23 @@ def quantized_denoiser(model_dir: str | Path, denoiser: str, fmt: str, keep_bf16
     return quantize_checkpoint(build, key_map, src, fmt, tuple(keep_bf16), input_amax)
 
 
+def quantized_components(model_dir: str | Path, fmt: str) -> tuple[str, ...]:
+    """The non-denoiser component folders the family's release stores in checkpoint format `fmt`
+    (engine.family.QuantizedComponent; e.g. a text encoder shipped in FP8 too)."""
+    return tuple(c.folder for c in _folder_family(model_dir).quantized_components if fmt in c.formats)
+
+
+def quantized_component(model_dir: str | Path, folder: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, hf_quant_config) of the quantized copy of one such component folder, its linears chosen by the
+    family's declaration."""
+    from engine.quant.component import quantize_component
+
+    components = {c.folder: c for c in _folder_family(model_dir).quantized_components}
+    if folder not in components:
+        raise ValueError(f"{folder!r} is no quantized component of this family; valid: {sorted(components)}")
+    return quantize_component(components[folder], Path(model_dir) / folder, fmt)
+
+
 def calibrate_input_amax(cfg: RunConfig) -> dict[str, dict[str, float]]:
     """denoiser -> checkpoint module -> the largest |input| of that linear over one unquantized generate(cfg):
     cfg.prompts, steps and size are the calibration data (engine/quant/calibrate.py)."""

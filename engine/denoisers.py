@@ -13,6 +13,8 @@ from torch import nn
 from engine.family import Family, KeyMap
 from engine.loading import read_checkpoint, read_config, remap
 from engine.quant.api import QuantSpec, build_transformer, quant_summary, select_linears
+from engine.quant.component import load_component
+from engine.quant.prequantized import folder_format
 from engine.quant.linear import QuantLinear
 from engine.quant.names import packed_from_key_map
 
@@ -44,8 +46,11 @@ def check_quant_spec(family: Family, model_dir: Path, spec: QuantSpec) -> None:
 
 
 def summary(family: Family, pipeline) -> dict:
-    """quant_summary over every denoiser of a built pipeline, summed (the fraction weighted by linear size)."""
-    parts = [quant_summary(getattr(getattr(pipeline, n), "inner", getattr(pipeline, n))) for n in family.denoisers]
+    """quant_summary over every denoiser of a built pipeline and every component the family may load quantized
+    (Family.quantized_components, quantized or not: weight_bytes of a quantized and an unquantized run then cover the
+    same modules), summed (the fraction weighted by linear count)."""
+    names = family.denoisers + tuple(c.folder for c in family.quantized_components)
+    parts = [quant_summary(getattr(getattr(pipeline, n), "inner", getattr(pipeline, n))) for n in names]
     if len(parts) == 1:
         return parts[0]
     total = {k: sum(p[k] for p in parts) for k in parts[0] if k != "quantized_param_fraction"}
@@ -59,8 +64,8 @@ def dequantized_weight_pairs(family: Family, model_dir: Path, source_dir: Path, 
                              dtype: torch.dtype, device) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(denoiser, layer, dequantized weight, the source checkpoint's weight) for every quantized linear of every
     denoiser, built as a run builds it (dtype, device) from `model_dir`, compared with the unquantized
-    `source_dir`. One denoiser in memory and one layer dequantized at a time: a full-size model never exists in
-    fp32."""
+    `source_dir`; then the same for every quantized component of the family (its folder name in the first place).
+    One model in memory and one layer dequantized at a time: a full-size model never exists in fp32."""
     for name in family.denoisers:
         model, key_map = load_denoiser(family, name, Path(model_dir) / name, spec, dtype, device)
         reference = remap(read_checkpoint(Path(source_dir) / name), key_map)
@@ -68,4 +73,15 @@ def dequantized_weight_pairs(family: Family, model_dir: Path, source_dir: Path, 
             if isinstance(module, QuantLinear):
                 weight = module.dequantize_weight()
                 yield name, layer, weight, reference[f"{layer}.weight"].to(device=weight.device, dtype=torch.float32)
+        del model, reference
+    for component in family.quantized_components:
+        if folder_format(Path(model_dir) / component.folder)[0] is None:
+            continue  # loaded as the library loads it: nothing quantized (online modes quantize denoisers only)
+        model = load_component(component, Path(model_dir) / component.folder, spec, dtype, device)
+        reference = read_checkpoint(Path(source_dir) / component.folder)
+        for layer, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                weight = module.dequantize_weight()
+                yield (component.folder, layer, weight,
+                       reference[f"{layer}.weight"].to(device=weight.device, dtype=torch.float32))
         del model, reference

@@ -37,10 +37,27 @@ class Family:
     bench_inputs: Callable[..., dict[str, torch.Tensor]]
     # SequenceParallelTransformer subclass (where text and image sit in the joint sequence); None: no SP support.
     sequence_parallel: type | None = None
+    # Components other than the denoisers that a pre-quantized folder may hold in a checkpoint format (a release
+    # that ships its text encoder quantized too); `parity quantize` writes them, the pipeline loads them with
+    # engine.quant.component.load_component. Empty: such components are always kept as they are.
+    quantized_components: tuple[QuantizedComponent, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.denoisers:
             raise ValueError(f"family {self.name!r} declares no denoiser")
+
+
+@dataclass(frozen=True)
+class QuantizedComponent:
+    """A non-denoiser component (a transformers text encoder) whose linears a pre-quantized folder stores in a
+    checkpoint format. The component stays the library's own module: only the linears `select` names are swapped
+    for the engine's quantized linear; embeddings, norms, heads and anything `select` leaves out keep the checkpoint's
+    tensors."""
+
+    folder: str  # the component folder, also the pipeline attribute that holds it (e.g. "text_encoder")
+    model_class: type  # a transformers PreTrainedModel class: from_pretrained for a plain folder, meta build else
+    select: Callable[[str], bool]  # linear module name (the checkpoint's) -> whether the release quantizes it
+    formats: tuple[str, ...]  # the checkpoint formats (engine.quant.export.FORMATS) the release stores it in
 
 
 @dataclass(frozen=True)

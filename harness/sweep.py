@@ -80,12 +80,12 @@ class SweepContext:
         once by `parity quantize` and cached beside the zoo, while the reference keeps the bf16 folder."""
         if cell.quant_source == "online":
             return model_dir
-        from harness.quantize import FORMATS, quantize_folder
+        from harness.quantize import FORMATS, LAYOUT_VERSION, quantize_folder
 
         fmt = {"nvfp4-wo": "nvfp4"}.get(cell.quant, cell.quant)
         if fmt not in FORMATS:
             raise ValueError(f"quant mode {cell.quant!r} has no checkpoint format; valid: {sorted(FORMATS)} (+ nvfp4-wo)")
-        name, calibration = f"{model_dir.name}-{fmt}-{self.model_hash(model_dir)[:8]}", None
+        name, calibration = f"{model_dir.name}-{fmt}-v{LAYOUT_VERSION}-{self.model_hash(model_dir)[:8]}", None
         if cell.quant_source == "calibrated":  # static input scales from the suite's prompts (issue 16)
             calibration = run_config(cell, self.suite, model_dir).replace(quant="none", quant_ignored=(), parallel="sp1")
             name += "-static-" + hashlib.sha256(repr(calibration.replace(model_dir="")).encode()).hexdigest()[:8]

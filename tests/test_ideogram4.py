@@ -175,27 +175,3 @@ def test_pipeline_matches_diffusers_fp32(tiny_dir, runners, preset, one_thread):
 def test_steps_must_be_the_presets(tiny_dir, runners):
     with pytest.raises(ValueError, match="has 12 steps"):
         runners[0].generate(_cfg(tiny_dir, "turbo-12").replace(steps=4))
-
-
-def test_full_size_fp8_release_layout_is_under_055x_bf16():
-    """The fp8-wo layout's bytes at full size, from a meta-device build of the engine's transformer and the quant
-    walk's own layer choice: e4m3 weights (1 byte) plus one fp32 weight_scale per output row for every linear
-    `parity quantize --format fp8-wo` quantizes, bf16 (2 bytes) for everything else. The tiny zoo cannot show the
-    ratio (its 32-wide rows carry a 4-byte scale per 32 weights): the ideogram4 suite's fp8-wo-ckpt cell reports its
-    own measured bytes."""
-    from engine.quant.api import QuantSpec, select_linears
-    from engine.quant.names import packed_from_key_map
-    from harness.zoo import transformer_config
-
-    for name in ("transformer", "unconditional_transformer"):
-        build, key_map = ipipe.denoiser_builder(name, transformer_config("ideogram4", "full", name))
-        with torch.device("meta"):
-            model = build()
-        total = sum(p.numel() for p in model.parameters())
-        assert 9.2e9 < total < 9.4e9  # ANCHORS section 1: 9.3B per transformer
-        chosen = select_linears(model, QuantSpec("fp8-wo"), packed_from_key_map(key_map, None))
-        quantized = sum(m.weight.numel() for m in chosen.values())
-        scales = sum(m.out_features for m in chosen.values())
-        fp8_bytes = quantized + 4 * scales + 2 * (total - quantized)
-        assert quantized / total > 0.95
-        assert fp8_bytes / (2 * total) <= 0.55, fp8_bytes / (2 * total)

@@ -23,13 +23,14 @@ from transformers import AutoTokenizer, Qwen3VLModel
 
 from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
-from engine.family import BenchShape, Family
+from engine.family import BenchShape, Family, QuantizedComponent
 from engine.models.ideogram4 import (IMAGE_INDICATOR, IMAGE_POSITION_OFFSET, PADDING_INDICATOR, TEXT_INDICATOR,
                                      Ideogram4Config, Ideogram4Transformer, diffusers_key_map, rope_tables,
                                      segment_key_mask)
 from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
 from engine.quant.api import QuantSpec
+from engine.quant.component import load_component
 from engine.sampling.flow_match import dynamic_shift_sigmas
 from engine.sampling.logit_normal import guide, logit_normal_sigmas
 
@@ -140,11 +141,11 @@ class Ideogram4Pipeline:
         self.model_cfg = cfg
         self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        self.text_encoder = Qwen3VLModel.from_pretrained(root / "text_encoder", dtype=self.dtype).to(self.device)
-        self.text_encoder.eval()
+        spec = QuantSpec(cfg.quant, cfg.quant_ignored)
+        # A plain folder: transformers' own load. The FP8 release layout: its decoder linears in e4m3 (see TEXT_ENCODER).
+        self.text_encoder = load_component(TEXT_ENCODER, root / "text_encoder", spec, self.dtype, self.device)
         self.vae = AutoencoderKLFlux2.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        spec = QuantSpec(cfg.quant, cfg.quant_ignored)
         for name in self.denoisers:
             model, _ = load_denoiser(FAMILY, name, root / name, spec, self.dtype, self.device)
             setattr(self, name, model)
@@ -348,7 +349,17 @@ class Ideogram4Parallel(SequenceParallelTransformer):
         return torch.cat([text_out[0], out], 1)
 
 
+def _release_quantizes(name: str) -> bool:
+    """The text encoder linears the FP8 release layout stores in e4m3: the language model's decoder layers (attention
+    and MLP projections, whose outputs at the tapped layers are the features). The token embedding and the norms are
+    not linears and keep the checkpoint's tensors; the vision tower, which text-to-image never runs, is left as is."""
+    return name.startswith("language_model.layers.")
+
+
+TEXT_ENCODER = QuantizedComponent(folder="text_encoder", model_class=Qwen3VLModel, select=_release_quantizes,
+                                  formats=("fp8-wo",))
+
 FAMILY = Family(name="ideogram4", diffusers_pipeline="Ideogram4Pipeline", sampling=Ideogram4Sampling,
                 denoisers=("transformer", "unconditional_transformer"), pipeline=Ideogram4Pipeline,
                 denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward, bench_inputs=bench_inputs,
-                sequence_parallel=Ideogram4Parallel)
+                sequence_parallel=Ideogram4Parallel, quantized_components=(TEXT_ENCODER,))

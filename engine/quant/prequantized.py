@@ -95,13 +95,16 @@ def load(build: Callable[[], nn.Module], key_map: KeyMap, component_dir: Path, s
             set_submodule(model, name, module)
             swapped.add(name)
         else:
-            weights = [cls.dequantize_part(part, options) if part else ckpt[f"{s}.weight"].float()
+            weights = [cls.dequantize_part(part, options) if part else _unscaled(ckpt, f"{s}.weight").float()
                        for s, part in zip(sources, parts)]
             used |= {f"{s}.weight" for s, part in zip(sources, parts) if not part}
             state[f"{name}.weight"] = torch.cat(weights).to(dtype)
     for key, srcs in key_map.items():
         if key in state or key.rpartition(".")[0] in swapped:
             continue
+        for src in srcs or ():
+            if src in ckpt:
+                _unscaled(ckpt, src)
         state[key] = _cat(ckpt, srcs, used).to(dtype)
     if unused := sorted(set(ckpt) - used):
         raise CheckpointError(f"{component_dir}: {len(unused)} unexpected keys {unused[:5]}")
@@ -109,6 +112,16 @@ def load(build: Callable[[], nn.Module], key_map: KeyMap, component_dir: Path, s
     if on_meta := [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]:
         raise CheckpointError(f"{component_dir}: not loaded: {on_meta[:5]}")
     return model.eval().requires_grad_(False)
+
+
+def _unscaled(ckpt: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A tensor loaded as it is stored; an 8-bit float one has lost its weight_scale (its codes would be read as
+    values, off by the scale), which is an error."""
+    if key not in ckpt:
+        raise CheckpointError(f"missing keys {[key]}")
+    if ckpt[key].is_floating_point() and ckpt[key].element_size() == 1:
+        raise CheckpointError(f"{key} is {ckpt[key].dtype} but has no weight_scale beside it")
+    return ckpt[key]
 
 
 def _weights(key_map: KeyMap) -> set[str]:

@@ -17,6 +17,7 @@ TARGETS = {
     "ideogram4_tapped_layers": "engine.pipelines.ideogram4:tapped_layers",
     "ideogram4_mrope_angles": "engine.models.ideogram4:mrope_angles",
     "ideogram4_fp8_from_checkpoint": "engine.quant.linear:Fp8Linear.from_checkpoint",
+    "ideogram4_component_linear": "engine.quant.component:quantized_linear",
 }
 
 FP32 = ("/fp32/none/sp1+truecfg/",)
@@ -80,12 +81,24 @@ def _fp8_scale_per_column(p: Patcher):
     """The checkpoint's per-row fp32 weight_scale applied along the input columns (scale[j mod N] on column j)."""
     def make(from_checkpoint):
         def per_column(cls, parts, bias, dtype, options):
-            module = from_checkpoint.__func__(cls, parts, bias, dtype, options)
-            q, s = module.qweight.float(), module.weight_scale.float().reshape(-1)
-            wrong = q * s[torch.arange(q.shape[1]) % q.shape[0]][None, :]
-            return cls.from_float(wrong, bias, (wrong.shape[0],), dtype, options)
+            return _per_column(from_checkpoint.__func__(cls, parts, bias, dtype, options), cls, bias, dtype, options)
         return classmethod(per_column)
     p.wrap("ideogram4_fp8_from_checkpoint", make)
+
+
+def _per_column(module, cls, bias, dtype, options):
+    q, s = module.qweight.float(), module.weight_scale.float().reshape(-1)
+    wrong = q * s[torch.arange(q.shape[1]) % q.shape[0]][None, :]
+    return cls.from_float(wrong, bias, (wrong.shape[0],), dtype, options)
+
+
+def _text_encoder_fp8_scale_per_column(p: Patcher):
+    """The text encoder's checkpoint weight_scale applied along the input columns; the transformers load correctly."""
+    def make(quantized_linear):
+        def per_column(cls, part, bias, dtype, options):
+            return _per_column(quantized_linear(cls, part, bias, dtype, options), cls, bias, dtype, options)
+        return per_column
+    p.wrap("ideogram4_component_linear", make)
 
 
 CATALOGUE: dict[str, Plant] = catalogue(
@@ -100,6 +113,8 @@ CATALOGUE: dict[str, Plant] = catalogue(
           "late", FP32, _guidance_one_step_late),
     Plant("ideogram4_fp8_scale_per_column", "quant", "the fp8 checkpoint's per-row weight_scale applied per column",
           FP8_CKPT, _fp8_scale_per_column),
+    Plant("ideogram4_text_encoder_fp8_scale_per_column", "quant", "the FP8 text encoder's per-row weight_scale applied "
+          "per column (its decoder linears only)", FP8_CKPT, _text_encoder_fp8_scale_per_column),
     Plant("ideogram4_mrope_bf16", "dit", "MRoPE positions rounded to bf16 (above 65536 bf16 steps by 512)", FP32,
           _mrope_in_bf16),
     Plant("ideogram4_tap_off_by_one", "pipeline", "each tapped Qwen3-VL layer index one too high", FP32,
