@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 PROMPTS = ("a red fox in deep snow", "a lighthouse on a rock at dusk, oil painting")
 SCHEMES = ("ulysses2", "ring2", "cfg2")
@@ -41,14 +40,14 @@ def _worker(rank: int, tmp: str, model_dir: str):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, zoo_root):
+def results(tmp_path_factory, zoo_root, start_ranks):
     from harness.zoo import cached_build
 
     from engine.runner import open_runner
 
     model_dir = str(cached_build("ideogram4", "tiny", seed=0, root=zoo_root))
     tmp = tmp_path_factory.mktemp("ideogram4_parallel")
-    mp.start_processes(_worker, args=(str(tmp), model_dir), nprocs=2, start_method="spawn")
+    start_ranks(_worker, (str(tmp), model_dir), 2)
     torch.set_num_threads(1)
     runner = open_runner(_cfg(model_dir))
     single = runner.generate(_cfg(model_dir))
