@@ -16,7 +16,8 @@ Modes:
   granularity=PerRow()))` (float8 dynamic activations and float8 weights, per-row scales, torchao's default fast
   accumulation), `+torchao-fp8-wo` its `Float8WeightOnlyConfig()` (per-row float8 weights, bf16 matmul); both on
   every linear of the transformer with torchao's defaults, as its and diffusers' docs apply it, before any
-  compile. What a user would run is the torchao mode with `+regional`: eager torchao is slower than bf16. torchao is
+  compile; `-blocks` after either (`+torchao-fp8-rowwise-blocks`) takes only the linears inside the repeated
+  blocks, the layers the engine's quant modes take, for a cosine comparison on the same layers. What a user would run is the torchao mode with `+regional`: eager torchao is slower than bf16. torchao is
   optional: without it such a mode is an error row naming the package; its rowwise kernels need CUDA sm89+, so on
   CPU that mode is an error row saying so, while weight-only runs.
 - `engine-<bf16|quant mode>[+option...]`, where an option is a boolean switch of engine.optimize.OptimizeSpec by
@@ -147,12 +148,16 @@ ENGINE_ALIASES: dict[str, dict] = {
 # diffusers-bf16+compile compiles the whole forward; +regional is what a user gets from one line,
 # `transformer.compile_repeated_blocks()` (each repeated block compiled on its own, as the engine's +compile).
 DIFFUSERS_OPTIONS = {"compile": "whole", "regional": "regional"}
-# torchao's float8 peers (torchao.quantization config class, its keyword arguments), by mode option.
-TORCHAO = {
-    "torchao-fp8-rowwise": ("Float8DynamicActivationFloat8WeightConfig", {"granularity": "PerRow"}),
-    "torchao-fp8-wo": ("Float8WeightOnlyConfig", {}),
+# torchao's float8 peers: torchao.quantization config class and its keyword arguments, by mode option
+# `+torchao-<name>`; `+torchao-<name>-blocks` quantizes only the linears inside the repeated blocks (the layers the
+# engine's quant modes take by default), the plain option every linear of the transformer (what a user runs).
+TORCHAO_CONFIGS = {
+    "fp8-rowwise": ("Float8DynamicActivationFloat8WeightConfig", {"granularity": "PerRow"}),
+    "fp8-wo": ("Float8WeightOnlyConfig", {}),
 }
-DIFFUSERS_GRAMMAR = ("diffusers[-pipeline]-bf16[" + "|".join("+" + t for t in TORCHAO) + "]["
+BLOCKS = "-blocks"
+TORCHAO = {f"torchao-{name}{scope}": name for name in TORCHAO_CONFIGS for scope in ("", BLOCKS)}
+DIFFUSERS_GRAMMAR = ("diffusers[-pipeline]-bf16[+torchao-<" + "|".join(TORCHAO_CONFIGS) + f">[{BLOCKS}]]["
                      + "|".join("+" + o for o in DIFFUSERS_OPTIONS) + "]")
 PIPELINE = "pipeline-"  # after the backend: the mode times the whole pipeline
 
@@ -163,7 +168,7 @@ def engine_options() -> list[str]:
 
 
 def parse_mode(mode: str) -> Mode:
-    """`diffusers[-pipeline]-bf16[+torchao option][+compile|+regional]` or
+    """`diffusers[-pipeline]-bf16[+torchao-<config>[-blocks]][+compile|+regional]` or
     `engine[-pipeline]-<bf16|quant mode>[+option...]` (options: engine_options())."""
     base, *options = mode.split("+")
     backend, _, quant = base.partition("-")
@@ -214,7 +219,7 @@ def torchao_linears(model) -> int:
 
 def torchao_config(option: str):
     """The torchao config object of a TORCHAO option; a missing torchao names the package (an error row)."""
-    name, kwargs = TORCHAO[option]
+    name, kwargs = TORCHAO_CONFIGS[TORCHAO[option]]
     try:
         import torchao.quantization as tq
     except ImportError as e:
@@ -229,7 +234,13 @@ def apply_diffusers_options(model, mode: Mode) -> None:
     if mode.torchao:
         from torchao.quantization import quantize_
 
-        quantize_(model, torchao_config(mode.torchao))
+        blocks = [m for m in model.modules() if type(m).__name__ in (model._repeated_blocks or ())]
+        inside = {id(m) for b in blocks for m in b.modules()}
+        if mode.torchao.endswith(BLOCKS) and not inside:
+            raise ValueError(f"+{mode.torchao}: {type(model).__name__} declares no repeated blocks")
+        scope = (lambda m, fqn: isinstance(m, torch.nn.Linear) and id(m) in inside) if mode.torchao.endswith(
+            BLOCKS) else None
+        quantize_(model, torchao_config(mode.torchao), filter_fn=scope)
     if mode.compile == "regional":
         model.compile_repeated_blocks()
 

@@ -474,7 +474,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--iters", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--modes", nargs="+", default=["diffusers-bf16", "engine-bf16"],
-                       help="diffusers-bf16[+torchao-fp8-rowwise|+torchao-fp8-wo][+compile|+regional] and "
+                       help="diffusers-bf16[+torchao-<fp8-rowwise|fp8-wo>[-blocks]][+compile|+regional] and "
                             "engine-<bf16|quant mode>[+option...] (options: compile, cudnn, autotune and every "
                             "OptimizeSpec switch by name, e.g. +cuda_graphs); diffusers-pipeline-... and "
                             "engine-pipeline-... time the whole pipeline (text encoders, --steps steps, VAE decode); "

@@ -11,7 +11,8 @@ from harness.bench import BenchConfig, parse_mode, parse_ratios, ratio_lines, ru
 
 TINY = dict(family="flux1", size="tiny", device="cpu", height=32, width=32, text_tokens=8, iters=1, warmup=0,
             steps=2, pipeline_iters=1, pipeline_warmup=0)
-MODES = ["diffusers-bf16", "diffusers-bf16+torchao-fp8-wo", "diffusers-bf16+torchao-fp8-rowwise",
+MODES = ["diffusers-bf16", "diffusers-bf16+torchao-fp8-wo", "diffusers-bf16+torchao-fp8-wo-blocks",
+         "diffusers-bf16+torchao-fp8-rowwise",
          "diffusers-pipeline-bf16", "engine-pipeline-bf16"]
 
 
@@ -30,6 +31,8 @@ def frame(tmp_path_factory):
     ("diffusers-bf16+torchao-fp8-rowwise", dict(torchao="torchao-fp8-rowwise", compile=None, pipeline=False)),
     ("diffusers-bf16+torchao-fp8-wo+regional", dict(torchao="torchao-fp8-wo", compile="regional", pipeline=False)),
     ("diffusers-pipeline-bf16+regional", dict(torchao=None, compile="regional", pipeline=True)),
+    ("diffusers-pipeline-bf16+torchao-fp8-rowwise-blocks+regional",
+     dict(torchao="torchao-fp8-rowwise-blocks", compile="regional", pipeline=True)),
     ("engine-pipeline-fp8-wo+compile", dict(quant="fp8-wo", pipeline=True)),
 ])
 def test_modes_parse(mode, expect):
@@ -56,6 +59,22 @@ def test_torchao_weight_only_runs_and_is_read_back(frame):
     assert wo["n_quantized_linears"] > 20  # every linear of the tiny transformer, embedders included
     assert 0.45 < wo["weight_gb"] / bf16["weight_gb"] < 0.6
     assert 0.99 < wo["cosine_vs_first"] < 1.0
+
+
+def test_torchao_blocks_scope_takes_the_block_linears_only(frame):
+    """-blocks quantizes exactly the linears inside the repeated blocks (the engine's default layers), no more."""
+    from diffusers import FluxTransformer2DModel
+
+    from harness.zoo import transformer_config
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**transformer_config("flux1", "tiny"))
+    in_blocks = sum(isinstance(m, torch.nn.Linear) for b in (*model.transformer_blocks, *model.single_transformer_blocks)
+                    for m in b.modules())
+    all_linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    blocks = frame.loc["diffusers-bf16+torchao-fp8-wo-blocks"]
+    assert blocks["error"] == "" and blocks["n_quantized_linears"] == in_blocks < all_linears
+    assert frame.loc["diffusers-bf16+torchao-fp8-wo", "n_quantized_linears"] == all_linears
 
 
 def test_torchao_rowwise_on_cpu_is_an_error_row_saying_why(frame):

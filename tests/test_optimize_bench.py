@@ -38,7 +38,7 @@ def test_diffusers_modes(mode, compile_):
 @pytest.mark.parametrize("mode, message", [
     ("engine-bf16+graphs", r"unknown bench option\(s\) \['graphs'\].*\+cuda_graphs"),
     ("diffusers-bf16+cuda_graphs",
-     r"valid: diffusers\[-pipeline\]-bf16\[\+torchao-fp8-rowwise\|\+torchao-fp8-wo\]\[\+compile\|\+regional\]"),
+     r"valid: diffusers\[-pipeline\]-bf16\[\+torchao-<fp8-rowwise\|fp8-wo>\[-blocks\]\]\[\+compile\|\+regional\]"),
     ("diffusers-fp8", "unknown diffusers bench mode"),
     ("torch-bf16", "unknown bench mode"),
     ("engine", "unknown bench mode"),

@@ -242,7 +242,9 @@ def pipeline_components(size: str, seed: int, device, dtype: torch.dtype) -> dic
                                    ("text_encoder_2", T5EncoderModel, t5_config, _t5_gain(t5_config.d_kv))):
         specs = synth.specs_from_module(_meta(lambda: cls(config)), gain)
         state = synth.synthesize(specs, seed, sub, device=device, dtype=dtype)
-        # transformers' own loader ties T5's embeddings and fills CLIP's position_ids buffer, as from a folder.
+        # transformers' own loader ties T5's embeddings and fills CLIP's position_ids buffer, as from a folder. It
+        # places weights on the CPU (keeping them on the GPU takes a device_map, which needs accelerate): a full-size
+        # T5 round-trips once, seconds, once per bench run.
         encoders[sub] = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype).to(device).eval()
         del state
     vae = _meta(lambda: AutoencoderKL(**VAE[size]))
