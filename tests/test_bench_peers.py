@@ -140,3 +140,22 @@ def test_ratios(frame):
     assert line.startswith("pipeline: engine-pipeline-bf16 / diffusers-pipeline-bf16 = ") and "1.00000 / 1.00000" in line
     with pytest.raises(ValueError, match="not one of this run's --modes"):
         parse_ratios(["engine-bf16:diffusers-bf16"], MODES)
+
+
+@pytest.mark.parametrize("backend", ["engine", "reference"])
+def test_in_memory_pipeline_equals_the_folder(backend, tiny_flux_dir):
+    """The components the bench builds in memory are the zoo folder's (CPU, fp32): the same generation to the bit,
+    through the engine's and the reference's `components` hooks alike."""
+    from engine.api import RunConfig, denoiser_weights, open_runner
+    from harness.zoo import pipeline_components, synthesize_transformer_state_dict, transformer_config
+    from reference.registry import open_runner as reference_runner
+
+    opener = open_runner if backend == "engine" else reference_runner
+    cfg = RunConfig("flux1", str(tiny_flux_dir), prompts=("a red fox",), steps=2, height=32, width=32)
+    components = dict(pipeline_components("flux1", "tiny"), transformer=denoiser_weights(
+        transformer_config("flux1", "tiny"), synthesize_transformer_state_dict("flux1", "tiny")))
+    memory_cfg = cfg.replace(model_dir="<in memory>")
+    folder = opener(cfg).generate(cfg)
+    memory = opener(memory_cfg, components).generate(memory_cfg)
+    assert torch.equal(folder.final_latents, memory.final_latents)
+    assert (folder.images == memory.images).all()
