@@ -232,15 +232,17 @@ def apply_diffusers_options(model, mode: Mode) -> None:
     """A diffusers-mode's torchao quantization, then its regional compile, in place on a diffusers denoiser (a
     torchao mode quantizes first: compile then traces the float8 tensors, as a user's script runs them)."""
     if mode.torchao:
+        config = torchao_config(mode.torchao)  # first: a missing torchao is named
         from torchao.quantization import quantize_
 
-        blocks = [m for m in model.modules() if type(m).__name__ in (model._repeated_blocks or ())]
-        inside = {id(m) for b in blocks for m in b.modules()}
-        if mode.torchao.endswith(BLOCKS) and not inside:
-            raise ValueError(f"+{mode.torchao}: {type(model).__name__} declares no repeated blocks")
-        scope = (lambda m, fqn: isinstance(m, torch.nn.Linear) and id(m) in inside) if mode.torchao.endswith(
-            BLOCKS) else None
-        quantize_(model, torchao_config(mode.torchao), filter_fn=scope)
+        scope = {}
+        if mode.torchao.endswith(BLOCKS):  # the linears inside the model's repeated blocks (compile_repeated_blocks')
+            blocks = [m for m in model.modules() if type(m).__name__ in (model._repeated_blocks or ())]
+            inside = {id(m) for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)}
+            if not inside:
+                raise ValueError(f"+{mode.torchao}: {type(model).__name__} declares no repeated blocks with linears")
+            scope = {"filter_fn": lambda m, fqn: id(m) in inside}
+        quantize_(model, config, **scope)
     if mode.compile == "regional":
         model.compile_repeated_blocks()
 

@@ -28,7 +28,7 @@ from harness.bench import (QUANT_COLUMNS, BenchConfig, Mode, apply_diffusers_opt
 from harness.zoo import pipeline_components, synthesize_transformer_state_dict, transformer_config
 
 PROMPT = "a photograph of a red fox standing in fresh snow, soft morning light, shallow depth of field"
-DTYPE = ("bf16", torch.bfloat16)  # the dtype every bench mode runs in
+DTYPE_NAME, DTYPE = "bf16", torch.bfloat16  # every bench mode runs in bf16
 
 
 def run_config(cfg: BenchConfig, mode: Mode) -> RunConfig:
@@ -39,7 +39,7 @@ def run_config(cfg: BenchConfig, mode: Mode) -> RunConfig:
         f.name for f in fields(sampling)} else {}
     return RunConfig(family=cfg.family, model_dir=f"<in memory: {cfg.family} {cfg.size} seed {cfg.seed}>",
                      prompts=(PROMPT,), sampling=sampling(**length), seed=cfg.seed, steps=cfg.steps,
-                     height=cfg.height, width=cfg.width, dtype=DTYPE[0], device=cfg.device, quant=mode.quant,
+                     height=cfg.height, width=cfg.width, dtype=DTYPE_NAME, device=cfg.device, quant=mode.quant,
                      optimize=mode.optimize or OptimizeSpec())
 
 
@@ -53,7 +53,7 @@ def open_mode(cfg: BenchConfig, mode: Mode, run_cfg: RunConfig, shared: dict):
     names = denoiser_names(cfg.family)
     components = dict(shared, **{d: denoiser_weights(
         transformer_config(cfg.family, cfg.size, d),
-        synthesize_transformer_state_dict(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=DTYPE[1],
+        synthesize_transformer_state_dict(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=DTYPE,
                                           denoiser=d)) for d in names})
     if mode.backend == "engine":
         runner = open_runner(run_cfg, components)
@@ -90,7 +90,7 @@ def pipeline_rows(cfg: BenchConfig, modes: list[Mode], base_row, release):
     cuda = torch.device(cfg.device).type == "cuda"
     shared, shared_error = None, ""
     try:
-        shared = pipeline_components(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=DTYPE[1])
+        shared = pipeline_components(cfg.family, cfg.size, seed=cfg.seed, device=cfg.device, dtype=DTYPE)
     except Exception as e:  # every pipeline mode reports it; the denoiser rows already stand
         shared_error = f"{type(e).__name__}: {e}"
     reference, baseline = None, None
