@@ -23,8 +23,8 @@ import torch
 
 from engine.api import OptimizeSpec, RunConfig, denoiser_names, denoiser_weights, open_runner, sampling_type
 from harness import metrics as M
-from harness.bench import (QUANT_COLUMNS, BenchConfig, Mode, apply_diffusers_options, own_inductor_config,
-                           quant_columns, torchao_config, torchao_linears, weight_bytes)
+from harness.bench_modes import (QUANT_COLUMNS, BenchConfig, Mode, apply_diffusers_options, own_inductor_config,
+                                 quant_columns, release, torchao_config, torchao_linears, weight_bytes)
 from harness.zoo import pipeline_components, synthesize_transformer_state_dict, transformer_config
 
 PROMPT = "a photograph of a red fox standing in fresh snow, soft morning light, shallow depth of field"
@@ -84,9 +84,9 @@ def time_generate(runner, run_cfg: RunConfig, cfg: BenchConfig):
     return times, artifacts
 
 
-def pipeline_rows(cfg: BenchConfig, modes: list[Mode], base_row, release):
+def pipeline_rows(cfg: BenchConfig, modes: list[Mode], base_row):
     """One row per pipeline mode (denoiser "pipeline"), yielded as each finishes; `base_row(mode, denoiser)` gives
-    the common columns and `release(cuda)` cleans up between modes (harness.bench)."""
+    the columns every bench row has (harness.bench)."""
     cuda = torch.device(cfg.device).type == "cuda"
     shared, shared_error = None, ""
     try:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from harness import bench_e2e
-from harness.bench import BenchConfig, parse_mode, parse_ratios, ratio_lines, run_bench
+from harness.bench import parse_ratios, ratio_lines, run_bench
+from harness.bench_modes import BenchConfig, parse_mode
 
 TINY = dict(family="flux1", size="tiny", device="cpu", height=32, width=32, text_tokens=8, iters=1, warmup=0,
             steps=2, pipeline_iters=1, pipeline_warmup=0)
@@ -159,3 +160,17 @@ def test_in_memory_pipeline_equals_the_folder(backend, tiny_flux_dir):
     memory = opener(memory_cfg, components).generate(memory_cfg)
     assert torch.equal(folder.final_latents, memory.final_latents)
     assert (folder.images == memory.images).all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "engine-bf16:diffusers-bf16"], "not one of this run's --modes"),
+    (["--ratio", "diffusers-bf16"], "expected MODE:PEER"),
+    (["--pipeline-iters", "0"], "pipeline_iters must be >= 1"),
+])
+def test_cli_bad_bench_input_exits_2(extra, message, tmp_path, capsys):
+    from harness.cli import main
+
+    argv = ["bench", "--family", "flux1", "--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "b"),
+            "--modes", "diffusers-bf16", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from engine.api import OptimizeSpec
-from harness.bench import ENGINE_ALIASES, engine_options, parse_mode
+from harness.bench_modes import ENGINE_ALIASES, engine_options, parse_mode
 
 
 def test_every_boolean_switch_is_an_option():
