@@ -199,10 +199,14 @@ def denoiser_names(family: str) -> tuple[str, ...]:
     return _family(family).denoisers
 
 
-def open_runner(cfg: RunConfig) -> Runner:
+def open_runner(cfg: RunConfig, components: Mapping[str, Any] | None = None) -> Runner:
+    """The engine's runner for cfg. `components` (optional) are built pipeline components by folder name that replace
+    what would be loaded from cfg.model_dir: tokenizers, text encoders and the VAE as objects, "scheduler" as its
+    config dict, each denoiser as DenoiserWeights (its diffusers config and state dict, loaded into the engine's own
+    model). Families that take them say so in their pipeline (engine.family.Family.pipeline)."""
     from engine.runner import open_runner as _open
 
-    return _open(cfg)
+    return _open(cfg, components)
 
 
 def world_size(parallel: str) -> int:
@@ -329,6 +333,13 @@ def calibrate_input_amax(cfg: RunConfig) -> dict[str, dict[str, float]]:
 def bench_inputs(family: str, denoiser: str, config: dict, shape, dtype: torch.dtype, device) -> dict:
     """Random diffusers-named inputs for one denoiser forward at `shape` (engine.family.BenchShape)."""
     return _family(family).bench_inputs(denoiser, config, shape, dtype, device)
+
+
+def denoiser_weights(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]):
+    """A denoiser in memory (engine.family.DenoiserWeights), for open_runner's components."""
+    from engine.family import DenoiserWeights
+
+    return DenoiserWeights(config, state_dict)
 
 
 def bench_shape(**kwargs):

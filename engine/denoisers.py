@@ -10,9 +10,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from engine.family import Family, KeyMap
-from engine.loading import read_checkpoint, read_config, remap
-from engine.quant.api import QuantSpec, build_transformer, quant_summary, select_linears
+from engine.family import DenoiserWeights, Family, KeyMap
+from engine.loading import load_model, read_checkpoint, read_config, remap
+from engine.quant.api import QuantSpec, build_transformer, quant_summary, quantize_, select_linears
 from engine.quant.component import load_component
 from engine.quant.prequantized import folder_format
 from engine.quant.linear import QuantLinear
@@ -29,6 +29,16 @@ def load_denoiser(family: Family, name: str, component_dir: Path, spec: QuantSpe
     """The (quantized) denoiser of a folder and its checkpoint key map."""
     build, key_map = builder(family, name, component_dir)
     return build_transformer(build, key_map, component_dir, spec, dtype, device), key_map
+
+
+def load_denoiser_weights(family: Family, name: str, weights: DenoiserWeights, spec: QuantSpec, dtype: torch.dtype,
+                          device) -> tuple[nn.Module, KeyMap]:
+    """The (quantized) denoiser built from in-memory weights instead of a folder (a bench on synthesized weights); fused
+    segments keep their own NVFP4 global scales, as a folder load gives them."""
+    build, key_map = family.denoiser_builder(name, dict(weights.config))
+    shapes = {k: tuple(v.shape) for k, v in weights.state_dict.items()}
+    model = load_model(build, key_map, weights.state_dict, dtype, device)
+    return quantize_(model, spec, packed_modules=packed_from_key_map(key_map, shapes)), key_map
 
 
 def check_quant_spec(family: Family, model_dir: Path, spec: QuantSpec) -> None:

@@ -28,7 +28,10 @@ class Family:
     # the pipeline object hold the built models.
     denoisers: tuple[str, ...]
     # pipeline(cfg) -> a Runner whose denoisers are loaded and quantized as cfg says (not yet optimized/parallel).
-    pipeline: Callable[[Any], Any]
+    # A family may also take pipeline(cfg, components=...): built components by folder name (tokenizers, text
+    # encoders, VAE; a denoiser as DenoiserWeights; "scheduler" as its config dict) in place of what it would load
+    # from cfg.model_dir, so a bench can run the whole pipeline on weights synthesized on the GPU.
+    pipeline: Callable[..., Any]
     # (denoiser name, its diffusers config dict) -> (meta-buildable constructor, checkpoint key map).
     denoiser_builder: Callable[[str, dict], tuple[Callable[[], nn.Module], KeyMap]]
     # (denoiser module, diffusers-named inputs) -> output: one denoiser call, as the reference's model is called.
@@ -69,6 +72,15 @@ class BenchShape:
     text_tokens: int = 512
     batch: int = 1
     seed: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class DenoiserWeights:
+    """A denoiser given in memory instead of its component folder: its diffusers config (constructor arguments) and
+    its diffusers-named state dict. The engine loads these into its own model, the reference into diffusers'."""
+
+    config: Mapping[str, Any]
+    state_dict: Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -272,15 +272,21 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from harness.bench import BenchConfig, run_bench
+    from harness.bench import BenchConfig, parse_ratios, ratio_lines, run_bench
 
     cfg = BenchConfig(family=args.family, height=args.height, width=args.width, text_tokens=args.text_tokens,
                       iters=args.iters, warmup=args.warmup, parallel=args.parallel, size=args.size, device=args.device,
-                      denoisers=tuple(args.denoiser or ()))
+                      denoisers=tuple(args.denoiser or ()), steps=args.steps, pipeline_warmup=args.pipeline_warmup,
+                      pipeline_iters=args.pipeline_iters)
+    ratios = parse_ratios(args.ratio or [], args.modes)
     frame = run_bench(cfg, args.modes, Path(args.out))  # a bad mode, family or device: ValueError, exit 2
     failed = frame[frame["error"] != ""]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
-        print(frame[["mode", "parallel", "median_ms", "min_ms", "weight_gb", "cosine_vs_first"]].to_string(index=False))
+        shown = ["mode", "denoiser", "parallel", "median_ms", "min_ms", "weight_gb", "peak_mem_gb", "cosine_vs_first",
+                 "psnr_vs_first"]
+        print(frame[[c for c in shown if c in frame]].to_string(index=False))
+        for line in ratio_lines(frame, ratios):
+            print(line)
         for _, row in failed.iterrows():
             print(f"FAILED {row['mode']} ({row['denoiser']}): {row['error']}")
     return EXIT_FAIL if len(failed) else EXIT_PASS
@@ -460,7 +466,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--zoo-root", help="where synthesized zoo folders are cached (default .zoo/)")
     st.set_defaults(func=cmd_selftest)
 
-    bench = verbs.add_parser("bench", help="time one full-size denoiser forward per mode on a GPU")
+    bench = verbs.add_parser("bench", help="time one full-size denoiser forward (or whole pipeline) per mode on a GPU")
     bench.add_argument("--family", required=True, help="model family: every denoiser it declares is timed")
     bench.add_argument("--height", type=int, default=1024)
     bench.add_argument("--width", type=int, default=1024)
@@ -468,9 +474,17 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--iters", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--modes", nargs="+", default=["diffusers-bf16", "engine-bf16"],
-                       help="diffusers-bf16[+compile|+regional] and engine-<bf16|quant mode>[+option...] (options: "
-                            "compile, cudnn, autotune and every OptimizeSpec switch by name, e.g. +cuda_graphs); the "
-                            "first is the accuracy baseline; a mode that fails is a row with its error (exit 1)")
+                       help="diffusers-bf16[+torchao-<fp8-rowwise|fp8-wo>[-blocks]][+compile|+regional] and "
+                            "engine-<bf16|quant mode>[+option...] (options: compile, cudnn, autotune and every "
+                            "OptimizeSpec switch by name, e.g. +cuda_graphs); diffusers-pipeline-... and "
+                            "engine-pipeline-... time the whole pipeline (text encoders, --steps steps, VAE decode); "
+                            "the first mode (the first pipeline mode for pipeline modes) is the accuracy baseline; a "
+                            "mode that fails is a row with its error (exit 1)")
+    bench.add_argument("--ratio", nargs="+", metavar="MODE:PEER",
+                       help="print MODE's time over PEER's from this run, with both cosines vs the baseline")
+    bench.add_argument("--steps", type=int, default=28, help="pipeline modes: denoising steps per generation")
+    bench.add_argument("--pipeline-iters", type=int, default=2, help="pipeline modes: timed generations")
+    bench.add_argument("--pipeline-warmup", type=int, default=1, help="pipeline modes: untimed generations first")
     bench.add_argument("--denoiser", nargs="+", default=None,
                        help="time only these denoisers of the family (default: all; e.g. one A14B expert)")
     bench.add_argument("--size", default="full", help="zoo size of the synthesized weights (tiny: a quick CPU check)")

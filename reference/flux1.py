@@ -3,12 +3,12 @@ denoiser's inputs and outputs at every step. Nothing here changes diffusers' num
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import diffusers
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 
@@ -18,12 +18,31 @@ class Flux1Reference:
     # component folder -> the diffusers class of that denoiser (what `parity bench` builds as the reference).
     DENOISERS = {"transformer": FluxTransformer2DModel}
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, components: Mapping[str, Any] | None = None):
+        """The stock pipeline from cfg.model_dir; or, with `components` (what engine.api.open_runner takes: every
+        component built, the transformer as DenoiserWeights, the scheduler as its config dict), the stock pipeline
+        assembled from them, for a bench on weights synthesized on the GPU."""
         t0 = time.perf_counter()
         self.model_cfg = cfg
-        self.pipe = FluxPipeline.from_pretrained(cfg.model_dir, dtype=cfg.torch_dtype).to(cfg.device)
+        if components is None:
+            self.pipe = FluxPipeline.from_pretrained(cfg.model_dir, dtype=cfg.torch_dtype).to(cfg.device)
+        else:
+            self.pipe = FluxPipeline(**self.assemble(components, cfg.torch_dtype)).to(cfg.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def assemble(cls, components: Mapping[str, Any], dtype: torch.dtype) -> dict:
+        """FluxPipeline's constructor arguments from built components: the transformer class built on meta and
+        assigned the given state dict, the scheduler made from its config."""
+        parts = dict(components)
+        weights = parts["transformer"]
+        with torch.device("meta"):
+            model = cls.DENOISERS["transformer"](**{k: v for k, v in weights.config.items() if not k.startswith("_")})
+        model.load_state_dict({k: v.to(dtype) for k, v in weights.state_dict.items()}, assign=True, strict=True)
+        parts["transformer"] = model.eval().requires_grad_(False)
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(dict(parts["scheduler"]))
+        return parts
 
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -30,8 +30,11 @@ def reference(family: str) -> type:
         raise ValueError(f"no diffusers reference for family {family!r}; valid: {sorted(REFERENCES)}") from None
 
 
-def open_runner(cfg):
-    return reference(cfg.family)(cfg)
+def open_runner(cfg, components=None):
+    """The reference runner of cfg.family; `components` (built components by folder name, as engine.api.open_runner
+    takes them) replace the folder, for the families whose runner takes them."""
+    runner = reference(cfg.family)
+    return runner(cfg) if components is None else runner(cfg, components=components)
 
 
 # Token families (multimodal language models): family -> its runner around the transformers model and processor.

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from engine.api import OptimizeSpec
-from harness.bench import ENGINE_ALIASES, engine_options, parse_mode
+from harness.bench_modes import ENGINE_ALIASES, engine_options, parse_mode
 
 
 def test_every_boolean_switch_is_an_option():
@@ -37,7 +37,8 @@ def test_diffusers_modes(mode, compile_):
 
 @pytest.mark.parametrize("mode, message", [
     ("engine-bf16+graphs", r"unknown bench option\(s\) \['graphs'\].*\+cuda_graphs"),
-    ("diffusers-bf16+cuda_graphs", r"valid: diffusers-bf16, diffusers-bf16\+compile, diffusers-bf16\+regional"),
+    ("diffusers-bf16+cuda_graphs",
+     r"valid: diffusers\[-pipeline\]-bf16\[\+torchao-<fp8-rowwise\|fp8-wo>\[-blocks\]\]\[\+compile\|\+regional\]"),
     ("diffusers-fp8", "unknown diffusers bench mode"),
     ("torch-bf16", "unknown bench mode"),
     ("engine", "unknown bench mode"),

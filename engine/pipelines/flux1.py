@@ -6,13 +6,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
-from engine.denoisers import load_denoiser, summary
+from engine.denoisers import load_denoiser, load_denoiser_weights, summary
 from engine.family import BenchShape, Family
 from engine.models.flux1 import Flux1Config, Flux1Transformer, diffusers_key_map
 from engine.parallel.transformer import SequenceParallelTransformer
@@ -59,6 +59,10 @@ def image_ids(h2: int, w2: int) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3)
 
 
+# The pipeline's component folders (FluxPipeline's model_index.json), the names `components` may give.
+COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler", "transformer")
+
+
 def _check_denoiser(name: str) -> None:
     if name not in Flux1Pipeline.denoisers:
         raise ValueError(f"flux1 has no denoiser {name!r}; valid: {list(Flux1Pipeline.denoisers)}")
@@ -68,25 +72,42 @@ class Flux1Pipeline:
     family = "flux1"
     denoisers = ("transformer",)  # the denoiser components: folder names and attributes of a loaded pipeline
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, components: Mapping[str, Any] | None = None):
+        """Load every component from cfg.model_dir, except those given built in `components` (folder name ->
+        tokenizer, text encoder or VAE object; "scheduler" -> its config dict; "transformer" -> DenoiserWeights),
+        which a bench passes to run the pipeline on weights synthesized on the GPU."""
         # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         t0 = time.perf_counter()
+        given = dict(components or {})
+        if unknown := sorted(set(given) - set(COMPONENTS)):
+            raise ValueError(f"flux1 pipeline has no component(s) {unknown}; valid: {list(COMPONENTS)}")
         root = Path(cfg.model_dir)
-        if not (root / "model_index.json").is_file():
+        if set(given) != set(COMPONENTS) and not (root / "model_index.json").is_file():
             raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
         self.model_cfg = cfg
         self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        self.tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2")
-        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self.dtype).to(self.device).eval()
-        self.text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=self.dtype).to(self.device).eval()
-        self.vae = AutoencoderKL.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
-        self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        self.transformer, _ = load_denoiser(FAMILY, "transformer", root / "transformer",
-                                            QuantSpec(cfg.quant, cfg.quant_ignored), self.dtype, self.device)
+
+        def component(name, load):
+            return given[name] if name in given else load(root / name)
+        self.tokenizer = component("tokenizer", AutoTokenizer.from_pretrained)
+        self.tokenizer_2 = component("tokenizer_2", AutoTokenizer.from_pretrained)
+        self.text_encoder = component("text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=self.dtype)
+                                      ).to(self.device).eval()
+        self.text_encoder_2 = component("text_encoder_2", lambda p: T5EncoderModel.from_pretrained(p, dtype=self.dtype)
+                                        ).to(self.device).eval()
+        self.vae = component("vae", lambda p: AutoencoderKL.from_pretrained(p, dtype=self.dtype)).to(self.device).eval()
+        self.scheduler_config = dict(component("scheduler", lambda p: json.loads(
+            (p / "scheduler_config.json").read_text())))
+        spec = QuantSpec(cfg.quant, cfg.quant_ignored)
+        if "transformer" in given:
+            self.transformer, _ = load_denoiser_weights(FAMILY, "transformer", given["transformer"], spec, self.dtype,
+                                                        self.device)
+        else:
+            self.transformer, _ = load_denoiser(FAMILY, "transformer", root / "transformer", spec, self.dtype,
+                                                self.device)
         self.transformer_config = self.transformer.config
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.cfg_executor = serial_cfg  # how the two guidance branches run; CFG parallelism swaps it

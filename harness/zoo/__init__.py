@@ -7,6 +7,9 @@ A family is a module in FAMILIES with this interface:
                                                                a meta-device build (denoiser: its component folder)
     write(folder, size, seed, dtype=None, sensitive_layer=None) -> None     every component, into an empty folder
     denoiser_inputs(size, denoiser, prompt_seeds, seed, height, width, text_tokens, sampling) -> dict  step-0 inputs
+and optionally
+    pipeline_components(size, seed, device, dtype) -> dict     every non-denoiser component built in memory, weights
+                                                               synthesized on `device` (a full-size pipeline bench)
 `sensitive_layer` names one layer that gets a planted massive input activation (a quantization hazard, nothing else).
 Everything here is generic: no family names below FAMILIES.
 """
@@ -72,6 +75,17 @@ def synthesize_transformer_state_dict(family: str, size: str = "tiny", seed: int
 def denoiser_inputs(family: str, size: str, denoiser: str, **kwargs) -> dict[str, torch.Tensor]:
     """Synthesized step-0 inputs of one denoiser (diffusers names), for runs without text encoders."""
     return _sized(family, size).denoiser_inputs(size, denoiser, **kwargs)
+
+
+def pipeline_components(family: str, size: str, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32
+                        ) -> dict:
+    """The family's pipeline components other than its denoisers, built in memory on `device` (folder name ->
+    object; the scheduler as its config dict), for engine.api.open_runner and the reference runner's `components`."""
+    fam = _sized(family, size)
+    if not hasattr(fam, "pipeline_components"):
+        able = sorted(name for name, f in FAMILIES.items() if hasattr(f, "pipeline_components"))
+        raise ValueError(f"the zoo cannot build {family!r} pipeline components in memory; families it can: {able}")
+    return fam.pipeline_components(size, seed, device, dtype)
 
 
 def _provenance(family: str, size: str, seed: int, dtype, sensitive_layer: str | None = None) -> dict:

@@ -219,3 +219,36 @@ def denoiser_inputs(size: str, denoiser: str, prompt_seeds: list[int], seed: int
         timestep=torch.ones(len(prompt_seeds)), guidance=torch.full([len(prompt_seeds)], float(sampling.guidance)),
         img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text_tokens, 3),
     )
+
+
+def pipeline_components(size: str, seed: int, device, dtype: torch.dtype) -> dict:
+    """Every FluxPipeline component except the denoiser, built in memory with `write`'s weights synthesized directly
+    on `device` (no folder; a full-size T5-XXL is 9.5 GB in bf16): tokenizers and text encoders as transformers
+    objects, the VAE as diffusers', the scheduler as its config dict. On CPU in float32 they equal what `write` puts
+    in a folder for the same (size, seed)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    _check(size)
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizers load from files: a few MB, gone once loaded
+        t5_tok = tokenizers.write_t5_tokenizer(Path(tmp) / "tokenizer_2")
+        clip_tok = tokenizers.write_clip_tokenizer(Path(tmp) / "tokenizer")
+    clip_config = CLIPTextConfig(**CLIP[size])
+    t5_config = _t5_config(size, len(t5_tok))
+    encoders = {}
+    for sub, cls, config, gain in (("text_encoder", CLIPTextModel, clip_config, None),
+                                   ("text_encoder_2", T5EncoderModel, t5_config, _t5_gain(t5_config.d_kv))):
+        specs = synth.specs_from_module(_meta(lambda: cls(config)), gain)
+        state = synth.synthesize(specs, seed, sub, device=device, dtype=dtype)
+        # transformers' own loader ties T5's embeddings and fills CLIP's position_ids buffer, as from a folder. It
+        # places weights on the CPU (keeping them on the GPU takes a device_map, which needs accelerate): a full-size
+        # T5 round-trips once, seconds, once per bench run.
+        encoders[sub] = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype).to(device).eval()
+        del state
+    vae = _meta(lambda: AutoencoderKL(**VAE[size]))
+    vae.load_state_dict(synth.synthesize(synth.specs_from_module(vae), seed, "vae", device=device, dtype=dtype),
+                        assign=True, strict=True)
+    return dict(tokenizer=clip_tok, tokenizer_2=t5_tok, **encoders, vae=vae.eval().requires_grad_(False),
+                scheduler=dict(SCHEDULER))
