@@ -18,7 +18,7 @@ packs them, so a --quant-ignored-layers pattern naming w1 or w3 reaches w13). `d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -276,7 +276,9 @@ class ZImageTransformer(nn.Module):
             if len(self._layouts) >= 8:  # a long-lived model sees a few sizes; do not grow without bound
                 self._layouts.clear()
             self._layouts[key] = self._build_layout(latent_size, cap_lens, device)
-        return self._layouts[key]
+        # A copy per call (the tensors are shared, never written in place): a caller that rebinds a field for its
+        # own forward (a planted bug in harness/selftest/z_image.py does) must not change the next forward's layout.
+        return replace(self._layouts[key])
 
     def _build_layout(self, latent_size: tuple[int, int, int], cap_lens: list[int], device=None) -> Layout:
         cfg = self.config
