@@ -17,13 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from engine.loading import CheckpointError, read_checkpoint, safetensors_files
+from engine.loading import CheckpointError, read_checkpoint
 from engine.quant import prequantized
 from engine.quant.api import HANDLERS, QuantSpec
-from engine.quant.export import FORMATS
+from engine.quant.export import FORMATS, quantized_tensors, release_config
 from engine.quant.names import set_submodule
 
 WEIGHTS_NAME = "model.safetensors"  # transformers' single-file name
@@ -51,31 +50,14 @@ def quantize_component(component, folder: Path, fmt: str) -> tuple[dict[str, tor
     if fmt not in component.formats:
         raise ValueError(f"component {component.folder!r} is stored in {list(component.formats)}, not {fmt!r}")
     algo, mode = FORMATS[fmt]
-    spec = QuantSpec(mode)
-    cls, options = spec.handler.linear_cls, spec.linear_options()
     model = meta_build(component, folder)
     chosen = set(selected_linears(component, model))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    tensors: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                module, _, leaf = key.rpartition(".")
-                t = f.get_tensor(key)
-                if module in chosen and leaf == "weight":
-                    q = cls.from_float(t, None, (t.shape[0],), t.dtype, options).checkpoint_tensors()
-                    tensors.update({f"{module}.{k}": v.contiguous() for k, v in q.items()})
-                else:
-                    tensors[key] = t
+    tensors = quantized_tensors(folder, chosen, QuantSpec(mode))
     if missing := sorted(m for m in chosen if f"{m}.weight_scale" not in tensors):
         raise CheckpointError(f"{folder}: no checkpoint weight for {missing[:5]} (key names differ from "
                               f"{component.model_class.__name__}'s)")
-    config = {
-        "producer": {"name": "parity.harness.quantize", "torch": torch.__version__},
-        "quantization": {"quant_algo": algo, **({"group_size": 16} if algo == "NVFP4" else {}),
-                         "exclude_modules": sorted(linears - chosen)},
-    }
-    return tensors, config
+    return tensors, release_config(algo, linears - chosen)
 
 
 def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype, device) -> nn.Module:

@@ -43,8 +43,25 @@ def quantize_checkpoint(build: Callable[[], nn.Module], key_map: KeyMap, src: Pa
     chosen = select_linears(model, spec, packed)
     quantized = {s for name in chosen for s in packed[name].sources}
     linears = {s for name, m in model.named_modules() if isinstance(m, nn.Linear) for s in packed[name].sources}
-    cls, options = spec.handler.linear_cls, spec.linear_options()
 
+    def input_scale(module: str) -> dict[str, torch.Tensor]:
+        if input_amax is None:
+            return {}
+        if module not in input_amax:
+            raise ValueError(f"calibration recorded no input for {module}")
+        amax = torch.tensor(input_amax[module], dtype=torch.float32)
+        return {f"{module}.input_scale": INPUT_SCALE[fmt](amax).reshape(())}
+
+    tensors = quantized_tensors(src, quantized, spec, input_scale)
+    return tensors, release_config(algo, linears - quantized)
+
+
+def quantized_tensors(src: Path, quantized: set[str], spec: QuantSpec,
+                      extra: Callable[[str], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors checkpoint in `src`, the weight of each module in `quantized` replaced by the
+    checkpoint tensors of spec's linear class (plus extra(module), e.g. a calibrated input scale). One checkpoint
+    tensor at a time, as one segment: its own NVFP4 global scale; nothing is dequantized or kept twice."""
+    cls, options = spec.handler.linear_cls, spec.linear_options()
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(src):
         with safe_open(str(file), framework="pt") as f:
@@ -52,19 +69,18 @@ def quantize_checkpoint(build: Callable[[], nn.Module], key_map: KeyMap, src: Pa
                 module, _, leaf = key.rpartition(".")
                 t = f.get_tensor(key)
                 if module in quantized and leaf == "weight":
-                    # One checkpoint tensor at a time, as one segment: its own NVFP4 global scale.
                     q = cls.from_float(t, None, (t.shape[0],), t.dtype, options).checkpoint_tensors()
                     tensors.update({f"{module}.{k}": v.contiguous() for k, v in q.items()})
-                    if input_amax is not None:
-                        if module not in input_amax:
-                            raise ValueError(f"calibration recorded no input for {module}")
-                        amax = torch.tensor(input_amax[module], dtype=torch.float32)
-                        tensors[f"{module}.input_scale"] = INPUT_SCALE[fmt](amax).reshape(())
+                    tensors.update(extra(module) if extra else {})
                 else:
                     tensors[key] = t
-    config = {
+    return tensors
+
+
+def release_config(algo: str, excluded: set[str]) -> dict:
+    """hf_quant_config.json of a quantized copy: the algorithm and the linears left unquantized."""
+    return {
         "producer": {"name": "parity.harness.quantize", "torch": torch.__version__},
         "quantization": {"quant_algo": algo, **({"group_size": 16} if algo == "NVFP4" else {}),
-                         "exclude_modules": sorted(linears - quantized)},
+                         "exclude_modules": sorted(excluded)},
     }
-    return tensors, config
