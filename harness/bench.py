@@ -26,7 +26,8 @@ from engine.api import OptimizeSpec, bench_inputs, bench_shape, build_denoiser, 
 from harness import metrics as M
 from harness.bench_e2e import pipeline_rows
 from harness.bench_modes import (QUANT_COLUMNS, BenchConfig, Mode, apply_diffusers_options, own_inductor_config,
-                                 parse_mode, quant_columns, release, torchao_config, torchao_linears, weight_bytes)
+                                 parse_mode, quant_columns, release, take_peak, torchao_config, torchao_linears,
+                                 weight_bytes)
 from harness.provenance import versions
 from harness.zoo import synthesize_transformer_state_dict, transformer_config
 
@@ -138,6 +139,7 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
                     t0 = time.perf_counter()
                     model, fwd = build_mode(cfg, mode, denoiser, tcfg, dtype)
                     build_s = time.perf_counter() - t0
+                    build_peak = take_peak(cuda)
                     times, out = time_forward(lambda: fwd(inputs), cfg)
                 if reference is None:
                     reference, baseline = out.float(), mode.name
@@ -145,7 +147,7 @@ def run_bench(cfg: BenchConfig, modes: list[str], out_dir: Path, log=print) -> p
                          else {**dict.fromkeys(QUANT_COLUMNS, 0), "n_quantized_linears": torchao_linears(model)})
                 row.update({"median_ms": statistics.median(times), "min_ms": min(times),
                             "build_s": round(build_s, 1), "weight_gb": weight_bytes(model) / 1e9, **quant,
-                            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
+                            "peak_mem_gb": take_peak(cuda), "build_peak_gb": build_peak,
                             "cosine_vs_first": float(M.cosine(out.float(), reference).min()), "baseline": baseline,
                             "error": ""})
             except Exception as e:  # one mode's failure is its row; the other modes still run

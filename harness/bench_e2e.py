@@ -12,7 +12,8 @@ Timing: `pipeline_warmup` untimed generations (compiles, CUDA-graph captures), t
 clock between CUDA synchronisations; median_ms / min_ms are milliseconds per generation. Both pipelines record every
 step's latents on the CPU as the harness's runners always do: one device-to-host copy per step in each. Accuracy vs
 the first pipeline mode: cosine of the final latents (cosine_vs_first, the worst sample) and PSNR of the decoded
-images (psnr_vs_first, dB, the worst sample). peak_mem_gb includes the shared encoders and VAE."""
+images (psnr_vs_first, dB, the worst sample). peak_mem_gb (the timed generations) and build_peak_gb (building the mode)
+include the shared encoders and VAE."""
 from __future__ import annotations
 
 import statistics
@@ -24,7 +25,7 @@ import torch
 from engine.api import OptimizeSpec, RunConfig, denoiser_names, denoiser_weights, open_runner, sampling_type
 from harness import metrics as M
 from harness.bench_modes import (QUANT_COLUMNS, BenchConfig, Mode, apply_diffusers_options, own_inductor_config,
-                                 quant_columns, release, torchao_config, torchao_linears, weight_bytes)
+                                 quant_columns, release, take_peak, torchao_config, torchao_linears, weight_bytes)
 from harness.zoo import pipeline_components, synthesize_transformer_state_dict, transformer_config
 
 PROMPT = "a photograph of a red fox standing in fresh snow, soft morning light, shallow depth of field"
@@ -105,6 +106,7 @@ def pipeline_rows(cfg: BenchConfig, modes: list[Mode], base_row):
                 t0 = time.perf_counter()
                 runner, models = open_mode(cfg, mode, run_cfg, shared)
                 build_s = time.perf_counter() - t0
+                build_peak = take_peak(cuda)
                 times, artifacts = time_generate(runner, run_cfg, cfg)
             if reference is None:
                 reference, baseline = artifacts, mode.name
@@ -114,7 +116,7 @@ def pipeline_rows(cfg: BenchConfig, modes: list[Mode], base_row):
                 quant = {**dict.fromkeys(QUANT_COLUMNS, 0), "n_quantized_linears": sum(map(torchao_linears, models))}
             row.update({"median_ms": statistics.median(times), "min_ms": min(times), "build_s": round(build_s, 1),
                         "weight_gb": sum(map(weight_bytes, models)) / 1e9, **quant,
-                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
+                        "peak_mem_gb": take_peak(cuda), "build_peak_gb": build_peak,
                         "cosine_vs_first": float(M.cosine(artifacts.final_latents, reference.final_latents,
                                                           what="final latents").min()),
                         "psnr_vs_first": float(M.psnr_db(artifacts.images, reference.images).min()),

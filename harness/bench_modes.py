@@ -200,6 +200,18 @@ def own_inductor_config():
         inductor.load_config(saved)
 
 
+def take_peak(cuda: bool) -> float:
+    """GB allocated at most since the last reset, then reset: called after a mode's build and after its timed runs,
+    so that `build_peak_gb` (weights as loaded, with the loader's transient copies: fused QKV concatenated while the
+    unfused tensors are still held) and `peak_mem_gb` (weights plus the forward's activations, what serving costs)
+    are told apart. NaN off CUDA."""
+    if not cuda:
+        return float("nan")
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def release(cuda: bool) -> None:
     """Between modes: every mode compiles from a clean slate (blocks of one class share dynamo's per-code cache
     across model instances, and a mode past its recompile limit would silently run eager blocks; inductor's on-disk

@@ -282,8 +282,8 @@ def cmd_bench(args) -> int:
     frame = run_bench(cfg, args.modes, Path(args.out))  # a bad mode, family or device: ValueError, exit 2
     failed = frame[frame["error"] != ""]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
-        shown = ["mode", "denoiser", "parallel", "median_ms", "min_ms", "weight_gb", "peak_mem_gb", "cosine_vs_first",
-                 "psnr_vs_first"]
+        shown = ["mode", "denoiser", "parallel", "median_ms", "min_ms", "weight_gb", "peak_mem_gb", "build_peak_gb",
+                 "cosine_vs_first", "psnr_vs_first"]
         print(frame[[c for c in shown if c in frame]].to_string(index=False))
         for line in ratio_lines(frame, ratios):
             print(line)
