@@ -358,8 +358,9 @@ def build_denoiser(family: str, denoiser: str, config: dict, state_dict: Mapping
 
     fam = _family(family)
     build, key_map = fam.denoiser_builder(denoiser, config)
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}  # each fused segment its own NVFP4 global scale
     model = load_model(build, key_map, state_dict, dtype, device)
-    model = apply_optimize(quantize_model(model, QuantSpec(quant), key_map), optimize)
+    model = apply_optimize(quantize_model(model, QuantSpec(quant), key_map, shapes), optimize)
     if world_size(parallel) > 1:
         from engine.parallel.config import parse_parallel
         from engine.parallel.mesh import get_mesh, init_distributed

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.family import DenoiserWeights, Family, KeyMap
 from engine.loading import load_model, read_checkpoint, read_config, remap
-from engine.quant.api import QuantSpec, build_transformer, quant_summary, quantize_, select_linears
+from engine.quant.api import QuantSpec, build_transformer, quant_summary, quantize_model, select_linears
 from engine.quant.component import load_component
 from engine.quant.prequantized import folder_format
 from engine.quant.linear import QuantLinear
@@ -38,7 +38,7 @@ def load_denoiser_weights(family: Family, name: str, weights: DenoiserWeights, s
     build, key_map = family.denoiser_builder(name, dict(weights.config))
     shapes = {k: tuple(v.shape) for k, v in weights.state_dict.items()}
     model = load_model(build, key_map, weights.state_dict, dtype, device)
-    return quantize_(model, spec, packed_modules=packed_from_key_map(key_map, shapes)), key_map
+    return quantize_model(model, spec, key_map, shapes), key_map
 
 
 def check_quant_spec(family: Family, model_dir: Path, spec: QuantSpec) -> None:

@@ -29,9 +29,10 @@ ENGINE_VS_REFERENCE = "engine_vs_reference"  # our engine vs a fresh diffusers r
 REFERENCE_VS_GOLDEN = "reference_vs_golden"  # fresh diffusers vs the stored golden (reference drift)
 ENGINE_VS_UNQUANTIZED = "engine_vs_unquantized"  # quant cell vs the same engine unquantized (quantization error)
 PARALLEL_VS_SINGLE = "parallel_vs_single_device"  # parallel cell vs the same engine on one device
+OPTIMIZED_VS_EAGER = "optimized_vs_eager"  # a cell with speed switches vs the same engine eager (the switches' error)
 NEGATIVE_CONTROL = "negative_control"  # the reference perturbed at a known SNR: must fail the engine thresholds
 SELF_CHECK = "self_check"  # metric cross-checks the run makes on itself (harness/selfcheck.py)
 QUANT_ORACLE = "quant_oracle"  # each quantized linear vs torchao's reference of its scheme (harness/quant_oracle.py)
 QUANT_LAYERS = "quant_layers"  # the layers left unquantized vs the ones asked for
 COMPARISONS = (ENGINE_VS_REFERENCE, REFERENCE_VS_GOLDEN, ENGINE_VS_UNQUANTIZED, PARALLEL_VS_SINGLE,
-               NEGATIVE_CONTROL, SELF_CHECK, QUANT_ORACLE, QUANT_LAYERS)
+               OPTIMIZED_VS_EAGER, NEGATIVE_CONTROL, SELF_CHECK, QUANT_ORACLE, QUANT_LAYERS)

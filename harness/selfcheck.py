@@ -79,6 +79,7 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
     """'cell|comparison|metric' -> rows the run must hold (per-step curves excluded), from the suite's design."""
     from harness import schema
     from harness.metrics import METRICS
+    from harness.suites import optimize_label
 
     engine = [m for m, s in METRICS.items() if s.gated and s.output == "media" and not s.per_step
               and not m.startswith("weight_") and not m.startswith("layer_") and m != CROSSCHECK_METRIC
@@ -97,6 +98,8 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
                 out[f"{cell.name}|{schema.QUANT_LAYERS}|layer_set_mismatch"] = 1
         if cell.parallel != "sp1":
             plan[schema.PARALLEL_VS_SINGLE] = no_clip
+        elif optimize_label(cell.optimize) != "eager":  # harness.sweep.baselines: the same engine eager
+            plan[schema.OPTIMIZED_VS_EAGER] = no_clip
         if golden and cell.golden and n_golden_seeds != 0:
             plan[schema.REFERENCE_VS_GOLDEN] = ("final_latent_cosine", "psnr_db")
         for comparison, metrics in plan.items():

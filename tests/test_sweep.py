@@ -92,6 +92,8 @@ def test_a_small_compile_regression_fails_the_compiled_cells_own_floors(tmp_path
 
     def lossy(model, spec):
         model = optimize(model, spec)
+        if not spec.compile_blocks:  # the eager twin (optimized_vs_eager) stays clean: the loss is the switch's
+            return model
         forward = model.forward
 
         def noisy(*args, **kwargs):
@@ -111,6 +113,10 @@ def test_a_small_compile_regression_fails_the_compiled_cells_own_floors(tmp_path
     print(f"\nplanted compile regression: single-step cosine {step.value.min():.6f}..{step.value.max():.6f}")
     assert (step.value >= 0.999).all() and (step.value < 0.9999).all()  # eager floor passes, compiled floor fails
     assert "single_step_cosine" in failing_metrics(run)
+    # The same loss against the same engine eager: the switch's own comparison fails too.
+    own = frame[(frame.comparison == schema.OPTIMIZED_VS_EAGER) & (frame.metric == "single_step_cosine")]
+    assert len(own) == 4 and (own.value < 0.9999).all()
+    assert "optimized_vs_eager" in failing_metrics(run)
 
 
 def test_nan_in_engine_output_fails_with_the_reason(tmp_path, zoo_root, monkeypatch):
