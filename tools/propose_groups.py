@@ -1,0 +1,142 @@
+"""Threshold groups for golden/thresholds.toml from a measured run, with one stated margin policy, so that floors measured
+on a device kind (a GPU run's `device = "cuda"` groups) come from the numbers and not from hand edits.
+
+    python tools/propose_groups.py RUN_DIR --device cuda --comparisons optimized_vs_eager --measured-on "4 x H200" \
+        [--name-parallel wan wan-ti2v] > groups.toml
+
+One group per (model, dtype, quant, parallel, optimize, comparison) key present in the run's ok rows (per-sample rows,
+not per-step curves); `parallel` is "*" (one group over the run's parallel configs) unless the model is named in
+--name-parallel (needed where a model already has groups that name a config: a "*" group would tie with them).
+Margin policy, on the error scale of harness/margins.py, from the worst sample of the group:
+  - cosines, SSIM, CLIP image similarity (1 - v):   5x the worst error
+  - dB metrics (SQNR, PSNR):                         7 dB below the worst value (5x its power ratio)
+  - relative errors:                                 sqrt(5) x the worst (rel ~ sqrt(2 (1 - cos)), so the cosine's 5x)
+  - mean |pixel difference|, |CLIP delta|:           4x the worst
+A group whose every gated metric sat at its identical-input value becomes an exactness tier (`exact = true`, the
+run's device kind and optimize label): any difference then fails. A metric at its identical-input value inside a
+group that is not exact keeps that value as its threshold (bitwise is gated as bitwise). Prints TOML; writes nothing."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.metrics import METRICS  # noqa: E402
+
+KEY = ["model", "dtype", "quant", "parallel", "optimize", "comparison"]
+
+
+def _round_error_up(e: float) -> float:
+    """Two significant digits, rounded away from the measurement (a looser floor never tighter than the margin)."""
+    if e <= 0:
+        return 0.0
+    digits = 1 - math.floor(math.log10(e))
+    return math.ceil(e * 10 ** digits) / 10 ** digits
+
+
+def threshold(metric: str, values: pd.Series) -> tuple[str, float] | None:
+    """(at_least | at_most, value) for one gated metric of one group, None for a metric the gate does not judge."""
+    spec = METRICS.get(metric)
+    if spec is None or not spec.gated or spec.per_step:
+        return None
+    if spec.absolute:
+        worst = float(values.abs().max())
+        return "at_most", _round_error_up(4 * worst)
+    if not spec.higher_is_better:
+        worst = float(values.max())
+        factor = 4.0 if "rel_error" not in metric else math.sqrt(5)
+        return "at_most", _round_error_up(factor * worst)
+    worst = float(values.min())
+    if spec.unit == "dB":
+        if spec.identical is not None and worst >= spec.identical:
+            return "at_least", float(spec.identical)
+        return "at_least", math.floor(worst - 7.0)
+    return "at_least", (1.0 - _round_error_up(5 * (1.0 - worst))) if worst < 1 else 1.0
+
+
+def is_identical(metric: str, values: pd.Series) -> bool:
+    spec = METRICS.get(metric)
+    return spec is not None and spec.identical is not None and bool((values == spec.identical).all())
+
+
+def groups(frame: pd.DataFrame, name_parallel: set[str]) -> list[dict]:
+    frame = frame.assign(parallel=[p if m in name_parallel else "*" for m, p in zip(frame.model, frame.parallel)])
+    out = []
+    for key, rows in frame.groupby(KEY, sort=True):
+        fields = dict(zip(KEY, key))
+        metrics = {m: v.value for m, v in rows.groupby("metric") if threshold(m, v.value) is not None}
+        if not metrics:
+            continue
+        exactable = [m for m in metrics if METRICS[m].identical is not None]
+        bitwise = bool(exactable) and all(is_identical(m, metrics[m]) for m in exactable)
+        out.append({**fields, "n": len(rows.groupby(["seed", "prompt_idx"])), "exact": bitwise,
+                    "configs": sorted(set(rows.parallel_config)),
+                    "limits": {m: threshold(m, v) for m, v in metrics.items()},
+                    "worst": {m: (float(v.abs().max()) if METRICS[m].absolute else
+                                  float(v.min()) if METRICS[m].higher_is_better else float(v.max()))
+                              for m, v in metrics.items()}})
+    return out
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v)) if not float(v).is_integer() or abs(v) < 1 else f"{v:.1f}"
+
+
+def to_toml(group: dict, device: str, measured_on: str, run: str) -> str:
+    lines = ["[[group]]"]
+    for k in ("model", "dtype", "quant", "parallel"):
+        lines.append(f'{k} = "{group[k]}"')
+    lines.append(f'device = "{device}"')
+    if group["optimize"] != "eager" or group["exact"]:
+        lines.append(f'optimize = "{group["optimize"]}"')
+    lines.append(f'comparison = "{group["comparison"]}"')
+    over = ", ".join(group["configs"])
+    worst = ", ".join(f"{m} {v:.7g}" for m, v in sorted(group["worst"].items()))
+    if group["exact"]:
+        lines.append("exact = true")
+        lines.append(f'source = "measured bitwise equal on {measured_on} ({run}, {group["n"]} samples, over {over}): '
+                     f'every tensor and image metric at its identical-input value"')
+        return "\n".join(lines)
+    lines.append(f'source = "measured on {measured_on} ({run}, {group["n"]} samples, worst over {over}): {worst}. '
+                 'Margins (tools/propose_groups.py): 5x the worst 1 - cosine / 1 - SSIM, 7 dB below the worst '
+                 'SQNR / PSNR, sqrt(5)x the worst relative error, 4x the worst MAD and |CLIP delta|; a metric '
+                 'measured at its identical-input value keeps it"')
+    for side in ("at_least", "at_most"):
+        items = [f"{m} = {_fmt(v)}" for m, (s, v) in sorted(group["limits"].items()) if s == side]
+        if items:
+            lines.append(f"{side} = {{ {', '.join(items)} }}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--device", required=True, choices=["cpu", "cuda"], help="the device kind the rows ran on")
+    p.add_argument("--comparisons", nargs="+", required=True)
+    p.add_argument("--models", nargs="+", help="only these models (default: every model in the run)")
+    p.add_argument("--name-parallel", nargs="*", default=[], metavar="MODEL")
+    p.add_argument("--measured-on", required=True, help='the cards, e.g. "4 x H200"')
+    args = p.parse_args(argv)
+    frame = pd.read_parquet(args.run_dir / "results.parquet")
+    kind = frame.device.astype(str).str.split(":").str[0]
+    frame = frame[(kind == args.device) & (frame.status == "ok") & frame.step.isna()
+                  & frame.comparison.isin(args.comparisons)]
+    if args.models:
+        frame = frame[frame.model.isin(args.models)]
+    if frame.empty:
+        raise SystemExit(f"{args.run_dir}: no ok {args.device} rows of {args.comparisons}")
+    frame = frame.assign(parallel_config=frame.parallel)
+    run = f"run {frame.run_id.iloc[0]}"
+    for group in groups(frame, set(args.name_parallel)):
+        print(to_toml(group, args.device, args.measured_on, run))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
