@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.parallel.attention import JointSequenceParallelAttention
+from engine.parallel.attention import ULYSSES_CHUNKS, JointSequenceParallelAttention
 from engine.parallel.mesh import Mesh
 from engine.parallel.sharding import ShardPlan, plan_shards
 
@@ -69,6 +69,9 @@ class SequenceParallelTransformer(nn.Module):
     # text counted once per ring rank) targets FLUX.1's ring cells. True shards it there as well (text keys then
     # travel with their block); tools/sp_bench.py measures both.
     shard_text_with_ring: bool = False
+    # Pieces each rank's heads are cut into so that Ulysses' all-to-alls overlap attention (engine.parallel.attention
+    # ULYSSES_CHUNKS says why that default); any count gives the same bits. tools/sp_run.py --ulysses-chunks sets it.
+    ulysses_chunks: int = ULYSSES_CHUNKS
 
     def __init__(self, inner: nn.Module, mesh: Mesh):
         super().__init__()
@@ -83,7 +86,8 @@ class SequenceParallelTransformer(nn.Module):
         # Shard the text too (a shardable family's forward passes `text` to run_sharded).
         self.shard_text = self.text_shardable and (mesh.ring.size == 1 or self.shard_text_with_ring)
         if mesh.sp.size > 1:
-            self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
+            self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention,
+                                                               ulysses_chunks=self.ulysses_chunks)
             inner.attention = self.sp_attention
 
     @property
