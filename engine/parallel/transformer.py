@@ -65,10 +65,10 @@ class SequenceParallelTransformer(nn.Module):
     # Family opt-in: the model treats text tokens one by one outside attention and never masks text keys, so the
     # text can be cut across the ranks like the image (no rank recomputes the whole text's projections and MLPs).
     text_shardable: bool = False
-    # With a ring the text stays replicated by default for now: the planted-bug catalogue's ring entry (replicated
-    # text counted once per ring rank) targets FLUX.1's ring cells. True shards it there as well (text keys then
-    # travel with their block); tools/sp_bench.py measures both.
-    shard_text_with_ring: bool = False
+    # A shardable family cuts its text on ring and USP meshes too: its text keys then travel with their block, and no
+    # rank recomputes the whole text (4 x H100, FLUX.1 1024px: ring4 1.60x -> 2.08x, usp2x2 2.08x -> 2.47x over one
+    # GPU). False keeps it whole on every rank of a ring (tools/sp_run.py --replicate-text-on-ring measures it).
+    shard_text_with_ring: bool = True
     # Pieces each rank's heads are cut into so that Ulysses' all-to-alls overlap attention (engine.parallel.attention
     # ULYSSES_CHUNKS says why that default); any count gives the same bits. tools/sp_run.py --ulysses-chunks sets it.
     ulysses_chunks: int = ULYSSES_CHUNKS
