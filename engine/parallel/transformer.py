@@ -9,6 +9,7 @@ joint sequence) lives in one small subclass per family, in the family's own pipe
 from __future__ import annotations
 
 import torch
+import torch._inductor.config  # noqa: F401 (torch._inductor.config.patch below)
 import torch.distributed as dist
 from torch import nn
 
@@ -27,6 +28,13 @@ class ReplicationError(RuntimeError):
 # more (any later seed on the same model included) is checked at least once, while a sync that stalls the host
 # before each forward's launches is paid on one forward in 16 instead of on every one.
 REPLICATION_CHECK_EVERY = 16
+
+# Inductor config for the blocks a sharded forward compiles (they compile at their first call, inside run_sharded).
+# Its peak-memory reordering, on by default, moves the next head piece's all-to-all after the attention it should
+# overlap and the inverse all-to-all after the following piece (seen in the generated code: in0, attention 0, in1,
+# attention 1, out0, out1), which undoes the Ulysses pipeline; without it the compiled block keeps the traced order
+# (in0, in1, attention 0, out0, attention 1, out1), eager's. tests/test_parallel_ulysses_chunks.py reads that order.
+COMPILE_CONFIG = {"reorder_for_peak_memory": False}
 
 
 def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
@@ -126,13 +134,15 @@ class SequenceParallelTransformer(nn.Module):
         shards = (shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
         if text is None:
             self.sp_attention.configure(text_len, self.text_first, plan)
-            out = call(*shards)
+            args = shards
         elif self.shard_text and text_len >= sp.size:
             text_plan = plan_shards(text_len, sp.size)
             self.sp_attention.configure(text_len, self.text_first, plan, text_plan)
-            out = call(*shards, shard_tokens(text_plan, text[0], 1, sp.index),
-                       shard_positions(text_plan, text[1], 0, sp.index))
+            args = (*shards, shard_tokens(text_plan, text[0], 1, sp.index),
+                    shard_positions(text_plan, text[1], 0, sp.index))
         else:
             self.sp_attention.configure(text_len, self.text_first, plan)
-            out = call(*shards, *text)
+            args = (*shards, *text)
+        with torch._inductor.config.patch(COMPILE_CONFIG):
+            out = call(*args)
         return plan.gather(out, 1, sp.group)
