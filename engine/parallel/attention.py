@@ -66,11 +66,11 @@ ULYSSES_CHUNKS = 2
 UlyssesAttendFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def usable_chunks(heads_per_rank: int, wanted: int) -> int:
-    """The largest count <= wanted that divides the heads each rank holds (pieces must be equal: one layout)."""
-    if wanted < 1:
-        raise ValueError(f"ulysses_chunks must be >= 1, got {wanted}")
-    return max(c for c in range(1, min(wanted, heads_per_rank) + 1) if heads_per_rank % c == 0)
+def usable_chunks(heads_per_rank: int, requested: int) -> int:
+    """The largest count <= requested that divides the heads each rank holds (pieces must be equal: one layout)."""
+    if requested < 1:
+        raise ValueError(f"ulysses_chunks must be >= 1, got {requested}")
+    return max(c for c in range(1, min(requested, heads_per_rank) + 1) if heads_per_rank % c == 0)
 
 
 def ulysses_attention(qkv: tuple[torch.Tensor, ...], sizes: tuple[int, ...], axis: Axis, chunks: int,
