@@ -8,6 +8,9 @@ longer than these times says the forward's collectives wait for a late peer (ran
     # CPU check of the script itself (gloo):
     python -m torch.distributed.run --standalone --nproc-per-node 2 tools/sp_a2a_bench.py --device cpu --height 128
 
+Then, on the same ranks, whether the pipelined Ulysses attention gives the same bits as whole heads with this
+device's kernels (`bitwise_vs_chunks1`, per attention backend and piece count): on CPU the tests prove it; on a GPU
+a kernel that picks its tiling from the number of heads could break it, and this says so in seconds.
 Rank 0 prints one JSON line per case."""
 from __future__ import annotations
 
@@ -73,8 +76,39 @@ def main(argv: list[str] | None = None) -> int:
                                   "mb_sent_per_block": round(sent / 1e6, 2), "ms_per_block": round(ms, 4),
                                   "algbw_gb_s": round(sent / ms / 1e6, 1),
                                   "device": torch.cuda.get_device_name() if cuda else "cpu"}), flush=True)
+    bitwise_check(u, device, tokens, args)
     dist.destroy_process_group()
     return 0
+
+
+def bitwise_check(u: int, device, tokens: int, args) -> None:
+    """Ulysses over the world with the text cut with the image, as FLUX.1 runs: every piece count against 1."""
+    from engine.attention import BACKENDS
+    from engine.parallel.attention import JointSequenceParallelAttention, usable_chunks
+    from engine.parallel.config import ParallelSpec
+    from engine.parallel.mesh import get_mesh
+    from engine.parallel.sharding import plan_shards
+
+    mesh = get_mesh(ParallelSpec(ulysses=u))
+    plan, text_plan = plan_shards(tokens - args.text_tokens, u), plan_shards(args.text_tokens, u)
+    n = plan.sizes[mesh.sp.index] + text_plan.sizes[mesh.sp.index]
+    g = torch.Generator(device).manual_seed(mesh.sp.index)
+    qkv = [torch.randn(1, n, args.heads, args.head_dim, generator=g, device=device).to(torch.bfloat16)
+           for _ in range(3)]
+    backends = ["sdpa", "sdpa-cudnn"] if device.type == "cuda" else ["sdpa"]
+    for backend in backends:
+        outs = {}
+        for chunks in [1, *args.chunks]:
+            attn = JointSequenceParallelAttention(mesh, local_attention=BACKENDS[backend], ulysses_chunks=chunks)
+            attn.configure(args.text_tokens, True, plan, text_plan)
+            outs[chunks] = attn(*qkv)
+        for chunks in args.chunks:
+            same = torch.tensor([float(torch.equal(outs[chunks], outs[1]))], device=device)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)  # bitwise on every rank
+            if dist.get_rank() == 0:
+                print(json.dumps({"world": u, "tokens": tokens, "backend": backend, "chunks": chunks,
+                                  "pieces_used": usable_chunks(args.heads // u, chunks),
+                                  "bitwise_vs_chunks1": bool(same.item())}), flush=True)
 
 
 if __name__ == "__main__":
