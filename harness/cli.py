@@ -278,8 +278,11 @@ def cmd_bench(args) -> int:
                       iters=args.iters, warmup=args.warmup, parallel=args.parallel, size=args.size, device=args.device,
                       denoisers=tuple(args.denoiser or ()), steps=args.steps, pipeline_warmup=args.pipeline_warmup,
                       pipeline_iters=args.pipeline_iters)
-    ratios = parse_ratios(args.ratio or [], args.modes)
-    frame = run_bench(cfg, args.modes, Path(args.out))  # a bad mode, family or device: ValueError, exit 2
+    # A parallel bench times the engine's fastest denoiser path by default (compiled blocks in a CUDA graph).
+    modes = args.modes or (["engine-bf16+compile+cuda_graphs"] if args.parallel != "sp1" else
+                           ["diffusers-bf16", "engine-bf16"])
+    ratios = parse_ratios(args.ratio or [], modes)
+    frame = run_bench(cfg, modes, Path(args.out))  # a bad mode, family or device: ValueError, exit 2
     failed = frame[frame["error"] != ""]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints
         shown = ["mode", "denoiser", "parallel", "median_ms", "min_ms", "weight_gb", "peak_mem_gb", "build_peak_gb",
@@ -473,8 +476,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-tokens", type=int, default=512)
     bench.add_argument("--iters", type=int, default=10)
     bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--modes", nargs="+", default=["diffusers-bf16", "engine-bf16"],
-                       help="diffusers-bf16[+torchao-<fp8-rowwise|fp8-wo>[-blocks]][+compile|+regional] and "
+    bench.add_argument("--modes", nargs="+", default=None,
+                       help="default: diffusers-bf16 engine-bf16, and engine-bf16+compile+cuda_graphs with --parallel; "
+                            "diffusers-bf16[+torchao-<fp8-rowwise|fp8-wo>[-blocks]][+compile|+regional] and "
                             "engine-<bf16|quant mode>[+option...] (options: compile, cudnn, autotune and every "
                             "OptimizeSpec switch by name, e.g. +cuda_graphs); diffusers-pipeline-... and "
                             "engine-pipeline-... time the whole pipeline (text encoders, --steps steps, VAE decode); "

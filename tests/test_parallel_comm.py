@@ -2,8 +2,9 @@
 CPU/gloo with 2 and 4 ranks.
 
 - Bitwise: Ulysses, ring and USP attention (text prefix and suffix, even and uneven image lengths, fp32 and bf16)
-  give exactly the bits of the previous implementation (in-place all_to_all_single / all_gather_into_tensor, ring
-  hops by batch_isend_irecv), kept below as the twin. Plants: a ring that walks the other way (the same keys,
+  give exactly the bits of the previous implementation (in-place all_to_all_single / all_gather_into_tensor, every
+  head in one all-to-all each way where Ulysses now pipelines pieces of the heads, ring hops by batch_isend_irecv),
+  kept below as the twin. Plants: a ring that walks the other way (the same keys,
   merged in another order) and a ring that never takes the received block (its own block counted every step)
   must both differ.
 - Traceable: torch.compile (dynamo) traces every mesh's attention with no graph break, while the twin's ring
@@ -100,8 +101,14 @@ def _inplace_ring_text(tq, tk, tv, image_k, image_v, axis, text_first, lse_atten
     return out
 
 
-TWIN = {"heads_to_sequence": inplace_heads_to_sequence, "sequence_to_heads": inplace_sequence_to_heads,
-        "gather_heads": _inplace_all_gather_heads, "ring_attention": p2p_ring_attention,
+def inplace_ulysses_attention(qkv, sizes, axis, chunks, attend):
+    """Ulysses as it was before the pipeline: every head in one in-place all-to-all each way (chunks ignored)."""
+    received = inplace_heads_to_sequence(torch.stack(qkv), sizes, axis)
+    out, side = attend(0, received.shape[3], received)
+    return inplace_sequence_to_heads(out, sizes, axis), None if side is None else _inplace_all_gather_heads(side, axis)
+
+
+TWIN = {"ulysses_attention": inplace_ulysses_attention, "ring_attention": p2p_ring_attention,
         "ring_text_attention": _inplace_ring_text}
 
 

@@ -33,6 +33,9 @@ class Job:
     ranks: tuple[int, ...]
     guidance: bool = False  # negative prompt + true CFG
     plant: str | None = None
+    # FLUX.1 cuts its text across a ring's ranks by default; "replicated" keeps it whole on every rank (the path
+    # replicated-text families take, and the one the text-counted-per-ring-rank plant breaks).
+    text_on_ring: str = "sharded"
 
 
 # Run in this order by every member rank; jobs on disjoint ranks run side by side.
@@ -40,13 +43,15 @@ JOBS = (
     Job("usp2x2", "usp2x2", (0, 1, 2, 3)),
     Job("cfg2-ring2", "cfg2-ring2", (0, 1, 2, 3), guidance=True),
     Job("ulysses2", "ulysses2", (0, 1)), Job("ring2", "ring2", (2, 3)),
-    Job("cfg2", "cfg2", (0, 1), guidance=True), Job("plant_text_twice", "ring2", (2, 3), plant="text_twice"),
+    Job("cfg2", "cfg2", (0, 1), guidance=True),
+    Job("plant_text_twice", "ring2", (2, 3), plant="text_twice", text_on_ring="replicated"),
+    Job("ring2-textrep", "ring2", (0, 1), text_on_ring="replicated"),
     Job("plant_rope_offset", "ulysses2", (0, 1), plant="rope_offset"),
     Job("plant_padded", "ring2", (2, 3), plant="padded"),
     Job("plant_cfg_noise", "cfg2", (0, 1), guidance=True, plant="cfg_noise"),
     Job("plant_cfg_noise_unguarded", "cfg2", (2, 3), guidance=True, plant="cfg_noise_unguarded"),
 )
-CORRECT = ("usp2x2", "cfg2-ring2", "ulysses2", "ring2", "cfg2")
+CORRECT = ("usp2x2", "cfg2-ring2", "ulysses2", "ring2", "cfg2", "ring2-textrep")
 
 
 def _config(model_dir, guidance: bool, parallel: str = "sp1") -> RunConfig:
@@ -69,7 +74,7 @@ def _job_worker(proc: int, model_dir: str, tmp: str):
     torch.set_num_threads(1)  # 4 processes on 2 cores
     from engine.runner import open_runner
 
-    from engine.parallel.transformer import ReplicationError
+    from engine.parallel.transformer import ReplicationError, SequenceParallelTransformer
 
     for i, job in enumerate(JOBS):
         if proc not in job.ranks:
@@ -77,6 +82,7 @@ def _job_worker(proc: int, model_dir: str, tmp: str):
         rank = job.ranks.index(proc)
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store{i}", rank=rank, world_size=len(job.ranks))
         undo = install_plant(job.plant)
+        SequenceParallelTransformer.shard_text_with_ring = job.text_on_ring == "sharded"  # set for every job
         try:
             cfg = _config(model_dir, job.guidance, job.parallel)
             runner = open_runner(cfg)

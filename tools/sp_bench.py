@@ -2,13 +2,17 @@
 median forward against the 1-GPU engine measured in the same session on the same machine.
 
     python tools/sp_bench.py --out reports/sp-bench                  # every config below, then the table
-    python tools/sp_bench.py --out reports/sp-bench --only sp1 ulysses2   # a subset (resumable: done ones are kept)
+    python tools/sp_bench.py --out reports/sp-bench --only sp1@1024 ulysses2@1024   # a subset (resumable)
 
-Each config runs `python -m torch.distributed.run --standalone --nproc-per-node N -m harness.cli bench --family F
---parallel P --modes M --height H --width H --out OUT/runs/<config>` (rank 0 writes bench-<P>.csv there); configs
-already in OUT/runs are skipped, so a session cut at the device's per-command limit goes on where it stopped. The
-`+ringtext` configs also cut the text across a ring's ranks (SequenceParallelTransformer.shard_text_with_ring),
-through tools/sp_run.py, to measure what sharding the text saves there before it becomes the default.
+Each config runs `python -m torch.distributed.run --standalone --nproc-per-node N tools/sp_run.py [variant] --
+bench --family F --parallel P --modes M --height H --width H --out OUT/runs/<config>` (rank 0 writes
+bench-<P>.csv there); configs already in OUT/runs are skipped, so a session cut at the device's per-command limit
+goes on where it stopped. The default mode is the fastest engine path: blocks compiled and the forward captured
+in a CUDA graph (`engine-bf16+compile+cuda_graphs`). Variants (tools/sp_run.py) measure one speed switch against
+its default: `+chunks1` runs Ulysses without its pipeline (every head in one all-to-all each way; the default cuts
+each rank's heads in engine.parallel.attention.ULYSSES_CHUNKS pieces), `+textrep` keeps the text whole on every
+ring rank (the default cuts it, where the family allows it). `@2048` is the long-sequence case (16,384 image
+tokens + 512 text), where sequence parallelism matters most.
 OUT/sp_bench.csv: one row per config with median_ms, speedup over the sp1 row of the same height, cosine_vs_first,
 device, versions. Exit 1 if a config failed (the others still run and are written)."""
 from __future__ import annotations
@@ -30,31 +34,42 @@ def world(parallel: str) -> int:
     return world_size(parallel)
 
 
-# (config name, parallel, height, extra flag): the issue's "Must show" set.
+# (config name, parallel, height, tools/sp_run.py options): the issue's "Must show" set, most wanted first, so a run
+# cut by a time limit has the 1024px speed-ups before the variants. USP has no +chunks1: with a ring the heads stay
+# whole (JointSequenceParallelAttention._chunks says why), so it would measure the same code twice.
+CHUNKS1 = ("--ulysses-chunks", "1")
+TEXTREP = ("--replicate-text-on-ring",)
 CONFIGS = [
-    ("sp1@1024", "sp1", 1024, None),
-    ("ulysses2@1024", "ulysses2", 1024, None),
-    ("ulysses4@1024", "ulysses4", 1024, None),
-    ("ring4@1024", "ring4", 1024, None),
-    ("usp2x2@1024", "usp2x2", 1024, None),
-    ("ring4+ringtext@1024", "ring4", 1024, "ringtext"),
-    ("usp2x2+ringtext@1024", "usp2x2", 1024, "ringtext"),
-    ("sp1@2048", "sp1", 2048, None),
-    ("ulysses4@2048", "ulysses4", 2048, None),
+    ("sp1@1024", "sp1", 1024, ()),
+    ("ulysses2@1024", "ulysses2", 1024, ()),
+    ("ulysses4@1024", "ulysses4", 1024, ()),
+    ("ring4@1024", "ring4", 1024, ()),
+    ("usp2x2@1024", "usp2x2", 1024, ()),
+    ("ulysses2+chunks1@1024", "ulysses2", 1024, CHUNKS1),
+    ("ulysses4+chunks1@1024", "ulysses4", 1024, CHUNKS1),
+    ("sp1@2048", "sp1", 2048, ()),
+    ("ulysses4@2048", "ulysses4", 2048, ()),
+    ("ulysses4+chunks1@2048", "ulysses4", 2048, CHUNKS1),
+    ("ring4+textrep@1024", "ring4", 1024, TEXTREP),
+    ("usp2x2+textrep@1024", "usp2x2", 1024, TEXTREP),
 ]
+DEFAULT_MODE = "engine-bf16+compile+cuda_graphs"
 
 
-def run_config(name: str, parallel: str, height: int, flag: str | None, args) -> Path:
-    out = Path(args.out) / "runs" / name.replace("@", "_").replace("+", "_")
+def run_dir(out, name: str) -> Path:
+    return Path(out) / "runs" / name.replace("@", "_").replace("+", "_")
+
+
+def run_config(name: str, parallel: str, height: int, options: tuple[str, ...], args) -> Path:
+    out = run_dir(args.out, name)
     csv = out / f"bench-{parallel}.csv"
     if csv.exists():
         print(f"[sp_bench] {name}: done before, kept ({csv})", flush=True)
         return csv
     bench = ["bench", "--family", args.family, "--parallel", parallel, "--modes", args.mode, "--height", str(height),
              "--width", str(height), "--iters", str(args.iters), "--warmup", str(args.warmup), "--out", str(out)]
-    entry = (["tools/sp_run.py", "--shard-text-with-ring", "--"] if flag == "ringtext" else ["-m", "harness.cli"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world(parallel)}",
-           *entry, *bench]
+           "tools/sp_run.py", *options, "--", *bench]
     print(f"[sp_bench] {name}: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     return csv
@@ -62,12 +77,12 @@ def run_config(name: str, parallel: str, height: int, flag: str | None, args) ->
 
 def table(out: Path, names: list[str]) -> pd.DataFrame:
     rows = []
-    for name, parallel, height, flag in CONFIGS:
-        csv = out / "runs" / name.replace("@", "_").replace("+", "_") / f"bench-{parallel}.csv"
+    for name, parallel, height, options in CONFIGS:
+        csv = run_dir(out, name) / f"bench-{parallel}.csv"
         if name in names and csv.exists():
             frame = pd.read_csv(csv)
             frame.insert(0, "config", name)
-            frame["ring_text_sharded"] = flag == "ringtext"
+            frame["sp_run_options"] = " ".join(options)
             rows.append(frame)
     if not rows:
         return pd.DataFrame()
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "reports" / "sp-bench"))
     parser.add_argument("--family", default="flux1")
-    parser.add_argument("--mode", default="engine-bf16+compile")
+    parser.add_argument("--mode", default=DEFAULT_MODE)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     names = [c[0] for c in CONFIGS]
@@ -89,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"configs to run, of: {', '.join(names)}")
     args = parser.parse_args(argv)
     failed = []
-    for name, parallel, height, flag in CONFIGS:
+    for name, parallel, height, options in CONFIGS:
         if name in args.only:
             try:
-                run_config(name, parallel, height, flag, args)
+                run_config(name, parallel, height, options, args)
             except subprocess.CalledProcessError as e:
                 print(f"[sp_bench] {name} FAILED: exit {e.returncode}", flush=True)
                 failed.append(name)

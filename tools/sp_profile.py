@@ -124,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager blocks (default: blocks compiled)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--shard-text-with-ring", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture the forward in a CUDA graph (as the bench's "
+                        "default mode does)")
+    parser.add_argument("--ulysses-chunks", type=int, default=None,
+                        help="pieces of each rank's heads for the Ulysses pipeline (default: the wrapper's)")
+    parser.add_argument("--replicate-text-on-ring", action="store_true",
+                        help="keep the text whole on every ring rank (default: cut, where the family allows it)")
     parser.add_argument("--out", default="reports/sp-profile")
     args = parser.parse_args(argv)
 
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.parallel.transformer import SequenceParallelTransformer
     from harness.zoo import synthesize_transformer_state_dict, transformer_config
 
-    SequenceParallelTransformer.shard_text_with_ring = args.shard_text_with_ring
+    SequenceParallelTransformer.shard_text_with_ring = not args.replicate_text_on_ring
+    if args.ulysses_chunks is not None:
+        SequenceParallelTransformer.ulysses_chunks = args.ulysses_chunks
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "cuda":
         torch.cuda.set_device(local)
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = transformer_config(args.family, args.size, denoiser)
     sd = synthesize_transformer_state_dict(args.family, args.size, seed=0, device=device, dtype=dtype,
                                            denoiser=denoiser)
-    spec = OptimizeSpec(compile_blocks=not args.no_compile)
+    spec = OptimizeSpec(compile_blocks=not args.no_compile, cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
     model, fwd = build_denoiser(args.family, denoiser, tcfg, sd, "none", spec, args.parallel, dtype, device)
     shape = bench_shape(height=args.height, width=args.width, text_tokens=args.text_tokens, batch=1, seed=0)
@@ -175,22 +182,30 @@ def main(argv: list[str] | None = None) -> int:
         inner = getattr(model, "inner", None)
         if inner is not None and hasattr(model, "sp_attention"):
             inner.attention = model.sp_attention.local_attention
+            # A captured CUDA graph would replay the SP kernels whatever the attention says: the plain forward.
+            graphed = inner.__dict__.pop("forward", None)
             try:
                 single = FAMILIES[args.family].denoiser_forward(inner, inputs)
             finally:
                 inner.attention = model.sp_attention
+                if graphed is not None:
+                    inner.forward = graphed
             cosine = torch.nn.functional.cosine_similarity(out.double().flatten(), single.double().flatten(),
                                                            dim=0).item()
     kernel_check = lse_kernel_check(device, dtype)
     summary = {"parallel": args.parallel, "rank": rank, "family": args.family, "size": args.size,
                "height": args.height, "width": args.width, "text_tokens": args.text_tokens,
-               "compiled_blocks": not args.no_compile, "shard_text": getattr(model, "shard_text", None),
+               "compiled_blocks": not args.no_compile, "cuda_graphs": args.cuda_graphs,
+               "shard_text": getattr(model, "shard_text", None),
+               "ulysses_chunks": getattr(getattr(model, "sp_attention", None), "ulysses_chunks", None),
                "build_and_warmup_s": round(build_s, 1), **compiled,
                "new_graphs_while_profiled": unique_after - compiled["unique_graphs"],
                "output_cosine_vs_one_device": cosine, **analyse(prof, args.iters, args.device), **kernel_check,
                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "torch": torch.__version__}
-    out_dir = Path(args.out) / (args.parallel + ("+ringtext" if args.shard_text_with_ring else ""))
+    variant = ("+textrep" if args.replicate_text_on_ring else "") + \
+        (f"+chunks{args.ulysses_chunks}" if args.ulysses_chunks is not None else "")
+    out_dir = Path(args.out) / (args.parallel + variant)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"summary_rank{rank}.json").write_text(json.dumps(summary, indent=1))
     sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"

@@ -1,28 +1,47 @@
-"""Run a `parity` command with the text cut across a ring's ranks as well (SequenceParallelTransformer.
-shard_text_with_ring), to measure it before it becomes the default:
+"""Run a `parity` command with the sequence-parallel wrapper's speed switches set otherwise than by default, to
+measure what each one buys (tools/sp_bench.py runs its variants through here):
 
-    python -m torch.distributed.run --standalone --nproc-per-node 4 tools/sp_run.py --shard-text-with-ring -- \
-        bench --family flux1 --parallel ring4 --modes engine-bf16+compile
+    --ulysses-chunks N             cut each rank's heads into N pieces for the Ulysses pipeline (1: no pipeline;
+                                   default engine.parallel.attention.ULYSSES_CHUNKS). Bitwise the same result.
+    --replicate-text-on-ring       keep the text whole on every rank of a ring / USP mesh instead of cutting it
+                                   across the ranks (the default for families whose text can be cut, e.g. FLUX.1)
+
+    python -m torch.distributed.run --standalone --nproc-per-node 4 tools/sp_run.py --ulysses-chunks 1 -- \
+        bench --family flux1 --parallel ulysses4 --modes engine-bf16+compile+cuda_graphs
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" not in argv:
-        raise SystemExit("usage: sp_run.py [--shard-text-with-ring] -- <parity command and arguments>")
+        raise SystemExit("usage: sp_run.py [--ulysses-chunks N] [--replicate-text-on-ring] -- <parity command and "
+                         "arguments>")
     split = argv.index("--")
-    own, rest = argv[:split], argv[split + 1:]
-    if bad := set(own) - {"--shard-text-with-ring"}:
-        raise SystemExit(f"unknown option(s) {sorted(bad)}; valid: --shard-text-with-ring")
+    parser = argparse.ArgumentParser(prog="sp_run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--ulysses-chunks", type=int, default=None)
+    parser.add_argument("--replicate-text-on-ring", action="store_true")
+    args = parser.parse_args(argv[:split])  # an unknown option exits 2 with the valid ones
+    if args.ulysses_chunks is not None and args.ulysses_chunks < 1:
+        parser.error(f"--ulysses-chunks must be >= 1, got {args.ulysses_chunks}")
+    return args, argv[split + 1:]
+
+
+def main(argv: list[str]) -> int:
+    args, rest = parse(argv)
     from engine.parallel.transformer import SequenceParallelTransformer
     from harness.cli import main as parity
 
-    SequenceParallelTransformer.shard_text_with_ring = "--shard-text-with-ring" in own
+    # Class attributes, set in this process only (each torchrun rank runs this file), before any model is wrapped.
+    if args.ulysses_chunks is not None:
+        SequenceParallelTransformer.ulysses_chunks = args.ulysses_chunks
+    if args.replicate_text_on_ring:
+        SequenceParallelTransformer.shard_text_with_ring = False
     return parity(rest)
 
 

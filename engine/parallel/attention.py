@@ -7,7 +7,8 @@ the attention output for the same tokens in the same order, equal to what one de
 
 - Ulysses (degree U): an all-to-all trades heads for sequence inside the Ulysses group, so each rank holds the
   group's whole image block for H/U heads. Text needs no communication: every rank slices its heads. The inverse
-  all-to-all returns image outputs; text outputs are all-gathered over heads.
+  all-to-all returns image outputs; text outputs are all-gathered over heads. Without a ring the heads travel in
+  pieces (ulysses_chunks), pipelined so that one piece's transfers run under another's attention (ulysses_attention).
 - Ring (degree R): image K/V blocks travel around the ring and partial outputs merge by log-sum-exp in fp32. Text
   keys are replicated, so they must enter each softmax exactly once: image queries see them in the first (local)
   step only, never in a travelling block. Text queries do not travel: each ring rank attends them to its own image
@@ -27,11 +28,12 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Callable
 
 import torch
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention
-from engine.parallel.comm import all_gather_stacked, all_to_all, start_ring_shift, wait
+from engine.parallel.comm import all_gather_stacked, start_all_gather, start_all_to_all, start_ring_shift, wait
 from engine.parallel.kernels import LseAttentionFn, fused_attention_lse, merge_ordered, merge_partials
 from engine.parallel.mesh import Axis, Mesh
 from engine.parallel.sharding import ShardPlan
@@ -50,28 +52,70 @@ def join_joint(text: torch.Tensor, image: torch.Tensor, text_first: bool) -> tor
 
 
 # --- Ulysses ------------------------------------------------------------------------------------------------------
-def heads_to_sequence(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> torch.Tensor:
-    """(N, B, S_local, H, D) -> (N, B, sum(sizes), H/U, D): send head chunk j to Ulysses rank j, receive every
-    rank's tokens for our chunk. N stacks q, k, v so the three travel in one collective."""
-    n, b, s, h, d = x.shape
-    u = axis.size
-    send = x.view(n, b, s, u, h // u, d).permute(3, 2, 0, 1, 4, 5).reshape(u * s, n, b, h // u, d)
-    recv = all_to_all(send, list(sizes), [s] * u, axis.group_name)
-    return recv.permute(1, 2, 0, 3, 4)
+# How many pieces each rank's heads are cut into, so that the all-to-alls of one piece overlap the attention of
+# another (ulysses_attention). Attention is independent per head, so every count gives the same bits; it only moves
+# time. 2: on FLUX.1 (24 heads) a piece is 6 heads on ulysses2 and 3 on ulysses4, still enough query tiles to fill
+# an H100 at 1024px (3 heads x 36 tiles of 128 queries ~ one wave of 132 SMs), while half of the attention can hide
+# the other half's transfers. More pieces hide more, but each kernel gets smaller and each transfer carries fewer
+# bytes per launch; tools/sp_bench.py measures 1 against the default.
+ULYSSES_CHUNKS = 2
+
+# attend(lo, hi, qkv): this rank's heads lo:hi (of its H/U after the all-to-all) for the whole Ulysses group's
+# sequence, qkv (3, B, S_group, hi - lo, D) -> (out (B, S_group, hi - lo, D), side): side is None, or an output
+# every rank computed whole for these heads (the replicated text, (B, T, hi - lo, D)), gathered over heads.
+UlyssesAttendFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def sequence_to_heads(x: torch.Tensor, sizes: tuple[int, ...], axis: Axis) -> torch.Tensor:
-    """Inverse of heads_to_sequence for one tensor: (B, sum(sizes), H/U, D) -> (B, S_local, H, D)."""
-    b, _, hu, d = x.shape
-    u, s = axis.size, sizes[axis.index]
-    recv = all_to_all(x.permute(1, 0, 2, 3), [s] * u, list(sizes), axis.group_name)
-    return recv.view(u, s, b, hu, d).permute(2, 1, 0, 3, 4).reshape(b, s, u * hu, d)
+def usable_chunks(heads_per_rank: int, requested: int) -> int:
+    """The largest count <= requested that divides the heads each rank holds (pieces must be equal: one layout)."""
+    if requested < 1:
+        raise ValueError(f"ulysses_chunks must be >= 1, got {requested}")
+    return max(c for c in range(1, min(requested, heads_per_rank) + 1) if heads_per_rank % c == 0)
 
 
-def gather_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
-    """(B, T, H/U, D) on each Ulysses rank -> (B, T, H, D) on all of them, head chunks in rank order."""
-    buf = all_gather_stacked(x, axis.group_name, axis.size)
-    return buf.permute(1, 2, 0, 3, 4).flatten(2, 3)
+def ulysses_attention(qkv: tuple[torch.Tensor, ...], sizes: tuple[int, ...], axis: Axis, chunks: int,
+                      attend: UlyssesAttendFn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ulysses over `axis`: each of q, k, v (B, S_local, H, D) trades heads for sequence (rank j receives every
+    rank's tokens for heads j*H/U:(j+1)*H/U), `attend` runs on them, and the inverse all-to-all brings each rank its
+    own tokens back with all heads. Returns (out (B, S_local, H, D), side gathered to (B, T, H, D) or None).
+
+    The heads each rank receives are cut into `chunks` equal pieces and pipelined: piece c+1's all-to-all is started
+    before piece c's attention, piece c's inverse all-to-all right after it, and a result is waited for only where
+    it is needed, so the transfers run under the attention of the neighbouring pieces. q, k and v travel in one
+    all-to-all per piece (one NCCL launch instead of three), its send buffer built by one copy.
+    Head index h = j * H/U + c * H/(U C) + i (rank j, piece c): the same heads, in the same order, as unchunked."""
+    b, s, h, d = qkv[0].shape
+    u, n = axis.size, len(qkv)
+    hu = h // u
+    hc = hu // chunks
+    pieces = [x.view(b, s, u, chunks, hc, d) for x in qkv]
+
+    def start_piece(c: int) -> torch.Tensor:
+        # (u, s, n, b, hc, d): rows grouped by destination rank, q, k, v side by side in each row.
+        send = torch.stack([x[:, :, :, c].permute(2, 1, 0, 3, 4) for x in pieces], dim=2)
+        return start_all_to_all(send.view(u * s, n, b, hc, d), list(sizes), [s] * u, axis.group_name)
+
+    outs, sides = [], []
+    pending = start_piece(0)
+    for c in range(chunks):
+        following = start_piece(c + 1) if c + 1 < chunks else None
+        received = wait(pending).permute(1, 2, 0, 3, 4)  # (n, b, S_group, hc, d)
+        out, side = attend(c * hc, (c + 1) * hc, received)
+        outs.append(start_all_to_all(out.permute(1, 0, 2, 3), [s] * u, list(sizes), axis.group_name))
+        if side is not None:
+            sides.append(start_all_gather(side, axis.group_name, u))
+        pending = following
+    out = heads_from_pieces([wait(o).view(u, s, b, hc, d).transpose(1, 2) for o in outs])
+    if not sides:
+        return out, None
+    t = sides[0].shape[1]
+    return out, heads_from_pieces([wait(x).view(u, b, t, hc, d) for x in sides])
+
+
+def heads_from_pieces(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """pieces[c] (U, B, L, H/(U C), D): piece c of every Ulysses rank's heads -> (B, L, H, D) in the model's head
+    order, h = (rank, piece, i)."""
+    return torch.stack(pieces, dim=1).permute(2, 3, 0, 1, 4, 5).flatten(2, 4)
 
 
 # --- ring -----------------------------------------------------------------------------------------------------
@@ -142,8 +186,13 @@ class JointSequenceParallelAttention:
     `configure` before running the model; the model itself never knows."""
 
     def __init__(self, mesh: Mesh, local_attention: AttentionFn, lse_attention: LseAttentionFn = fused_attention_lse,
-                 local_masked_attention: MaskedAttentionFn = masked_sdpa_attention):
+                 local_masked_attention: MaskedAttentionFn = masked_sdpa_attention,
+                 ulysses_chunks: int = ULYSSES_CHUNKS):
         self.mesh = mesh
+        usable_chunks(1, ulysses_chunks)  # a count below 1 fails here, not at the first forward
+        # Pieces each rank's heads are cut into for the Ulysses pipeline (ULYSSES_CHUNKS says why); fewer where the
+        # heads per rank do not divide. Any count gives the same bits.
+        self.ulysses_chunks = ulysses_chunks
         # Without a ring the whole sequence is local after the all-to-all: run the model's own kernel, in the
         # model's token order, so Ulysses is bitwise equal to one device (the masked one for a masked call).
         self.local_attention = local_attention
@@ -196,40 +245,55 @@ class JointSequenceParallelAttention:
             text_mask, image_mask = split_joint(key_mask.bool(), t, first)
             self._check_image_keys_unmasked(key_mask, image_mask)
         u_axis, r_axis = mesh.ulysses, mesh.ring
-        heads = q.shape[2]
         # The image shards of our Ulysses group, which the all-to-all joins into one contiguous block.
         ulysses_sizes = plan.sizes[r_axis.index * u_axis.size:(r_axis.index + 1) * u_axis.size]
-        if u_axis.size > 1:
-            if heads % u_axis.size:
-                raise ValueError(f"Ulysses degree {u_axis.size} must divide the number of heads ({heads})")
-            iq, ik, iv = heads_to_sequence(torch.stack([iq, ik, iv]), ulysses_sizes, u_axis).unbind(0)
-            hu = heads // u_axis.size
-            tq, tk, tv = (x[:, :, u_axis.index * hu:(u_axis.index + 1) * hu] for x in (tq, tk, tv))
+        if u_axis.size == 1:
+            t_out, i_out = self._joint_attention(tq, tk, tv, iq, ik, iv, text_mask)
+            return join_joint(t_out, i_out, first)
+        heads = self._check_heads(q.shape[2])
+        own = u_axis.index * (heads // u_axis.size)  # our first head: text needs no communication, we slice it
 
+        def attend(lo: int, hi: int, qkv: torch.Tensor):
+            tq_c, tk_c, tv_c = (x[:, :, own + lo:own + hi] for x in (tq, tk, tv))
+            t_out, i_out = self._joint_attention(tq_c, tk_c, tv_c, *qkv.unbind(0), text_mask)
+            return i_out, (t_out if t else None)
+        i_out, t_out = ulysses_attention((iq, ik, iv), ulysses_sizes, u_axis, self._chunks(heads), attend)
+        return join_joint(t_out if t else q[:, :0], i_out, first)
+
+    def _check_heads(self, heads: int) -> int:
+        if heads % self.mesh.ulysses.size:
+            raise ValueError(f"Ulysses degree {self.mesh.ulysses.size} must divide the number of heads ({heads})")
+        return heads
+
+    def _chunks(self, heads: int) -> int:
+        """Pieces for this call. With a ring (USP) the heads stay whole: the ring merges partials with sigmoid and
+        log-sigmoid, and on CPU an elementwise op computes a tensor's last few elements with the scalar function
+        instead of the vector one, so the same head merged inside a smaller tensor can differ in its last bit
+        (measured: usp2x2 fp32, 1 ulp on the text). Without a ring only the model's kernel runs, per head."""
+        if self.mesh.ring.size > 1:
+            return 1
+        return usable_chunks(heads // self.mesh.ulysses.size, self.ulysses_chunks)
+
+    def _joint_attention(self, tq, tk, tv, iq, ik, iv, text_mask):
+        """Replicated text + the Ulysses group's image block (for some heads) -> (text out, image out), q's dtype:
+        the model's kernel on the joint sequence without a ring, else ring attention over the ring axis."""
+        r_axis, plan, t, first = self.mesh.ring, self.plan, self.text_len, self.text_first
         if r_axis.size == 1:
             joint = (join_joint(tq, iq, first), join_joint(tk, ik, first), join_joint(tv, iv, first))
             if text_mask is None:
                 out = self.local_attention(*joint)
             else:
                 out = self.local_masked_attention(*joint, joint_key_mask(text_mask, ik.shape[1], first))
-            t_out, i_out = split_joint(out, t, first)
-        else:
-            text_kv = (tk, tv) if t else None
-            # The mask goes by keyword and only when there is one: the unmasked call keeps its signature.
-            masked = {} if text_mask is None else {"text_mask": text_mask}
-            i_out, _ = ring_attention(iq, ik, iv, r_axis, plan.group_sizes(u_axis.size), text_kv, first,
-                                      self.lse_attention, **masked)
-            i_out = i_out.to(q.dtype)
-            if t:
-                t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention,
-                                            **masked).to(q.dtype)
-            else:
-                t_out = tq
-
-        if u_axis.size > 1:
-            i_out = sequence_to_heads(i_out, ulysses_sizes, u_axis)
-            t_out = gather_heads(t_out, u_axis) if t else q[:, :0]
-        return join_joint(t_out, i_out, first)
+            return split_joint(out, t, first)
+        text_kv = (tk, tv) if t else None
+        # The mask goes by keyword and only when there is one: the unmasked call keeps its signature.
+        masked = {} if text_mask is None else {"text_mask": text_mask}
+        i_out, _ = ring_attention(iq, ik, iv, r_axis, plan.group_sizes(self.mesh.ulysses.size), text_kv, first,
+                                  self.lse_attention, **masked)
+        if not t:
+            return tq, i_out.to(iq.dtype)
+        t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention, **masked)
+        return t_out.to(tq.dtype), i_out.to(iq.dtype)
 
     def sharded_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Text cut across the ranks like the image: each rank holds (B, t_i + s_i, H, D), its text shard and image
@@ -247,21 +311,25 @@ class JointSequenceParallelAttention:
         group = slice(r_axis.index * u_axis.size, (r_axis.index + 1) * u_axis.size)
         lead, trail = (self.text_plan.sizes, self.plan.sizes) if first else (self.plan.sizes, self.text_plan.sizes)
         lead, trail = lead[group], trail[group]
-        if u_axis.size > 1:
-            heads = q.shape[2]
-            if heads % u_axis.size:
-                raise ValueError(f"Ulysses degree {u_axis.size} must divide the number of heads ({heads})")
-            qkv = heads_to_sequence(torch.stack([q, k, v]), joint[group], u_axis)
-            q, k, v = to_model_order(qkv, lead, trail, dim=2).unbind(0)
-        if r_axis.size == 1:
-            out = self.local_attention(q, k, v)
-        else:
-            block_sizes = tuple(sum(joint[g * u_axis.size:(g + 1) * u_axis.size]) for g in range(r_axis.size))
-            out, _ = ring_attention(q, k, v, r_axis, block_sizes, None, first, self.lse_attention)
-            out = out.to(q.dtype)
-        if u_axis.size > 1:
-            out = sequence_to_heads(to_rank_order(out, lead, trail, dim=1), joint[group], u_axis)
+        if u_axis.size == 1:
+            return self._sharded_block_attention(q, k, v)
+
+        def attend(lo: int, hi: int, qkv: torch.Tensor):
+            out = self._sharded_block_attention(*to_model_order(qkv, lead, trail, dim=2).unbind(0))
+            return to_rank_order(out, lead, trail, dim=1), None
+        out, _ = ulysses_attention((q, k, v), joint[group], u_axis, self._chunks(self._check_heads(q.shape[2])),
+                                   attend)
         return out
+
+    def _sharded_block_attention(self, q, k, v):
+        """The Ulysses group's joint block in model order (for some heads): the model's kernel, or the ring."""
+        u_axis, r_axis = self.mesh.ulysses, self.mesh.ring
+        if r_axis.size == 1:
+            return self.local_attention(q, k, v)
+        joint = tuple(t + s for t, s in zip(self.text_plan.sizes, self.plan.sizes))
+        block_sizes = tuple(sum(joint[g * u_axis.size:(g + 1) * u_axis.size]) for g in range(r_axis.size))
+        out, _ = ring_attention(q, k, v, r_axis, block_sizes, None, self.text_first, self.lse_attention)
+        return out.to(q.dtype)
 
 
 def to_model_order(x: torch.Tensor, lead: tuple[int, ...], trail: tuple[int, ...], dim: int) -> torch.Tensor:

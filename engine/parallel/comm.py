@@ -34,14 +34,26 @@ def all_gather_stacked(x: torch.Tensor, group, size: int) -> torch.Tensor:
     x = x.contiguous()
     if x.dim() == 0:
         return all_gather_stacked(x[None], group, size)[:, 0]
-    buf = wait(_ops.all_gather_into_tensor(x, size, group_name(group)))
-    return buf.view(size, *x.shape)
+    return wait(start_all_gather(x, group, size)).view(size, *x.shape)
+
+
+def start_all_gather(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Start gathering `x` from `size` ranks; returns the pending (size * x.shape[0], ...) buffer: `wait` for it,
+    then view it as (size, *x.shape)."""
+    return _ops.all_gather_into_tensor(x.contiguous(), size, group_name(group))
+
+
+def start_all_to_all(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                     group) -> torch.Tensor:
+    """Start all_to_all_single along dim 0 with (possibly uneven) split sizes; returns the pending receive buffer
+    (`wait` for it). Starting and waiting apart lets compute issued in between overlap the transfer."""
+    return _ops.all_to_all_single(x.contiguous(), list(output_split_sizes), list(input_split_sizes),
+                                  group_name(group))
 
 
 def all_to_all(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int], group) -> torch.Tensor:
     """all_to_all_single along dim 0 with (possibly uneven) split sizes; returns the received tensor."""
-    return wait(_ops.all_to_all_single(x.contiguous(), list(output_split_sizes), list(input_split_sizes),
-                                       group_name(group)))
+    return wait(start_all_to_all(x, output_split_sizes, input_split_sizes, group))
 
 
 def start_ring_shift(x: torch.Tensor, index: int, size: int, recv_numel: int, group) -> torch.Tensor:

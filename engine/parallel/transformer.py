@@ -9,10 +9,11 @@ joint sequence) lives in one small subclass per family, in the family's own pipe
 from __future__ import annotations
 
 import torch
+import torch._inductor.config  # noqa: F401 (torch._inductor.config.patch below)
 import torch.distributed as dist
 from torch import nn
 
-from engine.parallel.attention import JointSequenceParallelAttention
+from engine.parallel.attention import ULYSSES_CHUNKS, JointSequenceParallelAttention
 from engine.parallel.mesh import Mesh
 from engine.parallel.sharding import ShardPlan, plan_shards
 
@@ -27,6 +28,13 @@ class ReplicationError(RuntimeError):
 # more (any later seed on the same model included) is checked at least once, while a sync that stalls the host
 # before each forward's launches is paid on one forward in 16 instead of on every one.
 REPLICATION_CHECK_EVERY = 16
+
+# Inductor config for the blocks a sharded forward compiles (they compile at their first call, inside run_sharded).
+# Its peak-memory reordering, on by default, moves the next head piece's all-to-all after the attention it should
+# overlap and the inverse all-to-all after the following piece (seen in the generated code: in0, attention 0, in1,
+# attention 1, out0, out1), which undoes the Ulysses pipeline; without it the compiled block keeps the traced order
+# (in0, in1, attention 0, out0, attention 1, out1), eager's. tests/test_parallel_ulysses_chunks.py reads that order.
+COMPILE_CONFIG = {"reorder_for_peak_memory": False}
 
 
 def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
@@ -65,10 +73,13 @@ class SequenceParallelTransformer(nn.Module):
     # Family opt-in: the model treats text tokens one by one outside attention and never masks text keys, so the
     # text can be cut across the ranks like the image (no rank recomputes the whole text's projections and MLPs).
     text_shardable: bool = False
-    # With a ring the text stays replicated by default for now: the planted-bug catalogue's ring entry (replicated
-    # text counted once per ring rank) targets FLUX.1's ring cells. True shards it there as well (text keys then
-    # travel with their block); tools/sp_bench.py measures both.
-    shard_text_with_ring: bool = False
+    # A shardable family cuts its text on ring and USP meshes too: its text keys then travel with their block, and no
+    # rank recomputes the whole text (4 x H100, FLUX.1 1024px: ring4 1.60x -> 2.08x, usp2x2 2.08x -> 2.47x over one
+    # GPU). False keeps it whole on every rank of a ring (tools/sp_run.py --replicate-text-on-ring measures it).
+    shard_text_with_ring: bool = True
+    # Pieces each rank's heads are cut into so that Ulysses' all-to-alls overlap attention (engine.parallel.attention
+    # ULYSSES_CHUNKS says why that default); any count gives the same bits. tools/sp_run.py --ulysses-chunks sets it.
+    ulysses_chunks: int = ULYSSES_CHUNKS
 
     def __init__(self, inner: nn.Module, mesh: Mesh):
         super().__init__()
@@ -83,7 +94,8 @@ class SequenceParallelTransformer(nn.Module):
         # Shard the text too (a shardable family's forward passes `text` to run_sharded).
         self.shard_text = self.text_shardable and (mesh.ring.size == 1 or self.shard_text_with_ring)
         if mesh.sp.size > 1:
-            self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention)
+            self.sp_attention = JointSequenceParallelAttention(mesh, local_attention=inner.attention,
+                                                               ulysses_chunks=self.ulysses_chunks)
             inner.attention = self.sp_attention
 
     @property
@@ -122,13 +134,15 @@ class SequenceParallelTransformer(nn.Module):
         shards = (shard_tokens(plan, image, 1, sp.index), shard_positions(plan, image_ids, 0, sp.index))
         if text is None:
             self.sp_attention.configure(text_len, self.text_first, plan)
-            out = call(*shards)
+            args = shards
         elif self.shard_text and text_len >= sp.size:
             text_plan = plan_shards(text_len, sp.size)
             self.sp_attention.configure(text_len, self.text_first, plan, text_plan)
-            out = call(*shards, shard_tokens(text_plan, text[0], 1, sp.index),
-                       shard_positions(text_plan, text[1], 0, sp.index))
+            args = (*shards, shard_tokens(text_plan, text[0], 1, sp.index),
+                    shard_positions(text_plan, text[1], 0, sp.index))
         else:
             self.sp_attention.configure(text_len, self.text_first, plan)
-            out = call(*shards, *text)
+            args = (*shards, *text)
+        with torch._inductor.config.patch(COMPILE_CONFIG):
+            out = call(*args)
         return plan.gather(out, 1, sp.group)

@@ -53,8 +53,6 @@ TARGETS = {
     "nvfp4_from_checkpoint": "engine.quant.linear:NVFP4Linear.from_checkpoint",
     "prequantized_resolve_ignored": "engine.quant.prequantized:resolve_ignored",
     # parallel schemes
-    "ring_attention": "engine.parallel.attention:ring_attention",
-    "join_joint": "engine.parallel.attention:join_joint",
     "shard_positions": "engine.parallel.transformer:shard_positions",
     "plan_shards": "engine.parallel.transformer:plan_shards",
     "shard_plan": "engine.parallel.sharding:ShardPlan",
@@ -208,16 +206,6 @@ def _ignored_layers_not_applied_on_load(p: Patcher):
 
 
 # ---------------------------------------------------------------- parallel schemes (torchrun ranks)
-def _text_twice(p: Patcher):
-    real, join = p.get("ring_attention"), p.get("join_joint")
-
-    def fake(q, k, v, axis, block_sizes, text_kv, text_first, lse_attention):
-        tk, tv = text_kv  # replicated text joined to the travelling K/V block: counted once per ring rank
-        return real(q, join(tk, k, text_first), join(tv, v, text_first), axis,
-                    tuple(s + tk.shape[1] for s in block_sizes), None, text_first, lse_attention)
-    p.set("ring_attention", fake)
-
-
 def _rope_offset(p: Patcher):
     p.wrap("shard_positions", lambda f: lambda plan, ids, dim, index: f(plan, ids.roll(1, dims=dim), dim, index))
 
@@ -372,8 +360,8 @@ CATALOGUE: dict[str, Plant] = catalogue(
     Plant("mxfp4_exponent_off_by_one", "quant", "MXFP4 shared exponent one too small", ("/mxfp4/",),
           lambda p: p.wrap("mxfp4_shared_exponent", lambda f: lambda *a, **k: f(*a, **k) - 1)),
     # --- parallel schemes (installed in the torchrun ranks only)
-    Plant("ring_text_double_counted", "parallel", "replicated text K/V counted once per ring rank",
-          ("/bf16/none/ring2/",), _text_twice, where="ranks"),
+    # ring_text_double_counted (replicated text counted once per ring rank) is Z-Image's (harness/selftest/
+    # z_image.py): FLUX.1 cuts its text across the ring's ranks, so its ring cells never replicate text there.
     Plant("rope_shard_offset", "parallel", "each shard's RoPE positions one token early", ("/bf16/none/ulysses2/",),
           _rope_offset, where="ranks"),
     Plant("uneven_tail_padded", "parallel", "uneven shard tail zero-padded with no key mask",

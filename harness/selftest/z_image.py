@@ -2,8 +2,10 @@
 zimage`. The same mechanism as FLUX.1's catalogue (harness/selftest/plants.py): each plant patches one product name
 from TARGETS, from outside; product code never knows. The two sequence-parallel plants are sglang's Z-Image bugs:
 the caption sharded with the image instead of replicated (its worst model-output cosine against one GPU was 0.5039),
-and the replicated caption's RoPE positions off by one; they are installed in the torchrun ranks only, so the
-single-device engine the parallel cells are compared with stays correct."""
+and the replicated caption's RoPE positions off by one. The third is the generic ring's known silent bug (replicated
+text counted once per ring rank), here because Z-Image's ring cell keeps its caption replicated (FLUX.1 now cuts its
+text across the ring). They are installed in the torchrun ranks only, so the single-device engine the parallel
+cells are compared with stays correct."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +17,10 @@ TARGETS = {
     "z_image_velocity": "engine.pipelines.z_image:velocity",
     "z_image_embed_caption": "engine.models.z_image:ZImageTransformer.embed_caption",
     "z_image_caption_positions": "engine.models.z_image:caption_positions",
+    # generic sequence-parallel attention, reached through Z-Image's ring cell (its caption stays replicated)
+    "ring_attention": "engine.parallel.attention:ring_attention",
+    "join_joint": "engine.parallel.attention:join_joint",
+    "joint_key_mask": "engine.parallel.attention:joint_key_mask",
 }
 
 CFG_FP32 = ("/fp32/none/sp1+truecfg/",)
@@ -81,6 +87,24 @@ def _caption_rope_off_by_one(p: Patcher):
     p.wrap("z_image_caption_positions", make)
 
 
+def _text_twice(p: Patcher):
+    """The replicated caption joined to every travelling K/V block instead of the local block only: its keys enter
+    each softmax once per ring rank (the known silent bug, ANCHORS 5: MAE 15/255). A padded caption's mask goes
+    with it into every block, so the plant is that one mistake and not also a dropped mask. Calls without text
+    (the noise refiner's image-only attention) are left alone: there is nothing to count twice."""
+    real, join, mask_of = p.get("ring_attention"), p.get("join_joint"), p.get("joint_key_mask")
+
+    def fake(q, k, v, axis, block_sizes, text_kv, text_first, lse_attention, text_mask=None):
+        if text_kv is None:
+            return real(q, k, v, axis, block_sizes, None, text_first, lse_attention)
+        (tk, tv), t = text_kv, text_kv[0].shape[1]
+        attend = lse_attention if text_mask is None else (
+            lambda bq, bk, bv: lse_attention(bq, bk, bv, mask_of(text_mask, bk.shape[1] - t, text_first)))
+        return real(q, join(tk, k, text_first), join(tv, v, text_first), axis, tuple(s + t for s in block_sizes),
+                    None, text_first, attend)
+    p.set("ring_attention", fake)
+
+
 CATALOGUE: dict[str, Plant] = catalogue(
     "z-image",
     Plant("z_image_caption_sharded", "parallel",
@@ -89,6 +113,8 @@ CATALOGUE: dict[str, Plant] = catalogue(
     Plant("z_image_caption_rope_offset", "parallel",
           "the replicated caption's RoPE positions one off under sequence parallelism", SP,
           _caption_rope_off_by_one, where="ranks"),
+    Plant("ring_text_double_counted", "parallel", "replicated text K/V counted once per ring rank",
+          ("/bf16/none/ring2/",), _text_twice, where="ranks"),
     Plant("z_image_cfg_scale_as_w", "pipeline",
           "CFG's guidance_scale used as w in neg + w (pos - neg) instead of as w - 1 in pos + s (pos - neg)",
           CFG_FP32, lambda p: p.set("z_image_guide", guide_with_w)),

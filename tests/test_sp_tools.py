@@ -1,0 +1,70 @@
+"""tools/sp_bench.py and tools/sp_run.py without a GPU: the config set the issue asks for, the default mode, the
+commands built, the speed-up table, and sp_run's switches and bad input."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import sp_bench  # noqa: E402
+import sp_run  # noqa: E402
+
+
+def test_configs_cover_the_issue_and_default_to_cuda_graphs():
+    names = [c[0] for c in sp_bench.CONFIGS]
+    assert len(names) == len(set(names))
+    for want in ("sp1@1024", "ulysses2@1024", "ulysses4@1024", "ring4@1024", "usp2x2@1024", "ulysses2+chunks1@1024",
+                 "ulysses4+chunks1@1024", "sp1@2048", "ulysses4@2048"):
+        assert want in names
+    assert "+cuda_graphs" in sp_bench.DEFAULT_MODE and "+compile" in sp_bench.DEFAULT_MODE
+    for name, parallel, height, options in sp_bench.CONFIGS:
+        assert name.startswith(parallel) and name.endswith(f"@{height}")
+        args, rest = sp_run.parse([*options, "--", "bench"])  # every variant's options are sp_run's
+        assert rest == ["bench"]
+
+
+def test_run_config_goes_through_sp_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sp_bench.subprocess, "run", lambda cmd, cwd, check: calls.append(cmd))
+    args = SimpleNamespace(out=str(tmp_path), family="flux1", mode=sp_bench.DEFAULT_MODE, iters=10, warmup=3)
+    sp_bench.run_config("ulysses4+chunks1@2048", "ulysses4", 2048, sp_bench.CHUNKS1, args)
+    [cmd] = calls
+    assert "--nproc-per-node=4" in cmd and cmd[cmd.index("tools/sp_run.py") + 1:][:3] == ["--ulysses-chunks", "1", "--"]
+    assert cmd[cmd.index("--modes") + 1] == "engine-bf16+compile+cuda_graphs" and cmd[cmd.index("--height") + 1] == "2048"
+
+
+def test_table_divides_by_the_sp1_row_of_the_same_height(tmp_path):
+    for name, parallel, height, ms in [("sp1@1024", "sp1", 1024, 130.0), ("ulysses4@1024", "ulysses4", 1024, 40.0),
+                                       ("sp1@2048", "sp1", 2048, 900.0), ("ulysses4@2048", "ulysses4", 2048, 250.0)]:
+        out = sp_bench.run_dir(tmp_path, name)
+        out.mkdir(parents=True)
+        pd.DataFrame([{"parallel": parallel, "height": height, "median_ms": ms}]).to_csv(
+            out / f"bench-{parallel}.csv", index=False)
+    frame = sp_bench.table(tmp_path, [c[0] for c in sp_bench.CONFIGS]).set_index("config")
+    assert frame.speedup_vs_sp1["ulysses4@1024"] == pytest.approx(130 / 40)
+    assert frame.speedup_vs_sp1["ulysses4@2048"] == pytest.approx(900 / 250)
+
+
+def test_sp_run_sets_the_switches_and_refuses_bad_input(monkeypatch):
+    from engine.parallel.transformer import SequenceParallelTransformer as SPT
+    import harness.cli
+
+    seen = {}
+    monkeypatch.setattr(harness.cli, "main", lambda rest: seen.update(
+        rest=rest, chunks=SPT.ulysses_chunks, shard=SPT.shard_text_with_ring) or 0)
+    monkeypatch.setattr(SPT, "ulysses_chunks", SPT.ulysses_chunks)  # restored after the test
+    monkeypatch.setattr(SPT, "shard_text_with_ring", SPT.shard_text_with_ring)
+    assert sp_run.main(["--ulysses-chunks", "3", "--replicate-text-on-ring", "--", "bench", "-x"]) == 0
+    assert seen == {"rest": ["bench", "-x"], "chunks": 3, "shard": False}
+    for bad in (["--ulysses-chunks", "0", "--", "bench"], ["--shard-text-with-ring", "--", "bench"]):
+        with pytest.raises(SystemExit) as e:
+            sp_run.parse(bad)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit, match="usage"):
+        sp_run.parse(["bench"])
