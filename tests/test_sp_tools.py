@@ -66,5 +66,17 @@ def test_sp_run_sets_the_switches_and_refuses_bad_input(monkeypatch):
         with pytest.raises(SystemExit) as e:
             sp_run.parse(bad)
         assert e.value.code == 2
-    with pytest.raises(SystemExit, match="usage"):
-        sp_run.parse(["bench"])
+    for bad in ([], ["--ulysses-chunks", "1", "bench"]):
+        with pytest.raises(SystemExit, match="usage"):
+            sp_run.parse(bad)
+
+
+def test_sp_run_takes_the_arguments_torchrun_hands_it():
+    """torchrun parses its script's arguments with argparse.REMAINDER, which drops a leading "--": sp_bench's default
+    configs (no sp_run option) reached sp_run as the bare parity command and all failed on the GPU."""
+    from torch.distributed.run import get_args_parser
+
+    for script_args, chunks in ((["--", "bench", "-x"], None), (["--ulysses-chunks", "1", "--", "bench", "-x"], 1)):
+        handed = get_args_parser().parse_args(["--nproc-per-node=2", "tools/sp_run.py", *script_args])
+        args, rest = sp_run.parse(handed.training_script_args)
+        assert rest == ["bench", "-x"] and args.ulysses_chunks == chunks

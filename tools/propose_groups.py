@@ -92,16 +92,15 @@ def to_toml(group: dict, device: str, measured_on: str, run: str) -> str:
     for k in ("model", "dtype", "quant", "parallel"):
         lines.append(f'{k} = "{group[k]}"')
     lines.append(f'device = "{device}"')
-    if group["optimize"] != "eager" or group["exact"]:
+    if group["optimize"] != "eager" or group["exact"]:  # a tier names its switches; eager groups judge any
         lines.append(f'optimize = "{group["optimize"]}"')
     lines.append(f'comparison = "{group["comparison"]}"')
     over = ", ".join(group["configs"])
     worst = ", ".join(f"{m} {v:.7g}" for m, v in sorted(group["worst"].items()))
-    if group["exact"]:
-        lines.append("exact = true")
-        lines.append(f'source = "measured bitwise equal on {measured_on} ({run}, {group["n"]} samples, over {over}): '
-                     f'every tensor and image metric at its identical-input value"')
-        return "\n".join(lines)
+    if group["exact"]:  # the tier, then the same key's ordinary thresholds (every gated metric needs one)
+        tier = lines + ["exact = true", f'source = "measured bitwise equal on {measured_on} ({run}, {group["n"]} '
+                        f'samples, over {over}): every tensor and image metric at its identical-input value"']
+        return "\n".join(tier) + "\n\n" + to_toml({**group, "exact": False}, device, measured_on, run)
     lines.append(f'source = "measured on {measured_on} ({run}, {group["n"]} samples, worst over {over}): {worst}. '
                  'Margins (tools/propose_groups.py): 5x the worst 1 - cosine / 1 - SSIM, 7 dB below the worst '
                  'SQNR / PSNR, sqrt(5)x the worst relative error, 4x the worst MAD and |CLIP delta|; a metric '

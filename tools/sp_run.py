@@ -19,10 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" not in argv:
+    # torchrun hands the script its arguments through argparse.REMAINDER, which drops a leading "--": with no option
+    # before it, the parity command arrives first (every default config of tools/sp_bench.py failed on the GPU so).
+    if "--" in argv:
+        split = argv.index("--")
+    elif argv and not argv[0].startswith("-"):
+        argv, split = ["--", *argv], 0
+    else:
         raise SystemExit("usage: sp_run.py [--ulysses-chunks N] [--replicate-text-on-ring] -- <parity command and "
                          "arguments>")
-    split = argv.index("--")
     parser = argparse.ArgumentParser(prog="sp_run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--ulysses-chunks", type=int, default=None)
     parser.add_argument("--replicate-text-on-ring", action="store_true")
