@@ -41,12 +41,18 @@ def pairs(test: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], nam
     for side, inputs in (("ref", ref), ("test", test)):
         if missing := [n for n in chosen if n not in inputs]:
             raise M.MetricError(f"{side} step-0 inputs lack conditioning {missing}; recorded: {sorted(inputs)}")
-    for n in chosen:
-        for side, inputs in (("test", test), ("ref", ref)):
-            if inputs[n].dim() < 1 or inputs[n].shape[0] != n_samples:
-                raise M.MetricError(f"{side} conditioning {n!r} of shape {tuple(inputs[n].shape)} is not one row per "
-                                    f"sample ({n_samples} samples)")
-    return [(n, test[n], ref[n]) for n in chosen]
+    return [(n, _per_sample(test[n], n, "test", n_samples), _per_sample(ref[n], n, "ref", n_samples)) for n in chosen]
+
+
+def _per_sample(x: torch.Tensor, name: str, side: str, n_samples: int) -> torch.Tensor:
+    """One row per sample. A single row serves every sample: diffusers encodes one negative prompt once for a batch
+    (FluxPipeline: (1, S, D) beside a batch of 2), where an engine may repeat it; both mean the same input."""
+    if x.dim() >= 1 and x.shape[0] == 1:
+        return x.expand(n_samples, *x.shape[1:])
+    if x.dim() < 1 or x.shape[0] != n_samples:
+        raise M.MetricError(f"{side} conditioning {name!r} of shape {tuple(x.shape)} is neither one row per sample "
+                            f"({n_samples} samples) nor one row for all")
+    return x
 
 
 def compare(test: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], names: Sequence[str],

@@ -40,6 +40,19 @@ def test_scale_is_seen_by_rel_error_and_the_worst_tensor_is_named():
     assert cos[0] > 0.999 and cos[1] == pytest.approx(-1.0) and where[1] == "pooled_projections"
 
 
+def test_one_row_serves_every_sample():
+    """diffusers encodes one negative prompt once for the batch ((1, S, D)); an engine that repeats it per sample
+    feeds the same input, and a wrong row in the repeat is still seen."""
+    ref = _inputs()
+    ref["negative.encoder_hidden_states"] = ref["negative.encoder_hidden_states"][:1]
+    test = {k: v.clone() for k, v in ref.items()}
+    test["negative.encoder_hidden_states"] = ref["negative.encoder_hidden_states"].repeat(2, 1, 1)
+    assert list(C.compare(test, ref, NAMES, 2)["conditioning_rel_error"][0]) == [0.0, 0.0]
+    test["negative.encoder_hidden_states"][1] *= 1.5
+    rel, where = C.compare(test, ref, NAMES, 2)["conditioning_rel_error"]
+    assert rel[0] == 0.0 and rel[1] == pytest.approx(0.5) and where[1] == "negative.encoder_hidden_states"
+
+
 def test_negative_branch_is_compared_only_where_the_reference_ran_one():
     ref = _inputs(negative=False)
     out = C.compare({k: v.clone() for k, v in ref.items()}, ref, NAMES, 2)
@@ -53,7 +66,7 @@ def test_negative_branch_is_compared_only_where_the_reference_ran_one():
     (lambda t: t.__setitem__("encoder_hidden_states", t["encoder_hidden_states"][:, :4]), "shape mismatch"),
     (lambda t: t["negative.pooled_projections"].__setitem__((0, 0), math.nan), "1 NaN"),
     (lambda t: t["encoder_hidden_states"].__setitem__((1, 0, 0), math.inf), "1 Inf"),
-    (lambda t: t.__setitem__("pooled_projections", t["pooled_projections"][:1]), "not one row per sample"),
+    (lambda t: t.__setitem__("pooled_projections", t["pooled_projections"][[0, 1, 1]]), "neither one row per sample"),
 ])
 def test_refusals(breakage, message):
     """Missing, mis-shaped or non-finite conditioning never gives a number: the row is invalid and fails the gate."""
