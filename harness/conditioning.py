@@ -46,7 +46,7 @@ def pairs(test: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], nam
 
 def _per_sample(x: torch.Tensor, name: str, side: str, n_samples: int) -> torch.Tensor:
     """One row per sample. A single row serves every sample: diffusers encodes one negative prompt once for a batch
-    (FluxPipeline: (1, S, D) beside a batch of 2), where an engine may repeat it; both mean the same input."""
+    (a (1, S, D) negative beside a batch of 2), where an engine may repeat it; both mean the same input."""
     if x.dim() >= 1 and x.shape[0] == 1:
         return x.expand(n_samples, *x.shape[1:])
     if x.dim() < 1 or x.shape[0] != n_samples:
