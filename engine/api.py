@@ -199,6 +199,11 @@ def denoiser_names(family: str) -> tuple[str, ...]:
     return _family(family).denoisers
 
 
+def conditioning_inputs(family: str) -> tuple[str, ...]:
+    """The step-0 input names (guided_inputs naming) that carry the prompt's conditioning (Family.conditioning)."""
+    return _family(family).conditioning
+
+
 def open_runner(cfg: RunConfig, components: Mapping[str, Any] | None = None) -> Runner:
     """The engine's runner for cfg. `components` (optional) are built pipeline components by folder name that replace
     what would be loaded from cfg.model_dir: tokenizers, text encoders and the VAE as objects, "scheduler" as its

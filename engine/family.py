@@ -44,10 +44,18 @@ class Family:
     # that ships its text encoder quantized too); `parity quantize` writes them, the pipeline loads them with
     # engine.quant.component.load_component. Empty: such components are always kept as they are.
     quantized_components: tuple[QuantizedComponent, ...] = ()
+    # The step-0 denoiser inputs (engine.api.guided_inputs names: diffusers kwargs, the negative branch's under
+    # "negative.") that carry the prompt: text features, pooled embeddings. The harness compares them with what
+    # diffusers feeds its transformer (conditioning_* metrics), because a tiny denoiser barely responds to its text
+    # path and a text-encoder bug would otherwise show only where outputs are bitwise. Inputs the pipeline makes
+    # without the prompt (an unconditional branch's zero text, positions, masks) are left out.
+    conditioning: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.denoisers:
             raise ValueError(f"family {self.name!r} declares no denoiser")
+        if not self.conditioning:
+            raise ValueError(f"family {self.name!r} declares no conditioning input (Family.conditioning)")
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,13 @@ METRICS: dict[str, MetricSpec] = _registry(
                identical=0.0),
     MetricSpec("single_step_sqnr_db", True, True, "dB", "SQNR of one guided prediction, capped at 200 dB",
                identical=SQNR_CAP_DB),
+    MetricSpec("conditioning_cosine", True, True, "",
+               "cosine of what each side feeds its denoiser as conditioning at step 0 (text features, pooled "
+               "embeddings; the negative branch's too), the worst tensor the family declares (harness/"
+               "conditioning.py): a text-path bug a tiny denoiser hides in its output", identical=1.0),
+    MetricSpec("conditioning_rel_error", False, True, "",
+               "||test - ref|| / ||ref|| of the step-0 conditioning, the worst tensor (sees a scale cosine misses)",
+               identical=0.0),
     MetricSpec("final_latent_cosine", True, True, "", "cosine of the final denoised latents", identical=1.0),
     MetricSpec("final_latent_rel_error", False, True, "", "||test - ref|| / ||ref|| of the final latents",
                identical=0.0),

@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.api import Artifacts, OptimizeSpec, RunConfig, preflight as engine_preflight, weight_report
 from harness import metrics as M
-from harness import quant_oracle, schema, selfcheck
+from harness import conditioning, quant_oracle, schema, selfcheck
 from harness.backends import open_backend
 from harness.clip import ClipScorer
 from harness.golden import GOLDEN_DIR, Golden, GoldenMissing, golden_path, load_golden
@@ -221,8 +221,10 @@ class Rows:
         self.rows += [self._row(i, comparison, m, np.nan, schema.ERROR, reason) for m in metrics for i in range(self.n)]
 
 
-def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[str], clip: ClipScorer | None) -> None:
+def compare(rows: Rows, c: str, test: Artifacts, ref: Artifacts, prompts: list[str], clip: ClipScorer | None, *,
+            family: str) -> None:
     """Every metric of `test` against `ref` under comparison name c; CLIP scores only when a scorer is given."""
+    conditioning.add_rows(rows, c, family, test, ref)  # the step-0 conditioning the family declares
     test_step, ref_step = test.extras["single_step"], ref.extras["single_step"]
     rows.add(c, "single_step_cosine", lambda: M.cosine(test_step, ref_step, what="engine single-step output"))
     rows.add(c, "single_step_rel_error", lambda: M.rel_error(test_step, ref_step, what="engine single-step output"))
@@ -383,10 +385,11 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
                          fp8_scaled_mm_linears=test.extras.get("n_fp8_scaled_mm_linears", np.nan))
         ctx.log(f"  seed {seed}: engine {time.perf_counter() - t0:.1f}s")
         rows.base[selfcheck.PROVENANCE_COLUMN] = selfcheck.reference_stamp(ref)  # issue 16 (a)
-        compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip)
+        compare(rows, schema.ENGINE_VS_REFERENCE, test, ref, prompts, ctx.clip, family=cell.model)
         selfcheck.add_rows(rows, test, ref, cell, seed)  # issue 16 (c), (d): negative controls, cross-checks
         for comparison, baseline_cfg in baselines(engine_cfg0.replace(seed=seed), cfg):
-            compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None)
+            compare(rows, comparison, test, ctx.engine_run(baseline_cfg, ref.step0_inputs), prompts, None,
+                    family=cell.model)
         if ctx.golden and cell.golden and seed in suite.golden_seeds:  # other seeds have none: golden_note()
             try:
                 golden = load_golden(golden_path(ctx.golden_root, suite.name, ref_key(cell), seed), base["model_hash"])

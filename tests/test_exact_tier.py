@@ -60,7 +60,14 @@ def test_every_identical_value_is_what_the_metric_gives_on_identical_inputs():
         "video_mad_max": lambda: M.frame_mean_abs_diff(video, video.copy()).max(1),
         "frame_diff_cosine_min": lambda: M.frame_diff_cosine_min(video, video.copy()),
         "frame_latent_cosine_min": lambda: M.frame_latent_cosine_min(latents, latents.clone(), 7)})
-    compute = dict(sorted(compute.items(), key=lambda kv: not kv[0].startswith(("video_", "frame_"))))
+    from harness import conditioning as C  # the step-0 conditioning of a true-CFG step: both branches compared
+    inputs = {"encoder_hidden_states": latents, "pooled_projections": latents[:, 0], "negative.encoder_hidden_states":
+              latents * 2, "negative.pooled_projections": latents[:, 1], "guided.true_cfg_scale": torch.tensor(3.0)}
+    names = ("encoder_hidden_states", "pooled_projections", "negative.encoder_hidden_states",
+             "negative.pooled_projections")
+    copy = {k: v.clone() for k, v in inputs.items()}
+    compute.update({m: lambda m=m: C.compare(inputs, copy, names, 3)[m][0] for m in C.METRICS})
+    compute = dict(sorted(compute.items(), key=lambda kv: not kv[0].startswith(("video_", "frame_", "conditioning_"))))
     checked = 0
     for name, spec in M.METRICS.items():
         if spec.identical is None:
@@ -69,7 +76,7 @@ def test_every_identical_value_is_what_the_metric_gives_on_identical_inputs():
                   or (suffix == "trajectory_cosine_min" and name == "step_output_cosine_min"))
         assert (np.asarray(fn()) == spec.identical).all(), name
         checked += 1
-    assert checked == 22
+    assert checked == 24
 
 
 def test_cosine_of_identical_rows_is_exactly_one_and_of_one_ulp_apart_is_not_forced():

@@ -180,6 +180,7 @@ def test_image_inputs_rejected(fn):
 def test_registry_names_and_flags():
     assert set(M.METRICS) == {
         "single_step_cosine", "single_step_rel_error", "single_step_sqnr_db", "final_latent_cosine",
+        "conditioning_cosine", "conditioning_rel_error",  # step-0 conditioning: harness/conditioning.py
         "final_latent_rel_error", "final_latent_sqnr_db", "trajectory_cosine", "trajectory_cosine_min",
         "step_output_cosine_min", "psnr_db", "ssim", "mean_abs_diff", "clip_score_test", "clip_score_ref",
         "clip_score_delta", "clip_image_similarity", "weight_sqnr_db_min", "metric_crosscheck_error",

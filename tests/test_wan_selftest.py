@@ -38,7 +38,7 @@ def _gate(family, cfg, test, ref, ref_runner, engine):
     test.extras["single_step"] = engine.transformer_forward(ref.step0_inputs)
     ref.extras["single_step"] = ref_runner.transformer_forward(ref.step0_inputs)
     rows = Rows({}, 1, cfg.prompts)
-    compare(rows, "engine_vs_reference", test, ref, list(cfg.prompts), None)
+    compare(rows, "engine_vs_reference", test, ref, list(cfg.prompts), None, family=family)
     df = frame(*[row(r["metric"], r["value"], model=family, dtype="fp32", quant="none", parallel="sp1",
                      device="cpu", optimize="eager", status=r["status"], reason=r["reason"], step=r["step"])
                  for r in rows.rows])

@@ -60,7 +60,7 @@ def _gate(cfg, comparison: str, test, ref):
     from tests.test_gate import frame, row
 
     rows = Rows({}, len(cfg.prompts), cfg.prompts)
-    compare(rows, comparison, test, ref, list(cfg.prompts), None)
+    compare(rows, comparison, test, ref, list(cfg.prompts), None, family="z-image")
     df = frame(*[row(r["metric"], r["value"], model="z-image", dtype=cfg.dtype, quant="none", parallel=cfg.parallel,
                      device="cpu", optimize="eager", comparison=comparison, prompt_idx=r["prompt_idx"],
                      status=r["status"], reason=r["reason"], step=r["step"]) for r in rows.rows])

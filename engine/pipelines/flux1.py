@@ -257,4 +257,6 @@ FAMILY = Family(
     name="flux1", diffusers_pipeline="FluxPipeline", sampling=FluxSampling, denoisers=("transformer",),
     pipeline=Flux1Pipeline, denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward,
     bench_inputs=bench_inputs, sequence_parallel=Flux1SequenceParallel,
+    conditioning=("encoder_hidden_states", "pooled_projections", "negative.encoder_hidden_states",
+                  "negative.pooled_projections"),  # T5 tokens, CLIP pooled; both branches of true CFG
 )

@@ -362,4 +362,6 @@ TEXT_ENCODER = QuantizedComponent(folder="text_encoder", model_class=Qwen3VLMode
 FAMILY = Family(name="ideogram4", diffusers_pipeline="Ideogram4Pipeline", sampling=Ideogram4Sampling,
                 denoisers=("transformer", "unconditional_transformer"), pipeline=Ideogram4Pipeline,
                 denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward, bench_inputs=bench_inputs,
-                sequence_parallel=Ideogram4Parallel, quantized_components=(TEXT_ENCODER,))
+                sequence_parallel=Ideogram4Parallel, quantized_components=(TEXT_ENCODER,),
+                # The tapped Qwen3-VL features; the unconditional transformer's text is zeros, made without the prompt.
+                conditioning=("encoder_hidden_states",))

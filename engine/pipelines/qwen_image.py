@@ -390,7 +390,8 @@ class QwenImageParallel(SequenceParallelTransformer):
 def _family(name: str, pipeline: type, sampling: type, diffusers_pipeline: str) -> Family:
     return Family(name=name, diffusers_pipeline=diffusers_pipeline, sampling=sampling, denoisers=("transformer",),
                   pipeline=pipeline, denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward,
-                  bench_inputs=bench_inputs, sequence_parallel=QwenImageParallel)
+                  bench_inputs=bench_inputs, sequence_parallel=QwenImageParallel,
+                  conditioning=("encoder_hidden_states", "negative.encoder_hidden_states"))  # Qwen2.5-VL tokens
 
 
 FAMILY = _family("qwen-image", QwenImagePipeline, QwenImageSampling, "QwenImagePipeline")

@@ -370,7 +370,8 @@ def _family(name: str, pipeline_class: str, denoisers: tuple[str, ...]) -> Famil
         return WanPipeline(cfg, fam)
     fam = Family(name=name, diffusers_pipeline=pipeline_class, sampling=WanSampling, denoisers=denoisers,
                  pipeline=build, denoiser_builder=denoiser_builder, denoiser_forward=denoiser_forward,
-                 bench_inputs=bench_inputs, sequence_parallel=WanParallel)
+                 bench_inputs=bench_inputs, sequence_parallel=WanParallel,
+                 conditioning=("encoder_hidden_states", "negative.encoder_hidden_states"))  # UMT5 tokens
     return fam
 
 

@@ -335,4 +335,5 @@ class ZImageParallel(SequenceParallelTransformer):
 
 FAMILY = Family(name="z-image", diffusers_pipeline="ZImagePipeline", sampling=ZImageSampling,
                 denoisers=("transformer",), pipeline=ZImagePipeline, denoiser_builder=denoiser_builder,
-                denoiser_forward=denoiser_forward, bench_inputs=bench_inputs, sequence_parallel=ZImageParallel)
+                denoiser_forward=denoiser_forward, bench_inputs=bench_inputs, sequence_parallel=ZImageParallel,
+                conditioning=("cap_feats", "negative.cap_feats"))  # Qwen3 hidden_states[-2], zero-padded
