@@ -106,15 +106,13 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
     if rows.empty:
         return GateResult.error("results hold no gated metric rows: nothing to gate")
 
-    # A threshold may be specific to the engine's speed-up switches (a compiled cell's floors): key by the label too.
-    if "optimize" in rows.columns:
-        optimize = rows["optimize"].astype(object).where(rows["optimize"].notna(), None).tolist()
-    else:
-        optimize = [None] * len(rows)
-        if thresholds.keyed_by_optimize:
-            errors.append("results lack the optimize column: thresholds keyed by the engine's switches cannot be "
-                          "told apart (only rules for any optimize were used)")
-    keys = [(k, o) for k, o in zip(rows[list(GATE_KEY)].itertuples(index=False, name=None), optimize)]
+    # A threshold may be specific to the engine's speed-up switches (a compiled cell's floors) and to the device kind
+    # it was measured on (GPU kernels sum in other orders): key by the row's label and device too.
+    optimize = _labels(rows, "optimize", thresholds.keyed_by_optimize, errors,
+                       "thresholds keyed by the engine's switches cannot be told apart")
+    device = _labels(rows, "device", thresholds.keyed_by_device, errors,
+                     "thresholds keyed by device kind cannot be told apart")
+    keys = list(zip(rows[list(GATE_KEY)].itertuples(index=False, name=None), optimize, device))
     rules, missing = _lookup_all({k for k, g in zip(keys, gated[rows.index]) if g}, thresholds, errors)
     if missing:
         where = thresholds.path or "the thresholds"
@@ -193,19 +191,31 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
     rows.loc[labels, "why"] = whys
 
 
+def _labels(rows: pd.DataFrame, column: str, keyed: bool, errors: list[str], why: str) -> list:
+    """The column's values (None where missing) for the lookup key; a results table without the column matches only
+    rules for any value, which is an error where the thresholds do key on it."""
+    if column in rows.columns:
+        return rows[column].astype(object).where(rows[column].notna(), None).tolist()
+    if keyed:
+        errors.append(f"results lack the {column} column: {why} (only rules for any {column} were used)")
+    return [None] * len(rows)
+
+
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:
-    """One lookup per distinct key. Ambiguities go to errors; unmatched keys come back as 'missing'."""
+    """One lookup per distinct (key, optimize, device). Ambiguities go to errors; unmatched keys come back as
+    'missing', with the device named where the thresholds key on it (a cuda run may lack rules a cpu run has)."""
     rules, missing = {}, []
-    for key, optimize in sorted(keys, key=lambda k: (format_key(k[0]), str(k[1]))):
+    for key, optimize, device in sorted(keys, key=lambda k: (format_key(k[0]), str(k[1]), str(k[2]))):
         try:
-            rule = thresholds.lookup(key, optimize)
+            rule = thresholds.lookup(key, optimize, device)
         except ThresholdError as e:
             errors.append(str(e))
             continue
         if rule is None:
-            missing.append(format_key(key) + ("" if optimize in (None, "eager") else f" optimize={optimize}"))
+            missing.append(format_key(key) + ("" if optimize in (None, "eager") else f" optimize={optimize}")
+                           + (f" device={device}" if thresholds.keyed_by_device and device is not None else ""))
         else:
-            rules[key, optimize] = rule
+            rules[key, optimize, device] = rule
     return rules, missing
 
 

@@ -112,14 +112,23 @@ def _failure_reason(agent_log: Path, log_dir: Path, rc: int) -> str:
     return f"torchrun exited with code {rc}; agent log tail:\n{agent[-LOG_TAIL_CHARS:]}\n{tails}"
 
 
-def _job_env(extra_env: Mapping[str, str] | None) -> dict[str, str]:
+def _job_env(extra_env: Mapping[str, str] | None, cpu: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     extra = dict(extra_env or {})
     # The worker imports `engine` and `harness` from this checkout wherever it is started.
     paths = [p for p in (extra.pop("PYTHONPATH", ""), str(REPO_ROOT), env.get("PYTHONPATH", "")) if p]
     env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    if cpu:
+        # CPU results depend on the thread count (measured: the tiny Wan VAE decodes the same latents one level apart
+        # with 1 and 2 threads), and torchrun gives every rank 1 unless told: the ranks use this process's count, so
+        # a parallel cell computes what its single-device twin and the reference, run here, compute.
+        env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     return env
+
+
+def _on_cpu(cfg: RunConfig) -> bool:
+    return torch.device(cfg.device).type == "cpu"
 
 
 def load_results(path: Path) -> list[tuple[Artifacts, torch.Tensor]]:
@@ -183,7 +192,7 @@ def run_engine_distributed_many(cfgs: list[RunConfig], step0_inputs: list[dict[s
     t0 = time.monotonic()
     with open(agent_log, "w") as agent_out:
         proc = subprocess.Popen(cmd, stdout=agent_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_job_env(extra_env), cwd=REPO_ROOT, start_new_session=True)
+                                env=_job_env(extra_env, _on_cpu(cfg)), cwd=REPO_ROOT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

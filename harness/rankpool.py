@@ -25,8 +25,8 @@ from typing import Mapping
 import torch
 
 from engine.api import Artifacts, RunConfig
-from harness.launch import (REPO_ROOT, DistributedCellError, _failure_reason, _job_env, kill_tree, load_results,
-                            nproc_for, rank_log_tails, torchrun_command, write_job)
+from harness.launch import (REPO_ROOT, DistributedCellError, _failure_reason, _job_env, _on_cpu, kill_tree,
+                            load_results, nproc_for, rank_log_tails, torchrun_command, write_job)
 
 POLL_S = 0.02
 STOP_GRACE_S = 30.0
@@ -105,7 +105,7 @@ class RankPools:
     def run(self, cfgs: list[RunConfig], step0_inputs: list[dict[str, torch.Tensor]], timeout_s: float,
             extra_env: Mapping[str, str] | None = None) -> list[tuple[Artifacts, torch.Tensor]]:
         nproc = nproc_for(cfgs[0].parallel)
-        env = _job_env(extra_env)  # read now: a plant may have changed os.environ since the last cell
+        env = _job_env(extra_env, _on_cpu(cfgs[0]))  # read now: a plant may have changed os.environ since the last cell
         key = (nproc, torch.device(cfgs[0].device).type, tuple(sorted(env.items())))
         pool = self._pools.get(key)
         if pool is None or not pool.alive:

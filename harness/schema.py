@@ -2,8 +2,9 @@
 per-step metrics). Every writer and reader of results goes through these names."""
 from __future__ import annotations
 
-# What defines a cell. The gate keys thresholds on GATE_KEY below (device is not part of it). `optimize` labels the
-# engine's OptimizeSpec switches ("eager" when none is on).
+# What defines a cell. The gate keys thresholds on GATE_KEY below, and a threshold may also name the cell's
+# `optimize` label (the engine's OptimizeSpec switches, "eager" when none is on) and its device kind ("cpu", "cuda";
+# harness/thresholds.py), read from these columns.
 CELL_COLUMNS = ("model", "dtype", "quant", "parallel", "device", "size", "backend", "optimize")
 # Sample columns every family has. Each family's sampling object adds one column per field after the schema columns
 # (harness.sweep.cell_columns reads them off the dataclass).

@@ -158,7 +158,8 @@ def control_snr_db(cell) -> tuple[float, str]:
     floors = []
     for metric in ("single_step_sqnr_db", "final_latent_sqnr_db"):
         rule = _default_thresholds().lookup((cell.model, cell.dtype, cell.quant, cell.parallel,
-                                             schema.ENGINE_VS_REFERENCE, metric), optimize_label(cell.optimize))
+                                             schema.ENGINE_VS_REFERENCE, metric), optimize_label(cell.optimize),
+                                            cell.device)
         if rule is not None:
             floors.append(rule.value)
     if not floors:
@@ -255,7 +256,8 @@ def judge_controls(controls: pd.DataFrame, thresholds) -> tuple[pd.DataFrame, li
     for _, r in controls.iterrows():
         key = (r["model"], r["dtype"], r["quant"], r["parallel"], schema.ENGINE_VS_REFERENCE, r["metric"])
         try:
-            rule = thresholds.lookup(key, r["optimize"] if "optimize" in r and pd.notna(r["optimize"]) else None)
+            labels = (r[c] if c in r and pd.notna(r[c]) else None for c in ("optimize", "device"))
+            rule = thresholds.lookup(key, *labels)
         except ThresholdError as e:
             errors.append(str(e))
             rule = None

@@ -1,9 +1,11 @@
 """Gate thresholds are data (golden/thresholds.toml), checked against the metrics registry when loaded.
 
 A threshold is keyed like a result row (schema.GATE_KEY), plus an optional `optimize` (the engine's speed-up switches,
-the results' `optimize` label: a compiled cell sums differently from eager and is measured on its own). model/dtype/
-quant/parallel/optimize may be "*" (optimize is "*" when left out); a lookup takes the most specific match, and two
-equally specific matches are an error rather than a silent pick. There is no default: a gated metric without a
+the results' `optimize` label: a compiled cell sums differently from eager and is measured on its own) and an optional
+`device` (a device kind, "cpu" or "cuda": GPU kernels sum in other orders than CPU ones, so a floor measured on one
+kind may be too loose or too tight on the other; "cuda" matches the rows of every card, cuda:N). model/dtype/quant/
+parallel/optimize/device may be "*" (optimize and device are "*" when left out); a lookup takes the most specific
+match, and two equally specific matches are an error rather than a silent pick. There is no default: a gated metric without a
 threshold is the caller's error to report.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ WILDCARD = "*"
 WILDCARD_FIELDS = ("model", "dtype", "quant", "parallel")
 OPS = {">=": operator.ge, "<=": operator.le}
 REQUIRED = GATE_KEY + ("op", "value", "source")
-OPTIONAL = ("note", "optimize")
+OPTIONAL = ("note", "optimize", "device")
+DEVICE_KINDS = ("cpu", "cuda")  # what a rule's device may name: a kind, never one card (cuda:N)
 PLACEHOLDER = "PLACEHOLDER"
 
 
@@ -58,6 +61,7 @@ class Threshold:
     source: str
     note: str = ""
     optimize: str = WILDCARD  # the engine switches' label ("eager", "compile_blocks"...) this floor was measured with
+    device: str = WILDCARD  # the device kind ("cpu", "cuda") this floor was measured on; "*": any
     index: int = 0  # 1-based position of the [[threshold]] table in the file, so messages can point at it
 
     @property
@@ -66,7 +70,8 @@ class Threshold:
 
     @property
     def specificity(self) -> int:
-        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS) + (self.optimize != WILDCARD)
+        return (sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS) + (self.optimize != WILDCARD)
+                + (self.device != WILDCARD))
 
     @property
     def placeholder(self) -> bool:
@@ -74,14 +79,18 @@ class Threshold:
 
     def label(self) -> str:
         switches = "" if self.optimize == WILDCARD else f" optimize={self.optimize}"
+        switches += "" if self.device == WILDCARD else f" device={self.device}"
         return f"threshold #{self.index} ({format_key(self.key)}{switches})"
 
-    def matches(self, key: tuple, optimize: str | None = None) -> bool:
-        """optimize: the row's label; None (results without the column) matches only rules for any optimize."""
+    def matches(self, key: tuple, optimize: str | None = None, device: str | None = None) -> bool:
+        """optimize, device: the row's label and device ("cpu", "cuda:1"...); None (results without the column)
+        matches only rules for any optimize / any device."""
         cell, comparison, metric = key[:4], key[4], key[5]
         if (self.comparison, self.metric) != (comparison, metric):
             return False
         if self.optimize != WILDCARD and self.optimize != optimize:
+            return False
+        if self.device != WILDCARD and (device is None or not _same_device(self.device, device)):
             return False
         return all(getattr(self, f) in (WILDCARD, v) for f, v in zip(WILDCARD_FIELDS, cell))
 
@@ -159,10 +168,15 @@ class Thresholds:
     def keyed_by_optimize(self) -> bool:
         return any(t.optimize != WILDCARD for t in self.rules)
 
-    def lookup(self, key: tuple, optimize: str | None = None) -> Threshold | None:
-        """The most specific rule for a GATE_KEY-ordered key and the row's optimize label, None if none matches;
-        raises on a tie."""
-        matches = [t for t in self._by_comparison_metric.get((key[4], key[5]), ()) if t.matches(key, optimize)]
+    @property
+    def keyed_by_device(self) -> bool:
+        return any(t.device != WILDCARD for t in self.rules)
+
+    def lookup(self, key: tuple, optimize: str | None = None, device: str | None = None) -> Threshold | None:
+        """The most specific rule for a GATE_KEY-ordered key, the row's optimize label and its device, None if none
+        matches; raises on a tie."""
+        matches = [t for t in self._by_comparison_metric.get((key[4], key[5]), ())
+                   if t.matches(key, optimize, device)]
         if not matches:
             return None
         best = max(t.specificity for t in matches)
@@ -215,10 +229,10 @@ def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
             continue
         fields = {k: row[k] for k in REQUIRED + OPTIONAL if k in row}
         rule = Threshold(**{**fields, "value": float(fields["value"])}, index=i)  # TOML ints become floats
-        if (rule.key, rule.optimize) in seen:
-            problems.append(f"{rule.label()}: duplicate of {seen[rule.key, rule.optimize].label()}")
+        if (rule.key, rule.optimize, rule.device) in seen:
+            problems.append(f"{rule.label()}: duplicate of {seen[rule.key, rule.optimize, rule.device].label()}")
             continue
-        seen[rule.key, rule.optimize] = rule
+        seen[rule.key, rule.optimize, rule.device] = rule
         rules.append(rule)
     if problems:
         raise ThresholdError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -256,8 +270,9 @@ def _exact_rules(groups: list[dict]) -> tuple[tuple[ExactRule, ...], list[str]]:
         if g["comparison"] not in COMPARISONS:
             problems.append(f"{where}: unknown comparison {g['comparison']!r}; valid: {list(COMPARISONS)}")
             continue
-        if g["device"] == WILDCARD or ":" in g["device"]:
-            problems.append(f"{where}: device must be one device kind (cpu, cuda), got {g['device']!r}")
+        if g["device"] not in DEVICE_KINDS:
+            problems.append(f"{where}: device must be one device kind, one of {list(DEVICE_KINDS)}, "
+                            f"got {g['device']!r}")
             continue
         rule = ExactRule(**{k: g[k] for k in EXACT_FIELDS}, index=i)
         key = tuple(getattr(rule, k) for k in EXACT_FIELDS[:-1])
@@ -310,6 +325,9 @@ def _check_row(row) -> list[str]:
     metric, comparison, op, value = row["metric"], row["comparison"], row["op"], row["value"]
     if comparison not in COMPARISONS:
         problems.append(f"unknown comparison {comparison!r}; valid: {list(COMPARISONS)}")
+    if "device" in row and row["device"] not in (WILDCARD,) + DEVICE_KINDS:
+        problems.append(f"device must be a device kind, one of {[WILDCARD, *DEVICE_KINDS]} ('cuda' matches every "
+                        f"card), got {row['device']!r}")
     if metric not in METRICS:
         close = difflib.get_close_matches(metric, METRICS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

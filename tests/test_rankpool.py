@@ -137,3 +137,16 @@ def test_ranks_exit_when_their_owner_dies(tmp_path):
     while _pids_mentioning(folder) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _pids_mentioning(folder) == []
+
+
+def test_cpu_ranks_use_this_processs_thread_count(monkeypatch):
+    """torchrun gives each rank 1 thread unless told; CPU sums depend on the thread count (the tiny Wan VAE decodes
+    the same latents one level apart with 1 and 2 threads), so CPU ranks get this process's count, a count set by
+    the user is kept, and CUDA jobs are left alone."""
+    from harness.launch import _job_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _job_env(None, cpu=True)["OMP_NUM_THREADS"] == str(torch.get_num_threads())
+    assert "OMP_NUM_THREADS" not in _job_env(None, cpu=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _job_env(None, cpu=True)["OMP_NUM_THREADS"] == "3"
