@@ -36,7 +36,7 @@ def _round_error_up(e: float) -> float:
     if e <= 0:
         return 0.0
     digits = 1 - math.floor(math.log10(e))
-    return math.ceil(e * 10 ** digits) / 10 ** digits
+    return math.ceil(e * 10 ** digits - 1e-9) / 10 ** digits  # the 1e-9: 5 x (1 - 0.99998) is 1.0000000000065e-4
 
 
 def threshold(metric: str, values: pd.Series) -> tuple[str, float] | None:
