@@ -136,7 +136,10 @@ def test_diffusion_runs_do_not_expect_token_metrics():
     assert tokens == {"embedder_cosine_min", "embedder_rel_error", "logits_cosine_min", "top1_agreement",
                       "next_token_kl_max", "greedy_match_rate"}
     assert not tokens & set(sweep.ENGINE_METRICS)
-    cell = type("Cell", (), {"name": "c", "quant": "fp8", "parallel": "sp1", "golden": False, "sampling": None})()
+    from engine.api import OptimizeSpec
+
+    cell = type("Cell", (), {"name": "c", "quant": "fp8", "parallel": "sp1", "golden": False, "sampling": None,
+                             "optimize": OptimizeSpec()})()
     planned = {key.split("|")[2] for key in selfcheck.expected_rows([cell], 1, 1, golden=False, clip=False)}
     assert planned and not tokens & planned
 
