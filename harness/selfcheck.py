@@ -37,6 +37,11 @@ MISSING_ROWS = "missing rows"  # the reason of the gate rows that stand for resu
 CONTROL_MARGIN_DB = 3.0
 # Used when the cell has no SQNR threshold to derive it from (the value the issue names).
 CONTROL_FALLBACK_DB = 20.0
+# The control never sits above this SNR. A bitwise group gated at its identical-input values (cosine >= 1, SQNR >= 200
+# dB: tools/propose_groups.py) would otherwise get a control at 197 dB, whose float64 cosine reads exactly 1.0 and
+# passes "cosine >= 1" (seen on a 4 x H200 sp-wide run). At 140 dB, 1 - cosine = 5e-15, some 45 float64 ulps of 1,
+# so every threshold consistent with bitwise equality still rejects it.
+CONTROL_MAX_DB = 140.0
 CONTROL_METRICS = ("single_step_cosine", "single_step_rel_error", "single_step_sqnr_db",
                    "final_latent_cosine", "final_latent_rel_error", "final_latent_sqnr_db")
 # Cross-checks compare float64 computations of the same numbers: any disagreement above round-off is a bug.
@@ -164,7 +169,11 @@ def control_snr_db(cell) -> tuple[float, str]:
             floors.append(rule.value)
     if not floors:
         return CONTROL_FALLBACK_DB, f"no SQNR threshold for the cell: fixed {CONTROL_FALLBACK_DB} dB"
-    return min(floors) - CONTROL_MARGIN_DB, f"{CONTROL_MARGIN_DB} dB below the cell's lowest SQNR floor {min(floors)}"
+    snr = min(floors) - CONTROL_MARGIN_DB
+    if snr > CONTROL_MAX_DB:
+        return CONTROL_MAX_DB, (f"capped at {CONTROL_MAX_DB} dB (the cell's lowest SQNR floor {min(floors)} minus "
+                                f"{CONTROL_MARGIN_DB} dB is past what a float64 cosine resolves)")
+    return snr, f"{CONTROL_MARGIN_DB} dB below the cell's lowest SQNR floor {min(floors)}"
 
 
 def perturb(ref: torch.Tensor, snr_db: float, seed: int) -> torch.Tensor:

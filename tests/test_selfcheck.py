@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from engine.api import OptimizeSpec
 from harness import metrics as M
 from harness import selfcheck
 from harness.thresholds import load_thresholds
@@ -35,6 +36,24 @@ def test_a_control_that_passes_its_threshold_fails_the_gate():
     assert not errors and judged.passed.iloc[0]
     judged, _ = selfcheck.judge_controls(_rows(value=0.999999), t)  # accepted: the threshold could not fail
     assert not judged.passed.iloc[0] and "cannot fail" in judged.why.iloc[0]
+
+
+def test_a_bitwise_groups_control_is_capped_where_a_float64_cosine_still_sees_it():
+    """A CUDA bitwise group gates at identical-input values (cosine >= 1, SQNR >= 200 dB). A control 3 dB under 200 dB
+    reads cosine 1.0 exactly and passed "cosine >= 1" (4 x H200 sp-wide run); capped at 140 dB it is rejected."""
+    from types import SimpleNamespace
+
+    cell = SimpleNamespace(model="wan", dtype="fp32", quant="none", parallel="cfg2", optimize=OptimizeSpec(),
+                           device="cuda")
+    snr, why = selfcheck.control_snr_db(cell)
+    assert snr == selfcheck.CONTROL_MAX_DB and "capped" in why
+    ref = torch.randn(2, 4, 4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for at, rejected in ((197.0, False), (snr, True)):  # the uncapped control passed; the capped one fails
+        cos = M.cosine(selfcheck.perturb(ref, at, seed=1), ref)
+        assert (np.asarray(cos) < 1.0).all() == rejected, (at, cos)
+    judged, errors = selfcheck.judge_controls(_rows(model="wan", parallel="cfg2", device="cuda", value=float(
+        np.min(M.cosine(selfcheck.perturb(ref, snr, seed=1), ref)))), load_thresholds())
+    assert not errors and judged.passed.iloc[0]
 
 
 def test_a_reference_from_another_backend_is_an_error():
