@@ -45,11 +45,26 @@ class CudaGraph:
         torch.cuda.current_stream().wait_stream(stream)
 
     def capture(self, run: Callable[[], Any]) -> Any:
-        with torch.cuda.graph(self.graph):
-            return run()
+        try:
+            with torch.cuda.graph(self.graph):
+                return run()
+        except Exception as e:
+            release_capture_state()
+            raise RuntimeError(f"CUDA graph capture failed: {type(e).__name__}: {e}. The graphed forward must not read "
+                               "values back to the host (bool(t), t.item(), ...) once warmed up; a model whose forward "
+                               "must names a sync-free method as GRAPH_ENTRY (engine/optimize.py)") from e
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+def release_capture_state() -> None:
+    """After a failed capture: torch registers the default CUDA generator with a graph at capture begin and releases
+    it only at a successful capture end, so a failed capture leaves it in capture mode, and every later random draw
+    or compiled kernel in the process fails ("Offset increment outside graph capture"): on an H200 one failed cell
+    took the two cells after it down. One empty capture on a fresh graph begins and ends capture mode again."""
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        pass
 
 
 @dataclass

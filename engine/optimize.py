@@ -103,5 +103,8 @@ def optimize(model: nn.Module, spec: OptimizeSpec) -> nn.Module:
         # An instance attribute: nn.Module.__call__ finds it before the class's forward, and everything else the
         # pipeline reads from the model (config, rope(), attention) stays as it was. Parallel wrappers are applied
         # after optimize(), so their per-call checks (the SP replication all-reduce) run eagerly around the graph.
-        model.forward = GraphedForward(model.forward)
+        # A model whose forward must read something on the host first (a data-dependent choice, which no capture
+        # can contain) names the sync-free method that forward calls as GRAPH_ENTRY, and that method is graphed.
+        entry = getattr(model, "GRAPH_ENTRY", "forward")
+        setattr(model, entry, GraphedForward(getattr(model, entry)))
     return model

@@ -172,6 +172,10 @@ class Block(nn.Module):
 
 
 class Ideogram4Transformer(nn.Module):
+    # The method a CUDA graph wraps (engine/optimize.py): forward reads the batch's layout on the host, which a
+    # capture cannot contain (cudaErrorStreamCaptureUnsupported on the H200 gpu suite run).
+    GRAPH_ENTRY = "packed_forward"
+
     def __init__(self, cfg: Ideogram4Config):
         super().__init__()
         self.config = cfg
@@ -196,24 +200,37 @@ class Ideogram4Transformer(nn.Module):
         emb = time_embedding(t, self.config.hidden_size).to(t.dtype)
         return F.silu(self.adaln_proj(self.t_mlp_out(F.silu(self.t_mlp_in(emb)))))[:, None]
 
-    def embed(self, hidden_states, encoder_hidden_states, indicator) -> torch.Tensor:
+    def embed(self, hidden_states, encoder_hidden_states, indicator, text: bool | None = None) -> torch.Tensor:
         """The packed input tokens: each token's image slot or text slot, whichever its indicator names, plus the
         image-indicator embedding. A sequence without text tokens (the unconditional model's) skips the text path:
         there it is multiplied by zero everywhere."""
         image = (indicator == IMAGE_INDICATOR).to(hidden_states.dtype)[..., None]
         x = self.input_proj(hidden_states * image) * image
-        if bool((indicator == TEXT_INDICATOR).any()):
+        if text is None:  # read on the host: a caller that knows the layout passes it (see packed_forward)
+            text = bool((indicator == TEXT_INDICATOR).any())
+        if text:
             text = (indicator == TEXT_INDICATOR).to(hidden_states.dtype)[..., None]
             x = x + self.llm_cond_proj(self.llm_cond_norm(encoder_hidden_states * text)) * text
         return x + self.image_indicator[(indicator == IMAGE_INDICATOR).long()]
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                position_ids: torch.Tensor, segment_ids: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+                position_ids: torch.Tensor, segment_ids: torch.Tensor, indicator: torch.Tensor,
+                layout: PackedLayout | None = None) -> torch.Tensor:
         """hidden_states (B, L, in_channels) and encoder_hidden_states (B, L, llm_features_dim) in the model dtype,
         timestep (B,) in [0, 1] (1 = clean), position_ids (B, L, 3), segment_ids and indicator (B, L). Returns
-        (B, L, in_channels); only image positions carry a prediction."""
-        key_mask = segment_key_mask(segment_ids)
-        x = self.embed(hidden_states, encoder_hidden_states, indicator)
+        (B, L, in_channels); only image positions carry a prediction. `layout`: what the batch holds, when the caller
+        already knows it (the pipeline reads it from its host-side ids); else it is read here, a host synchronisation."""
+        layout = layout or packed_layout(segment_ids, indicator)
+        return self.packed_forward(hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids,
+                                   indicator, layout.text, layout.padded)
+
+    def packed_forward(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator,
+                       text: bool, padded: bool) -> torch.Tensor:
+        """forward with the layout's two choices as arguments: no value is read back to the host, so this is what a
+        CUDA graph captures (GRAPH_ENTRY), once per (text, padded) pair, and a batch whose layout differs from the
+        captured one gets its own graph instead of replaying the wrong mask."""
+        key_mask = (segment_ids != PADDING_INDICATOR) if padded else None
+        x = self.embed(hidden_states, encoder_hidden_states, indicator, text)
         adaln = self.embed_time(timestep)
         cos, sin = rope_tables(position_ids, self.config, x.dtype)
         return self.core(x, cos, sin, key_mask, adaln)
@@ -224,6 +241,22 @@ class Ideogram4Transformer(nn.Module):
             x = block(x, cos, sin, key_mask, adaln, self.attention, self.masked_attention)
         scale = 1.0 + self.final_mod(F.silu(adaln))
         return self.final_proj(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """What a packed batch holds, read once on the host: whether any token is text (the conditional sequence; the
+    unconditional one is image tokens only) and whether any key is padding. The forward branches on both."""
+    text: bool
+    padded: bool
+
+
+def packed_layout(segment_ids: torch.Tensor, indicator: torch.Tensor) -> PackedLayout:
+    """Read (and check) a batch's layout; on a CUDA tensor this waits for the device, so the pipeline calls it once per
+    generation on its host-side ids, not once per step."""
+    segment_key_mask(segment_ids)  # the check: one sample per row
+    return PackedLayout(text=bool((indicator == TEXT_INDICATOR).any()),
+                        padded=not bool((segment_ids != PADDING_INDICATOR).all()))
 
 
 def segment_key_mask(segment_ids: torch.Tensor) -> torch.Tensor | None:

@@ -25,8 +25,8 @@ from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
 from engine.family import BenchShape, Family, QuantizedComponent
 from engine.models.ideogram4 import (IMAGE_INDICATOR, IMAGE_POSITION_OFFSET, PADDING_INDICATOR, TEXT_INDICATOR,
-                                     Ideogram4Config, Ideogram4Transformer, diffusers_key_map, rope_tables,
-                                     segment_key_mask)
+                                     Ideogram4Config, Ideogram4Transformer, PackedLayout, diffusers_key_map,
+                                     packed_layout, rope_tables, segment_key_mask)
 from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
 from engine.quant.api import QuantSpec
@@ -205,12 +205,13 @@ class Ideogram4Pipeline:
         return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()  # as the reference postprocesses
 
     # --- the denoisers ------------------------------------------------------------------------------------------
-    def branches(self, cond: Mapping[str, torch.Tensor], max_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def branches(self, cond: Mapping[str, torch.Tensor], max_text: int,
+                 layouts: tuple[PackedLayout, PackedLayout] = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_pos, v_neg) float32 on the image tokens: the conditional transformer on the packed sequence, the
-        unconditional one on the image region with zero text."""
+        unconditional one on the image region with zero text. `layouts`: each branch's, when known on the host."""
         uncond = unconditional_inputs(cond, max_text)
-        return self.cfg_executor(lambda: denoiser_forward(self.transformer, cond)[:, max_text:].float(),
-                                 lambda: denoiser_forward(self.unconditional_transformer, uncond).float())
+        return self.cfg_executor(lambda: denoiser_forward(self.transformer, cond, layouts[0])[:, max_text:].float(),
+                                 lambda: denoiser_forward(self.unconditional_transformer, uncond, layouts[1]).float())
 
     @torch.no_grad()
     def transformer_forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -239,7 +240,10 @@ class Ideogram4Pipeline:
         grid = self.grid(cfg.height, cfg.width)
         feats, lengths = self.encode_prompt(prompts, max_text)
         n = grid[0] * grid[1]
-        pos, seg, ind = (t.to(self.device) for t in packed_ids(lengths, grid, max_text))
+        pos, seg, ind = packed_ids(lengths, grid, max_text)
+        # Read on the host ids, once: the steps then never wait for the device to learn them.
+        layouts = (packed_layout(seg, ind), packed_layout(seg[:, max_text:], ind[:, max_text:]))
+        pos, seg, ind = (t.to(self.device) for t in (pos, seg, ind))
         feats = torch.cat([feats, feats.new_zeros(batch, n, feats.shape[-1])], 1).to(self.dtype)
         latents = self.initial_latents(batch, n, cfg.seed)
         sigmas = dynamic_shift_sigmas(cfg.steps, n, self.scheduler_config,
@@ -255,7 +259,7 @@ class Ideogram4Pipeline:
                         position_ids=pos, segment_ids=seg, indicator=ind)
             if i == 0:
                 step0.update(guided_inputs(cond, unconditional_inputs(cond, max_text), weights[0]))
-            v_pos, v_neg = self.branches(cond, max_text)
+            v_pos, v_neg = self.branches(cond, max_text, layouts)
             return -guide(v_pos, v_neg, weights[i])
 
         t0 = time.perf_counter()
@@ -277,11 +281,13 @@ def denoiser_builder(name: str, config: dict):
     return (lambda: Ideogram4Transformer(cfg)), diffusers_key_map(cfg)
 
 
-def denoiser_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def denoiser_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor], layout: PackedLayout | None = None
+                     ) -> torch.Tensor:
     """One call on diffusers-named inputs (hidden_states, timestep, encoder_hidden_states, position_ids,
-    segment_ids, indicator); returns the (B, L, in_channels) output in the model dtype."""
+    segment_ids, indicator); returns the (B, L, in_channels) output in the model dtype. `layout`: the inputs' packed
+    layout when the caller read it already (None: the model reads it)."""
     return model(inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["position_ids"],
-                 inputs["segment_ids"], inputs["indicator"])
+                 inputs["segment_ids"], inputs["indicator"], layout=layout)
 
 
 def bench_inputs(name: str, config: dict, shape: BenchShape, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -316,7 +322,9 @@ class Ideogram4Parallel(SequenceParallelTransformer):
             self.sp_attention.local_masked_attention = inner.masked_attention
             inner.masked_attention = self.sp_attention
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator):
+    def forward(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator,
+                layout: PackedLayout | None = None):
+        del layout  # the sharded forward reads its own (text length, mask) per call, eagerly around the graph
         inner = self.inner
         key_mask = segment_key_mask(segment_ids)
         image = indicator == IMAGE_INDICATOR

@@ -54,7 +54,8 @@ def _text_to_unconditional(p: Patcher):
     image tokens' output taken as v_neg."""
     keys = ("hidden_states", "timestep", "encoder_hidden_states", "position_ids", "segment_ids", "indicator")
 
-    def branches(self, cond, max_text):
+    def branches(self, cond, max_text, layouts=None):
+        del layouts  # the conditional layout would be the right one for both: let each model read its own
         args = [cond[k] for k in keys]  # the denoisers' positional inputs (engine.pipelines.ideogram4)
         return self.cfg_executor(lambda: self.transformer(*args)[:, max_text:].float(),
                                  lambda: self.unconditional_transformer(*args)[:, max_text:].float())

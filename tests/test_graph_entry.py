@@ -1,0 +1,73 @@
+"""What a CUDA graph captures never reads a value back to the host (generic over every family in the registry).
+
+optimize(cuda_graphs) wraps each denoiser's GRAPH_ENTRY method (default: forward). A host read inside it (`bool(t)`,
+`t.item()`, ...) is a device synchronisation, and inside a capture it is an error: Ideogram 4's forward read its
+batch's layout that way and every one of its graph cells failed on an H200. No GPU here, so the test watches the
+Python-level reads instead: it runs each family's tiny denoiser on its bench inputs twice, as GraphedForward does (a
+warm-up call, which may fill host-side caches such as Z-Image's layout, then the call a capture would record), the
+second time with every host read refused while the graph entry runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from engine.api import bench_shape
+from engine.families import FAMILIES
+from engine.models import ideogram4 as I
+from harness.zoo import transformer_config
+
+HOST_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+              torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+
+class NoHostReads(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            raise AssertionError(f"host read {func.__name__} inside the graph entry")
+        return func(*args, **(kwargs or {}))
+
+
+def guarded(fn, calls: list):
+    def run(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:  # the warm-up
+            return fn(*args, **kwargs)
+        with NoHostReads():
+            return fn(*args, **kwargs)
+    return run
+
+
+def run_entry(family: str, denoiser: str) -> torch.Tensor:
+    fam = FAMILIES[family]
+    config = transformer_config(family, "tiny", denoiser)
+    build, _ = fam.denoiser_builder(denoiser, config)
+    torch.manual_seed(0)
+    model = build().eval()
+    entry = getattr(model, "GRAPH_ENTRY", "forward")
+    calls: list = []
+    setattr(model, entry, guarded(getattr(model, entry), calls))
+    inputs = fam.bench_inputs(denoiser, config, bench_shape(height=64, width=64, text_tokens=8), torch.float32, "cpu")
+    with torch.no_grad():
+        warm = fam.denoiser_forward(model, inputs)
+        out = fam.denoiser_forward(model, inputs)
+    assert len(calls) == 2  # the entry is what the family's forward runs
+    torch.testing.assert_close(out, warm, rtol=0, atol=0)
+    return out
+
+
+CASES = [(name, d) for name, fam in FAMILIES.items() for d in fam.denoisers]
+
+
+@pytest.mark.parametrize("family,denoiser", CASES, ids=[f"{f}-{d}" for f, d in CASES])
+def test_the_graph_entry_reads_nothing_back_to_the_host(family, denoiser):
+    assert torch.isfinite(run_entry(family, denoiser)).all()
+
+
+def test_a_host_read_inside_the_graph_entry_fails(monkeypatch):
+    """The plant: Ideogram 4's text choice read from the indicator inside the entry again, as before the fix."""
+    embed = I.Ideogram4Transformer.embed
+    monkeypatch.setattr(I.Ideogram4Transformer, "embed",
+                        lambda self, h, e, ind, text=None: embed(self, h, e, ind, None))
+    with pytest.raises(AssertionError, match="host read __bool__"):
+        run_entry("ideogram4", "transformer")
