@@ -19,13 +19,22 @@ from harness.zoo import transformer_config
 
 HOST_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.cpu}
+# A tensor made without a device is made on the CPU; used with a CUDA model's tensors it is copied to the GPU, and a
+# capture refuses that copy ("Cannot copy between CPU and CUDA tensors during CUDA graph capture": Ideogram 4's MRoPE
+# axis index, on the H200 run after the host reads were gone). On CPU nothing is copied, so the call is what is seen.
+FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.as_tensor,
+             torch.linspace, torch.eye, torch.rand, torch.randn, torch.randint}
 
 
 class NoHostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in HOST_READS:
             raise AssertionError(f"host read {func.__name__} inside the graph entry")
-        return func(*args, **(kwargs or {}))
+        if func in FACTORIES and kwargs.get("device") is None:
+            raise AssertionError(f"{func.__name__} without a device inside the graph entry (a host-to-device copy "
+                                 "on CUDA)")
+        return func(*args, **kwargs)
 
 
 def guarded(fn, calls: list):
@@ -70,4 +79,12 @@ def test_a_host_read_inside_the_graph_entry_fails(monkeypatch):
     monkeypatch.setattr(I.Ideogram4Transformer, "embed",
                         lambda self, h, e, ind, text=None: embed(self, h, e, ind, None))
     with pytest.raises(AssertionError, match="host read __bool__"):
+        run_entry("ideogram4", "transformer")
+
+
+def test_a_tensor_made_on_the_host_inside_the_graph_entry_fails(monkeypatch):
+    """The plant: the MRoPE axis index made without the positions' device, as before the fix."""
+    arange = torch.arange
+    monkeypatch.setattr(I.torch, "arange", lambda *a, **k: arange(*a, **{**k, "device": None}))
+    with pytest.raises(AssertionError, match="arange without a device"):
         run_entry("ideogram4", "transformer")

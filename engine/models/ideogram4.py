@@ -87,7 +87,7 @@ def mrope_angles(position_ids: torch.Tensor, head_dim: int, theta: float, sectio
         angles = position_ids.float()[..., None] * inv  # (B, L, 3, D/2): one product each, as exact as a matmul
     axis = torch.zeros(head_dim // 2, dtype=torch.long, device=position_ids.device)
     for a in (1, 2):
-        axis[torch.arange(a, 3 * section[a], 3)] = a
+        axis[torch.arange(a, 3 * section[a], 3, device=position_ids.device)] = a
     return angles.gather(2, axis.view(1, 1, 1, -1).expand(*angles.shape[:2], 1, -1)).squeeze(2)
 
 
