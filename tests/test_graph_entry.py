@@ -31,6 +31,9 @@ class NoHostReads(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in HOST_READS:
             raise AssertionError(f"host read {func.__name__} inside the graph entry")
+        if func is torch.Tensor.__setitem__ and isinstance(args[-1], (bool, int, float, complex)):
+            raise AssertionError("an indexed write of a Python number inside the graph entry (the number is copied to "
+                                 "the device: refused inside a capture, measured on an H100)")
         if func in FACTORIES and kwargs.get("device") is None:
             raise AssertionError(f"{func.__name__} without a device inside the graph entry (a host-to-device copy "
                                  "on CUDA)")
@@ -83,8 +86,21 @@ def test_a_host_read_inside_the_graph_entry_fails(monkeypatch):
 
 
 def test_a_tensor_made_on_the_host_inside_the_graph_entry_fails(monkeypatch):
-    """The plant: the MRoPE axis index made without the positions' device, as before the fix."""
+    """The plant: the MRoPE angles' arange made without the positions' device."""
     arange = torch.arange
     monkeypatch.setattr(I.torch, "arange", lambda *a, **k: arange(*a, **{**k, "device": None}))
     with pytest.raises(AssertionError, match="arange without a device"):
+        run_entry("ideogram4", "transformer")
+
+
+def test_an_indexed_write_of_a_number_inside_the_graph_entry_fails(monkeypatch):
+    """The plant: the MRoPE axis table written index by index with Python numbers, as before the fix."""
+    def angles(position_ids, head_dim, theta, section):
+        out = mrope_angles(position_ids, head_dim, theta, section)
+        axis = torch.zeros(head_dim // 2, dtype=torch.long, device=position_ids.device)
+        axis[torch.arange(1, 3 * section[1], 3, device=position_ids.device)] = 1
+        return out
+    mrope_angles = I.mrope_angles
+    monkeypatch.setattr(I, "mrope_angles", angles)
+    with pytest.raises(AssertionError, match="indexed write of a Python number"):
         run_entry("ideogram4", "transformer")

@@ -85,9 +85,10 @@ def mrope_angles(position_ids: torch.Tensor, head_dim: int, theta: float, sectio
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
                                / head_dim))
         angles = position_ids.float()[..., None] * inv  # (B, L, 3, D/2): one product each, as exact as a matmul
-    axis = torch.zeros(head_dim // 2, dtype=torch.long, device=position_ids.device)
-    for a in (1, 2):
-        axis[torch.arange(a, 3 * section[a], 3, device=position_ids.device)] = a
+    # Which axis each frequency takes, by arithmetic: an indexed write of a Python number copies that number to the
+    # device, which a CUDA graph capture refuses (measured on an H100: "Cannot copy between CPU and CUDA tensors").
+    i = torch.arange(head_dim // 2, device=position_ids.device)
+    axis = ((i % 3 == 1) & (i < 3 * section[1])).long() + 2 * ((i % 3 == 2) & (i < 3 * section[2])).long()
     return angles.gather(2, axis.view(1, 1, 1, -1).expand(*angles.shape[:2], 1, -1)).squeeze(2)
 
 
