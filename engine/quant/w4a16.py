@@ -12,7 +12,8 @@ e2m1 / 2^14 exactly (codes 0 and 1 become fp16 subnormals, which fp16 -> fp32 co
 moves to bit 15; the 2^14 is folded into the per-block scale (a power of two: exact). The E4M3 and E8M0 scales are
 passed as uint8 and decoded the same way, so nothing depends on Triton's fp8 types (the Triton interpreter, which
 runs these kernels on CPU for the tests, has none). Only tl APIs present since Triton 3.0 are used: the GPU image
-runs torch 2.11 with an older Triton than the CPU virtualenv.
+runs torch 2.11 with an older Triton than the CPU virtualenv. Nor does the kernel call tl's own @jit helpers (tl.cdiv,
+tl.zeros): decorated when triton was imported, before a test turned the interpreter on, they refuse to run in it.
 
 The kernel is wrapped as the custom op `parity::w4a16_linear` with a fake implementation, so torch.compile traces
 a block through it (the op is opaque to inductor) and a CUDA graph captures its launch. The kernel object is built
@@ -54,14 +55,13 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride,
-                 stride_xm, stride_om,
-                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride, stride_xm, stride_om,
+                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     SB: tl.constexpr = 16 if FORMAT == 0 else 32  # elements per block scale
     # Grouped tile order: GROUP_M row tiles walk the same column tiles, so those weight tiles stay in L2.
     pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = min(tiles_m - first_m, GROUP_M)
@@ -78,7 +78,7 @@ def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride,
     w_ptrs = w_ptr + rn_safe[:, None] * (K // 2) + rk2[None, :]
     s_ptrs = s_ptr + rn_safe[:, None] * (K // SB) + rks[None, :]
     g = tl.load(g_ptr + rn_safe * g_stride)  # NVFP4: the fp32 global scale of each row's segment
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (the wrapper checks)
         x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
         packed = tl.load(w_ptrs)
@@ -104,19 +104,24 @@ def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride,
         w = w.reshape(BLOCK_N, BLOCK_K)
         if FORMAT == 0:
             w = w * g[:, None]
-        w = w.to(x.dtype)
         if WIDEN_DOT:
-            # The Triton interpreter (3.8 at least) multiplies bf16 operands as their raw uint16 bits. Widening both
-            # operands to float32 is exact, and a bf16 MMA also forms exact products summed in float32: the same
-            # math up to summation order.
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            # The Triton interpreter (3.8 at least) multiplies bf16 operands as their raw uint16 bits, and its
+            # float32 -> bf16 cast truncates. So there the tile is rounded to bf16 (nearest even, as torch's
+            # .to(bfloat16) and the GPU cast do) in integer arithmetic and kept in float32, and both operands go to
+            # the dot widened to float32: exact, and a bf16 MMA also forms exact products summed in float32.
+            bits = w.to(tl.int32, bitcast=True)
+            w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 2
         s_ptrs += BLOCK_K // SB
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+    if WIDEN_DOT:  # the interpreter's truncating cast, as above
+        bits = acc.to(tl.int32, bitcast=True)
+        acc = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -150,7 +155,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glo
     g = global_scale if global_scale is not None else torch.ones(1, dtype=torch.float32, device=x.device)
     args = (x, packed.contiguous(), scale.contiguous(), g, bias if bias is not None else out, out, m, n, k,
             0 if g.numel() == 1 else 1, x.stride(0), out.stride(0))
-    flags = {"FORMAT": fmt, "HAS_BIAS": bias is not None, "WIDEN_DOT": interpreting()}
+    flags = {"FORMAT": fmt, "HAS_BIAS": bias is not None, "WIDEN_DOT": interpreting() and x.dtype == torch.bfloat16}
     kernel = _kernel(interpreting())
     if blocks is None and not interpreting() and k % min(c[2] for c in CUDA_CONFIGS) == 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
