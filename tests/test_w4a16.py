@@ -20,7 +20,7 @@ from harness import metrics as M
 from harness.zoo import synthesize_transformer_state_dict, transformer_config
 
 WO = LinearOptions(act=False)
-TILES = (16, 32, 32)  # several M, N and K tiles on the small shapes below, so masks and the tile order are exercised
+TILES = (16, 64, 64)  # several M, N and K tiles on the shapes below (M = 37, N = 96): partial M and N tiles, tile order
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def _tile_weight(lin):
     eye = torch.eye(lin.in_features, dtype=torch.bfloat16)
     bias, lin.bias = lin.bias, None
     try:
-        return _kernel(lin, eye, blocks=(64, 32, 32)).t()
+        return _kernel(lin, eye, blocks=(128, 64, 64)).t()
     finally:
         lin.bias = bias
 
@@ -74,12 +74,13 @@ def test_kernel_weight_tiles_equal_the_eager_dequantized_weight(case, interpret)
     assert torch.equal(_tile_weight(lin), lin.dequantize_weight().to(torch.bfloat16))
 
 
-# Against F.linear(x, dequantize_weight().to(bf16), bias) on CPU, measured on these shapes (M = 37: three row tiles
-# of 16, the last partial): outputs of magnitude up to ~12 differ in at most 1 of 3552 elements per case, by exactly
-# one bf16 ulp of that element (max abs 0.0625; relative 0.0039), i.e. the two float32 sums land on either side of
-# a bf16 rounding boundary. The bound: every element within one bf16 ulp of the larger of the two values, no margin
-# needed because the bound is structural (a different float32 sum order, one rounding each); a wrong weight, scale
-# or tile mask moves whole rows or columns by many ulps.
+# Against F.linear(x, dequantize_weight().to(bf16), bias) on CPU (M = 37: three row tiles of 16, the last partial;
+# outputs up to ~100): measured bitwise equal in all six cases (0 of 3552 elements differ; relative error against a
+# float64 matmul of the same bf16 operands 1.5e-3 to 1.7e-3 for both, the output's bf16 rounding). Not gated
+# bitwise: both sides are float32 sums of the same exact products rounded once to bf16, but in orders that depend on
+# the BLAS kernels of the CPU at hand (the interpreter's dot is numpy's), so an element may land on the other side of
+# a rounding boundary. The gate: every element within one bf16 ulp of the larger of the two values, and at most 1% of
+# elements differing at all. A wrong weight, scale, bias or tile mask moves whole rows or columns by many ulps.
 def _ulp_bf16(t):
     return torch.exp2(torch.floor(torch.log2(t.float().abs().clamp(min=2.0**-126))) - 7)
 
@@ -94,7 +95,7 @@ def test_kernel_matches_f_linear_within_one_bf16_ulp(case, bias, interpret):
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     diff = (got.float() - want.float()).abs()
     assert (diff <= _ulp_bf16(torch.maximum(got.float().abs(), want.float().abs()))).all(), diff.max()
-    assert (diff > 0).float().mean() <= 0.01  # measured 0-1 of 3552 elements
+    assert (diff > 0).float().mean() <= 0.01
 
 
 def test_switched_linear_compiles_whole_through_the_custom_op(interpret):
@@ -102,12 +103,14 @@ def test_switched_linear_compiles_whole_through_the_custom_op(interpret):
     from engine.quant.linear import enable_fp4_wo_kernel
 
     torch._dynamo.reset()
-    model = torch.nn.Sequential(_linear("nvfp4", n=32, k=64, segments=(16, 16)))
+    model = torch.nn.Sequential(_linear("mxfp4", n=32, k=64))  # MXFP4: the tiny FLUX.1 test below runs NVFP4
     assert enable_fp4_wo_kernel(model) == 1
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     got, want = compiled(x), model(x)
     assert got.shape == (2, 3, 32) and torch.equal(got, want)
+    assert torch.equal(want, w4a16.w4a16_matmul(x.reshape(6, 64), model[0].qweight, model[0].weight_scale, None,
+                                                model[0].bias, w4a16.MXFP4).reshape(2, 3, 32))
     torch._dynamo.reset()
 
 
@@ -116,6 +119,8 @@ PLANTS = {
     "nibbles_swapped": ("tl.join(packed & 0xF, packed >> 4)", "tl.join(packed >> 4, packed & 0xF)"),
     "mxfp4_exponent_off_by_one": ("(sbits << 23).to(tl.float32", "((sbits + 1) << 23).to(tl.float32"),
     "nvfp4_global_scale_dropped": ("w = w * g[:, None]", "w = w * 1.0"),
+    # the weight tile's bf16 rounding truncating (the interpreter's own cast) instead of rounding to nearest even
+    "tile_rounding_truncates": ("w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536)", "w = (bits & -65536)"),
 }
 
 
@@ -137,13 +142,16 @@ def plant(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name, case", [("nibbles_swapped", "nvfp4"), ("mxfp4_exponent_off_by_one", "mxfp4"),
-                                        ("nvfp4_global_scale_dropped", "nvfp4-fused3")])
+                                        ("nvfp4_global_scale_dropped", "nvfp4-fused3"),
+                                        ("tile_rounding_truncates", "nvfp4")])
 def test_planted_kernel_bugs_are_caught(name, case, interpret, plant):
     lin = _linear(bias=False, **CASES[case])
     want = lin.dequantize_weight().to(torch.bfloat16)
     assert torch.equal(_tile_weight(lin), want)  # the unplanted kernel passes on this very module
     plant(name)
     assert not torch.equal(_tile_weight(lin), want)
+    if name == "tile_rounding_truncates":
+        return  # one ulp per weight at most: the output bound is not for this, the tile equality is
     x = torch.randn(37, lin.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     diff = (_kernel(lin, x).float() - F.linear(x, want).float()).abs()
     assert (diff > _ulp_bf16(F.linear(x, want))).any()
@@ -159,12 +167,14 @@ def _denoiser(quant, spec=OptimizeSpec()):
     return model, forward, inputs
 
 
-@pytest.mark.parametrize("quant", ["nvfp4-wo", "mxfp4-wo"])
-def test_switch_on_tiny_flux_matches_the_eager_fp4_weight_only_path(quant, interpret, monkeypatch):
-    """Cosine >= 0.9995 against the same model without the switch (measured 0.99995 nvfp4-wo, 0.99997 mxfp4-wo in
-    bf16; the weights are the same, only sum order and where bf16 rounding happens differ: 10x margin on 1 - cos)."""
-    _, eager, inputs = _denoiser(quant)
-    model, fast, _ = _denoiser(quant, OptimizeSpec(fp4_wo_kernel=True))
+def test_switch_on_tiny_flux_matches_the_eager_fp4_weight_only_path(interpret, monkeypatch):
+    """nvfp4-wo (fused QKV and linear1 modules: one global scale per segment) against the same model without the
+    switch, bf16: measured bitwise equal on CPU (the linears' outputs are, see above). Gated at cosine >= 0.99999
+    for the reason given above (another CPU's summation order); the weight tiles rounded by truncation (the plant
+    tile_rounding_truncates) measured 0.99996 here and fail that. MXFP4's forward branch runs in the
+    compile test above (the interpreter is slow: one model here)."""
+    _, eager, inputs = _denoiser("nvfp4-wo")
+    model, fast, _ = _denoiser("nvfp4-wo", OptimizeSpec(fp4_wo_kernel=True))
     fp4 = [m for m in model.modules() if isinstance(m, (NVFP4Linear, MXFP4Linear))]
     assert fp4 and all(m.w4a16 for m in fp4)
     with torch.no_grad():
@@ -172,7 +182,7 @@ def test_switch_on_tiny_flux_matches_the_eager_fp4_weight_only_path(quant, inter
         for cls in (NVFP4Linear, MXFP4Linear):  # the kernel path never dequantizes a whole weight
             monkeypatch.setattr(cls, "dequantize_weight", lambda self: pytest.fail("dequantized the whole weight"))
         got = fast(inputs)
-    assert float(M.cosine(got.float(), want.float()).min()) >= 0.9995
+    assert float(M.cosine(got.float(), want.float()).min()) >= 0.99999
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------

@@ -36,13 +36,18 @@ CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (256, 128, 64, 8, 3),
 ]
-# The interpreter runs each program's ops in numpy: few large tiles are fast; tests pin small ones to get several.
-INTERPRETER_TILE = (64, 256)  # (BLOCK_M, BLOCK_N); BLOCK_K from block_k()
+# The interpreter runs each program's ops in numpy: few tiles, no larger than the problem, are fast (tests pin small
+# ones to get several). BLOCK_M and BLOCK_N: powers of two from 16 up to these caps; BLOCK_K from block_k().
+INTERPRETER_TILE_CAPS = (64, 256)
 
 
-def block_k(k: int, cap: int = 128) -> int:
+def _interpreter_tile(rows: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(rows)))
+
+
+def block_k(k: int, cap: int = 512) -> int:
     """The largest BLOCK_K <= cap that divides K (K is a multiple of 16 for NVFP4, 32 for MXFP4)."""
-    return next(b for b in (128, 64, 32, 16) if b <= cap and k % b == 0)
+    return next(b for b in (512, 256, 128, 64, 32, 16) if b <= cap and k % b == 0)
 
 
 def _fits_k(configs, named_args, **kwargs):
@@ -145,7 +150,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glo
                  bias: torch.Tensor | None, fmt: int, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16, packed uint8 [N, K/2], scale uint8 [N, K/SB] (E4M3 or E8M0 bits), global_scale fp32 [1]
     or [N] (NVFP4; None for MXFP4), bias [N] or None -> [M, N] in x's dtype. blocks: (BLOCK_M, BLOCK_N, BLOCK_K) to
-    pin the tiles (tests); None autotunes on CUDA where a config fits K, else uses INTERPRETER_TILE and block_k(K)."""
+    pin the tiles (tests); None autotunes on CUDA where a config fits K, else tiles sized to the problem."""
     m, k = x.shape
     n = packed.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -164,7 +169,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glo
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](*args, **flags)
         return out
-    bm, bn, bk = blocks or (*INTERPRETER_TILE, block_k(k))
+    bm, bn, bk = blocks or (_interpreter_tile(m, INTERPRETER_TILE_CAPS[0]), _interpreter_tile(n, INTERPRETER_TILE_CAPS[1]),
+                             block_k(k))
     if k % bk:
         raise ValueError(f"w4a16 BLOCK_K {bk} does not divide K = {k}")
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # pinned tiles bypass the autotuner
