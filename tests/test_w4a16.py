@@ -14,13 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from engine.api import OptimizeSpec, RunConfig, bench_inputs, bench_shape, build_denoiser, preflight
+from engine.optimize import optimize
 from engine.quant import w4a16
 from engine.quant.linear import LinearOptions, MXFP4Linear, NVFP4Linear
 from harness import metrics as M
 from harness.zoo import synthesize_transformer_state_dict, transformer_config
 
 WO = LinearOptions(act=False)
-TILES = (16, 64, 64)  # several M, N and K tiles on the shapes below (M = 37, N = 96): partial M and N tiles, tile order
+# Several M, N and K tiles on the shapes below (M = 37, N = 96): partial M and N tiles, the grouped tile order; the
+# kernel's two dot orientations (SWAP_AB, both autotuned on CUDA).
+TILES = {"ab": (16, 64, 64, False), "swapped": (16, 64, 64, True)}
 
 
 @pytest.fixture
@@ -46,20 +49,20 @@ def _linear(fmt, n=96, k=128, bias=True, segments=None):
     return MXFP4Linear.from_float(w, b, (n,), torch.bfloat16, WO)
 
 
-def _kernel(lin, x, blocks=TILES):
+def _kernel(lin, x, tiles):
     if isinstance(lin, NVFP4Linear):
         return w4a16.w4a16_matmul(x, lin.qweight, lin.weight_scale.view(torch.uint8), lin._row_scale_2(), lin.bias,
-                                  w4a16.NVFP4, blocks)
-    return w4a16.w4a16_matmul(x, lin.qweight, lin.weight_scale, None, lin.bias, w4a16.MXFP4, blocks)
+                                  w4a16.NVFP4, tiles)
+    return w4a16.w4a16_matmul(x, lin.qweight, lin.weight_scale, None, lin.bias, w4a16.MXFP4, tiles)
 
 
-def _tile_weight(lin):
+def _tile_weight(lin, swap=True):
     """The bf16 weight the kernel multiplies by, read back through an identity input: each output is one weight times
     1 plus exact zeros, so it is the tile value itself (as a value: the sign of a zero weight does not survive)."""
     eye = torch.eye(lin.in_features, dtype=torch.bfloat16)
     bias, lin.bias = lin.bias, None
     try:
-        return _kernel(lin, eye, blocks=(128, 64, 64)).t()
+        return _kernel(lin, eye, (128, 64, 64, swap)).t()
     finally:
         lin.bias = bias
 
@@ -68,10 +71,11 @@ CASES = {"nvfp4": dict(fmt="nvfp4"), "nvfp4-fused3": dict(fmt="nvfp4", segments=
          "mxfp4": dict(fmt="mxfp4")}
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_weight_tiles_equal_the_eager_dequantized_weight(case, interpret):
+def test_kernel_weight_tiles_equal_the_eager_dequantized_weight(case, swap, interpret):
     lin = _linear(bias=False, **CASES[case])
-    assert torch.equal(_tile_weight(lin), lin.dequantize_weight().to(torch.bfloat16))
+    assert torch.equal(_tile_weight(lin, swap), lin.dequantize_weight().to(torch.bfloat16))
 
 
 # Against F.linear(x, dequantize_weight().to(bf16), bias) on CPU (M = 37: three row tiles of 16, the last partial;
@@ -85,13 +89,14 @@ def _ulp_bf16(t):
     return torch.exp2(torch.floor(torch.log2(t.float().abs().clamp(min=2.0**-126))) - 7)
 
 
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_f_linear_within_one_bf16_ulp(case, bias, interpret):
+def test_kernel_matches_f_linear_within_one_bf16_ulp(case, bias, tiles, interpret):
     lin = _linear(bias=bias, **CASES[case])
     x = torch.randn(37, lin.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     want = F.linear(x, lin.dequantize_weight().to(torch.bfloat16), lin.bias)
-    got = _kernel(lin, x)
+    got = _kernel(lin, x, TILES[tiles])
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     diff = (got.float() - want.float()).abs()
     assert (diff <= _ulp_bf16(torch.maximum(got.float().abs(), want.float().abs()))).all(), diff.max()
@@ -153,7 +158,7 @@ def test_planted_kernel_bugs_are_caught(name, case, interpret, plant):
     if name == "tile_rounding_truncates":
         return  # one ulp per weight at most: the output bound is not for this, the tile equality is
     x = torch.randn(37, lin.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    diff = (_kernel(lin, x).float() - F.linear(x, want).float()).abs()
+    diff = (_kernel(lin, x, TILES["swapped"]).float() - F.linear(x, want).float()).abs()
     assert (diff > _ulp_bf16(F.linear(x, want))).any()
 
 
@@ -173,15 +178,15 @@ def test_switch_on_tiny_flux_matches_the_eager_fp4_weight_only_path(interpret, m
     for the reason given above (another CPU's summation order); the weight tiles rounded by truncation (the plant
     tile_rounding_truncates) measured 0.99996 here and fail that. MXFP4's forward branch runs in the
     compile test above (the interpreter is slow: one model here)."""
-    _, eager, inputs = _denoiser("nvfp4-wo")
-    model, fast, _ = _denoiser("nvfp4-wo", OptimizeSpec(fp4_wo_kernel=True))
-    fp4 = [m for m in model.modules() if isinstance(m, (NVFP4Linear, MXFP4Linear))]
-    assert fp4 and all(m.w4a16 for m in fp4)
+    model, forward, inputs = _denoiser("nvfp4-wo")  # one build: optimize() then switches its linears in place
     with torch.no_grad():
-        want = eager(inputs)
-        for cls in (NVFP4Linear, MXFP4Linear):  # the kernel path never dequantizes a whole weight
-            monkeypatch.setattr(cls, "dequantize_weight", lambda self: pytest.fail("dequantized the whole weight"))
-        got = fast(inputs)
+        want = forward(inputs)
+    optimize(model, OptimizeSpec(fp4_wo_kernel=True))
+    fp4 = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+    assert fp4 and all(m.w4a16 for m in fp4)
+    monkeypatch.setattr(NVFP4Linear, "dequantize_weight", lambda self: pytest.fail("dequantized the whole weight"))
+    with torch.no_grad():
+        got = forward(inputs)
     assert float(M.cosine(got.float(), want.float()).min()) >= 0.99999
 
 

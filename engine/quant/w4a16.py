@@ -31,17 +31,22 @@ import triton.language as tl
 
 NVFP4, MXFP4 = 0, 1  # the FORMAT constexpr
 SCALE_BLOCK = {NVFP4: 16, MXFP4: 32}
-# Autotuned on CUDA (keyed on M, N, K): FLUX.1's GEMMs at 1024px are M = 4096-4608 rows, N, K in 3072..21504.
-CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-    (128, 256, 64, 8, 4), (128, 256, 128, 8, 3), (64, 128, 128, 4, 4), (256, 128, 64, 8, 3),
+# Autotuned on CUDA (keyed on M, N, K): FLUX.1's GEMMs at 1024px are M = 4096-4608 rows, N, K in 3072..21504, so
+# compute-bound. Each weight tile is dequantized once per BLOCK_M rows: the 256-row tiles halve that work per MAC.
+# SWAP_AB (see the kernel): compiled for sm90 by Triton 3.8, the swapped kernel dequantizes straight into wgmma's
+# register operand and keeps one wgmma in flight (wait pendings=1) while the next tile is decoded; the unswapped one
+# stores each tile to shared memory and waits for every wgmma. Both are offered: older Tritons may differ.
+CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB)
+    (128, 256, 64, 8, 3, True), (128, 256, 128, 8, 3, True), (256, 128, 64, 8, 3, True), (128, 128, 64, 4, 4, True),
+    (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 128, 64, 4, 4, False),
 ]
-# The interpreter runs each program's ops in numpy: few tiles, no larger than the problem, are fast (tests pin small
-# ones to get several). BLOCK_M and BLOCK_N: powers of two from 16 up to these caps; BLOCK_K from block_k().
-INTERPRETER_TILE_CAPS = (64, 256)
+# Without autotuning (the interpreter; CUDA with K not a multiple of 64): BLOCK_M and BLOCK_N are powers of two from
+# 16 up to these caps, no larger than the problem (the interpreter runs each program's ops in numpy: few tiles are
+# fast; tests pin small ones to get several); BLOCK_K from block_k().
+PROBLEM_TILE_CAPS = (64, 1024)
 
 
-def _interpreter_tile(rows: int, cap: int) -> int:
+def _pow2_tile(rows: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(rows)))
 
 
@@ -64,9 +69,11 @@ def interpreting() -> bool:
 
 
 def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride, stride_xm, stride_om,
-                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    SB: tl.constexpr = 16 if FORMAT == 0 else 32  # elements per block scale
+                 FORMAT: tl.constexpr, SB: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 SWAP_AB: tl.constexpr):
+    # SB: elements per block scale (NVFP4 16, MXFP4 32). SWAP_AB: compute out^T = W x^T, so the dequantized tile is
+    # the dot's first operand, which Hopper's wgmma reads from registers (the second must be in shared memory).
     # Grouped tile order: GROUP_M row tiles walk the same column tiles, so those weight tiles stay in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
@@ -86,7 +93,10 @@ def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride, 
     w_ptrs = w_ptr + rn_safe[:, None] * (K // 2) + rk2[None, :]
     s_ptrs = s_ptr + rn_safe[:, None] * (K // SB) + rks[None, :]
     g = tl.load(g_ptr + rn_safe * g_stride)  # NVFP4: the fp32 global scale of each row's segment
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if SWAP_AB:
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K (the wrapper checks)
         x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
         packed = tl.load(w_ptrs)
@@ -119,12 +129,19 @@ def w4a16_kernel(x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, out_ptr, M, N, K, g_stride, 
             # the dot widened to float32: exact, and a bf16 MMA also forms exact products summed in float32.
             bits = w.to(tl.int32, bitcast=True)
             w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        elif SWAP_AB:
+            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 2
         s_ptrs += BLOCK_K // SB
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
     if WIDEN_DOT:  # the interpreter's truncating cast, as above
@@ -141,16 +158,16 @@ def _kernel(interpret: bool):
     kernel = triton.jit(w4a16_kernel)
     if interpreting():
         return kernel
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in CUDA_CONFIGS]
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": swap},
+                             num_warps=w, num_stages=s) for bm, bn, bk, w, s, swap in CUDA_CONFIGS]
     return triton.autotune(configs=configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _fits_k})(kernel)
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, fmt: int, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None, fmt: int, tiles: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16, packed uint8 [N, K/2], scale uint8 [N, K/SB] (E4M3 or E8M0 bits), global_scale fp32 [1]
-    or [N] (NVFP4; None for MXFP4), bias [N] or None -> [M, N] in x's dtype. blocks: (BLOCK_M, BLOCK_N, BLOCK_K) to
-    pin the tiles (tests); None autotunes on CUDA where a config fits K, else tiles sized to the problem."""
+    or [N] (NVFP4; None for MXFP4), bias [N] or None -> [M, N] in x's dtype. tiles: (BLOCK_M, BLOCK_N, BLOCK_K,
+    SWAP_AB) to pin them (tests); None autotunes on CUDA where a config fits K, else sizes tiles to the problem."""
     m, k = x.shape
     n = packed.shape[0]
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -163,18 +180,21 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glo
     g = global_scale if global_scale is not None else torch.ones(1, dtype=torch.float32, device=x.device)
     args = (x, packed.contiguous(), scale.contiguous(), g, bias if bias is not None else out, out, m, n, k,
             0 if g.numel() == 1 else 1, x.stride(0), out.stride(0))
-    flags = {"FORMAT": fmt, "HAS_BIAS": bias is not None, "WIDEN_DOT": interpreting() and x.dtype == torch.bfloat16}
+    flags = {"FORMAT": fmt, "SB": SCALE_BLOCK[fmt], "HAS_BIAS": bias is not None,
+             "WIDEN_DOT": interpreting() and x.dtype == torch.bfloat16}
     kernel = _kernel(interpreting())
-    if blocks is None and not interpreting() and k % min(c[2] for c in CUDA_CONFIGS) == 0:
+    if tiles is None and not interpreting() and k % min(c[2] for c in CUDA_CONFIGS) == 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](*args, **flags)
         return out
-    bm, bn, bk = blocks or (_interpreter_tile(m, INTERPRETER_TILE_CAPS[0]), _interpreter_tile(n, INTERPRETER_TILE_CAPS[1]),
-                             block_k(k))
+    # Swapped on a GPU (see CUDA_CONFIGS); unswapped in the interpreter, where it measured 2x faster.
+    bm, bn, bk, swap = tiles or (_pow2_tile(m, PROBLEM_TILE_CAPS[0]), _pow2_tile(n, PROBLEM_TILE_CAPS[1]), block_k(k),
+                                 not interpreting())
     if k % bk:
         raise ValueError(f"w4a16 BLOCK_K {bk} does not divide K = {k}")
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # pinned tiles bypass the autotuner
-    fn[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    fn[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4,
+                                                    SWAP_AB=swap)
     return out
 
 
