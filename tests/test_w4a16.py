@@ -103,6 +103,12 @@ def test_kernel_matches_f_linear_within_one_bf16_ulp(case, bias, tiles, interpre
     assert (diff > 0).float().mean() <= 0.01
 
 
+def test_linear_and_kernel_agree_on_the_format_codes():
+    from engine.quant import linear
+
+    assert (linear.W4A16_NVFP4, linear.W4A16_MXFP4) == (w4a16.NVFP4, w4a16.MXFP4)
+
+
 def test_switched_linear_compiles_whole_through_the_custom_op(interpret):
     """torch.compile traces the op through its fake (fullgraph: no graph break) and runs the same kernel."""
     from engine.quant.linear import enable_fp4_wo_kernel

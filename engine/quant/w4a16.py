@@ -176,7 +176,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glo
         raise ValueError(f"w4a16 takes bf16 or fp16 activations, got {x.dtype}")
     if packed.shape != (n, k // 2) or scale.shape != (n, k // SCALE_BLOCK[fmt]) or scale.dtype != torch.uint8:
         raise ValueError(f"w4a16: packed {tuple(packed.shape)} / scale {tuple(scale.shape)} {scale.dtype} do not fit "
-                         f"x {tuple(x.shape)} (want uint8 [{n}, {k // 2}] and uint8 [{n}, {k // SCALE_BLOCK[fmt]}])")
+                         f"x {tuple(x.shape)} (expected uint8 [{n}, {k // 2}] and uint8 [{n}, {k // SCALE_BLOCK[fmt]}])")
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     g = global_scale if global_scale is not None else torch.ones(1, dtype=torch.float32, device=x.device)
