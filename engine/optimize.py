@@ -1,9 +1,9 @@
 """Speed-ups applied to a built model, one switch each, so an accuracy regression can be traced to one flag. Every
 switch is a field of OptimizeSpec, which RunConfig holds, so each is a suite axis the gate sees.
 
-optimize() applies them in one order: the fp8 linears' switches (fast accumulation, weight-only output scaling:
-properties of the quantized linears, set before anything traces them), the attention kernel, block compilation,
-then the CUDA graph around the whole forward (last: it captures what the earlier steps left, compiled kernels too).
+optimize() applies them in one order: the quantized linears' switches (fp8 fast accumulation, fp8 weight-only output
+scaling, the FP4 weight-only kernel: properties of the quantized linears, set before anything traces them), the
+attention kernel, block compilation, then the CUDA graph around the whole forward (last: it captures what the earlier steps left, compiled kernels too).
 
 Compilation is regional: each transformer block is compiled on its own and the conditioning path (timestep,
 guidance and pooled-text embeddings) stays eager (why: the comment below).
@@ -25,10 +25,11 @@ from torch import nn
 
 from engine.attention import attention_backend
 from engine.cuda_graphs import GraphedForward
-from engine.quant.linear import enable_fp8_fast_accum, enable_fp8_wo_output_scale
+from engine.quant.linear import enable_fp4_wo_kernel, enable_fp8_fast_accum, enable_fp8_wo_output_scale
 
 GRAPH_DEVICES = ("cuda", "cuda:N")
 INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs themselves
+FP4_WO_MODES = ("nvfp4-wo", "mxfp4-wo")  # the quant modes whose linears fp4_wo_kernel switches
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class OptimizeSpec:
     # longer writes a float32 copy of every weight per call. With compile_mode "max-autotune-no-cudagraphs"
     # inductor may fold the cast into a Triton GEMM's prologue. Refused on a model without such a linear.
     fp8_wo_output_scale: bool = False
+    # FP4 weight-only linears (nvfp4-wo, mxfp4-wo) run a W4A16 Triton GEMM that dequantizes each weight tile in
+    # registers (engine/quant/w4a16.py) instead of writing the whole dequantized weight every call. Its tiles equal
+    # the eager weight bitwise: only the summation order differs. CUDA, or CPU under Triton's interpreter
+    # (TRITON_INTERPRET=1, how the tests run it). Refused for other quant modes.
+    fp4_wo_kernel: bool = False
     # Capture the denoiser forward in a CUDA graph per input shape and replay it (engine/cuda_graphs.py): removes
     # the launch gaps (~5.5 ms of a compiled FLUX.1 forward on an H100). CUDA only.
     cuda_graphs: bool = False
@@ -63,9 +69,22 @@ class OptimizeSpec:
         if self.fp8_wo_output_scale and quant is not None and quant != "fp8-wo":
             raise ValueError(f"optimize.fp8_wo_output_scale needs quant mode 'fp8-wo' (fp8 weight-only); this run's "
                              f"quant mode is {quant!r}")
+        if self.fp4_wo_kernel and quant is not None and quant not in FP4_WO_MODES:
+            raise ValueError(f"optimize.fp4_wo_kernel needs an FP4 weight-only quant mode (valid: "
+                             f"{', '.join(FP4_WO_MODES)}); this run's quant mode is {quant!r}")
+        if self.fp4_wo_kernel and torch.device(device).type != "cuda" and not _triton_interprets():
+            raise ValueError(f"optimize.fp4_wo_kernel runs a Triton kernel: it needs a CUDA device (valid: "
+                             f"{', '.join(GRAPH_DEVICES)}), or TRITON_INTERPRET=1 to interpret it on "
+                             f"{torch.device(device)} (slow; tests only)")
         if self.cuda_graphs and torch.device(device).type != "cuda":
             raise ValueError(f"optimize.cuda_graphs needs a CUDA device (valid: {', '.join(GRAPH_DEVICES)}); "
                              f"the model runs on {torch.device(device)}")
+
+
+def _triton_interprets() -> bool:
+    from engine.quant.w4a16 import interpreting
+
+    return interpreting()
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
@@ -94,6 +113,9 @@ def optimize(model: nn.Module, spec: OptimizeSpec) -> nn.Module:
     if spec.fp8_wo_output_scale and enable_fp8_wo_output_scale(model) == 0:
         raise ValueError("optimize.fp8_wo_output_scale: the model has no fp8 weight-only linear that dequantizes per "
                          "call (quant mode 'fp8-wo' without cache_dequant); nothing to switch")
+    if spec.fp4_wo_kernel and enable_fp4_wo_kernel(model) == 0:
+        raise ValueError(f"optimize.fp4_wo_kernel: the model has no FP4 weight-only linear that dequantizes per call "
+                         f"(quant mode {' or '.join(FP4_WO_MODES)} without cache_dequant); nothing to switch")
     model.attention = attention_backend(spec.attention)
     if spec.compile_blocks:
         for blocks in block_lists(model):

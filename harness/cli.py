@@ -448,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
     sens.add_argument("--model-dir", help="a diffusers model folder (inputs captured by running its pipeline); "
                                           "default: weights and inputs synthesized by the zoo on --device")
     sens.add_argument("--size", default="tiny", help="zoo size when synthesizing: tiny or full")
-    sens.add_argument("--quant", required=True, help="quant mode: fp8, fp8-wo, nvfp4, nvfp4-wo, mxfp4")
+    sens.add_argument("--quant", required=True, help="quant mode: fp8, fp8-wo, nvfp4, nvfp4-wo, mxfp4, mxfp4-wo")
     sens.add_argument("--target-cosine", type=float, default=0.99,
                       help="worst single-step cosine the advice must reach (default 0.99)")
     sens.add_argument("--group", default="layer", help="layer, block or kind (one linear in every block)")

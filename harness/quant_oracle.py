@@ -14,7 +14,7 @@ them and the captured activations with torchao 0.18's reference functions, and r
   nvfp4     torchao `nvfp4_quantize` two-level (per_tensor_scale = amax / (6 * 448) per checkpoint tensor of W);
             activations with the checkpoint's static input_scale, else the dynamic amax of the call. nvfp4-wo:
             the weight alone.
-  mxfp4     torchao `to_mx(..., float4_e2m1fn_x2, 32, FLOOR)` / `to_dtype` for W and x.
+  mxfp4     torchao `to_mx(..., float4_e2m1fn_x2, 32, FLOOR)` / `to_dtype` for W and x. mxfp4-wo: the weight alone.
 Where the engine's path equals torchao's bitwise (measured on CPU, see golden/thresholds.toml) the gate is exact.
 
 Rows: comparison `quant_oracle`, metric `layer_output_rel_error` (||engine - torchao|| / ||torchao|| in float64, one
@@ -96,6 +96,7 @@ SCHEMES: dict[str, Scheme] = {
     "nvfp4": Scheme(nvfp4_qdq, nvfp4_qdq),
     "nvfp4-wo": Scheme(nvfp4_qdq, None),
     "mxfp4": Scheme(mxfp4_qdq, lambda x, static: mxfp4_qdq(x)),
+    "mxfp4-wo": Scheme(mxfp4_qdq, None),
 }
 
 

@@ -57,7 +57,7 @@ def _gate(quant, cell, cfg, source_dir, inputs, tmp_path, plant=None):
     return gate(pd.DataFrame(rows), load_thresholds()), rows
 
 
-@pytest.mark.parametrize("quant", ["fp8", "fp8-wo", "nvfp4", "nvfp4-wo", "mxfp4"])
+@pytest.mark.parametrize("quant", ["fp8", "fp8-wo", "nvfp4", "nvfp4-wo", "mxfp4", "mxfp4-wo"])
 def test_every_online_mode_passes_the_oracle(quant, bf16_cfg, step0, tiny_flux_dir, tmp_path):
     result, rows = _gate(quant, _cell(quant), bf16_cfg.replace(quant=quant), tiny_flux_dir, step0, tmp_path)
     assert result.exit_code == 0, result.failed[["metric", "layer", "why"]].to_string()

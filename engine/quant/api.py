@@ -45,6 +45,7 @@ HANDLERS: dict[str, Handler] = {
     "nvfp4-wo": Handler(NVFP4Linear, False, "nvfp4"),
     # Narrow outputs gain little memory and MX's 32-wide, power-of-two scales hurt them most.
     "mxfp4": Handler(MXFP4Linear, True, None, min_out_features=256),
+    "mxfp4-wo": Handler(MXFP4Linear, False, None, min_out_features=256),
 }
 MODES = ("none", *HANDLERS)
 FP8_BACKENDS = {"auto": None, "scaled_mm": Fp8Backend.SCALED_MM, "emulated": Fp8Backend.EMULATED}

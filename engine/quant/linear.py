@@ -211,6 +211,7 @@ class NVFP4Linear(QuantLinear):
         # A calibrated input_scale makes the activation global scale static; without one (online quantization,
         # or our own tool, which sees no activations) it is computed per call: amax(x) / (6 * 448) over the call.
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
+        self.w4a16 = False  # weight-only: the fused-dequant Triton GEMM (see enable_fp4_wo_kernel)
         self._finish()
 
     @classmethod
@@ -268,13 +269,17 @@ class NVFP4Linear(QuantLinear):
         return nvfp4.dequantize(self.qweight, self.weight_scale, self._row_scale_2())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4a16:
+            return torch.ops.parity.w4a16_linear(x, self.qweight, self.weight_scale.view(torch.uint8),
+                                                 self.kernel_scale_2, self.bias, W4A16_NVFP4)
         if self.options.act:
             scale_2 = self.input_scale if self.input_scale is not None else nvfp4.global_scale(x.abs().amax())
             x = nvfp4.quantize_dequantize(x, scale_2).to(x.dtype)
         return F.linear(x, self._weight_in(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", segments={self.segments}, static_input_scale={self.input_scale is not None}"
+        return (super().extra_repr() + f", segments={self.segments}, static_input_scale={self.input_scale is not None}"
+                f", w4a16={self.w4a16}")
 
 
 class MXFP4Linear(QuantLinear):
@@ -285,6 +290,7 @@ class MXFP4Linear(QuantLinear):
         super().__init__(qweight.shape[1] * 2, qweight.shape[0], bias, dtype, options)
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale)
+        self.w4a16 = False  # weight-only: the fused-dequant Triton GEMM (see enable_fp4_wo_kernel)
         self._finish()
 
     @classmethod
@@ -296,9 +302,40 @@ class MXFP4Linear(QuantLinear):
         return mxfp4.dequantize(self.qweight, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4a16:
+            return torch.ops.parity.w4a16_linear(x, self.qweight, self.weight_scale.view(torch.uint8), None,
+                                                 self.bias, W4A16_MXFP4)
         if self.options.act:
             x = mxfp4.quantize_dequantize(x).to(x.dtype)
         return F.linear(x, self._weight_in(x.dtype), self.bias)
 
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", w4a16={self.w4a16}"
+
+
 BLOCK_SIZES: dict[type, int] = {Fp8Linear: 1, NVFP4Linear: nvfp4.BLOCK, MXFP4Linear: mxfp4.BLOCK}
+W4A16_NVFP4, W4A16_MXFP4 = 0, 1  # engine/quant/w4a16.py's FORMAT values (that module imports Triton: loaded on demand)
+W4A16_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def enable_fp4_wo_kernel(model: nn.Module) -> int:
+    """Switch every FP4 weight-only linear of `model` that dequantizes per call (NVFP4 / MXFP4, act=False, no
+    cache_dequant) to the W4A16 Triton kernel (engine/quant/w4a16.py); return how many. Its weight tiles equal the
+    eager dequantized weight bitwise, so outputs differ from the eager path only by summation order. The kernel takes
+    bf16 / fp16 activations: a linear computing in another dtype is an error, not skipped."""
+    from engine.quant import w4a16  # noqa: F401  (registers torch.ops.parity.w4a16_linear)
+
+    chosen = {n: m for n, m in model.named_modules()
+              if isinstance(m, (NVFP4Linear, MXFP4Linear)) and not m.options.act and not m.options.cache_dequant}
+    wrong = sorted(n for n, m in chosen.items() if m.dtype not in W4A16_DTYPES)
+    if wrong:
+        raise ValueError(f"the W4A16 kernel takes activations in {[str(d) for d in W4A16_DTYPES]}; these linears "
+                         f"compute in {chosen[wrong[0]].dtype}: {wrong[:5]}")
+    for module in chosen.values():
+        if isinstance(module, NVFP4Linear):
+            # Each row's global scale, [1] for one segment or [N] for a fused module: once, not per call.
+            scale_2 = module._row_scale_2().contiguous()
+            module.register_buffer("kernel_scale_2", scale_2, persistent=False)
+        module.w4a16 = True
+    return len(chosen)
