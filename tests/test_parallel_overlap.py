@@ -242,7 +242,7 @@ def test_compiled_overlap_is_bitwise_and_hides_the_transfers(tmp_path, start_ran
     print(f"\ncompiled, overlap on: {res['on']}\noff: {res['off']}\npost-grad graph, with inductor's locality pass "
           f"(the plant): {res['plant']}")
     assert res["bitwise"]
-    assert len(res["on"]) == len(res["product"]) == 1  # one graph for both single-stream blocks
-    assert hides_under_first_and_last(res["on"][0]) and hides_under_first_and_last(res["product"][0])
-    # The check can fail: the fused block (overlap off) has no GEMM under a transfer, nor has the planted graph.
-    assert not hides_under_first_and_last(res["off"][0]) and not hides_under_first_and_last(res["plant"][0])
+    for kind, hides in (("on", True), ("product", True), ("off", False), ("plant", False)):
+        # One graph for both single-stream blocks (more if dynamo compiled each block apart: each is checked). The
+        # check can fail: the fused block (overlap off) has no GEMM under a transfer, nor has the planted graph.
+        assert res[kind] and all(hides_under_first_and_last(o) == hides for o in res[kind]), (kind, res[kind])
