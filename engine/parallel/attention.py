@@ -15,7 +15,7 @@ the attention output for the same tokens in the same order, equal to what one de
   block (the text keys joined to the first block for a prefix, the last for a suffix), and the R partials are
   all-gathered and merged in ring order, so every rank ends with the same bits.
 - Independent work (attend_beside, with overlap on: OptimizeSpec.sp_overlap): a model may hand its attention call
-  work that neither feeds nor reads it (FLUX.1's single-stream MLP input GEMM); Ulysses runs it under the two
+  work that neither feeds nor reads it (a block's MLP input GEMM beside its attention); Ulysses runs it under the two
   transfers its pipeline leaves exposed, the first piece's all-to-all and the last inverse one (BesideWork).
 - Lengths that do not divide are moved exactly (uneven all_to_all_single splits, ring receive buffers sized for
   the sender's block): no padding, so no mask is needed.
