@@ -373,6 +373,8 @@ def build_denoiser(family: str, denoiser: str, config: dict, state_dict: Mapping
         spec = parse_parallel(parallel)
         init_distributed(spec, torch.device(device))
         model = fam.sequence_parallel(model, get_mesh(spec))
+        if optimize.sp_overlap:
+            model.set_overlap(True)
     return model, lambda inputs: fam.denoiser_forward(model, inputs)
 
 

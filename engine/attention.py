@@ -3,7 +3,7 @@ backend is an attribute of the model, so sequence parallelism (or a faster kerne
 model is built without touching model code."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,27 @@ import torch.nn.functional as F
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (q, k, v, key_mask) -> out: attention with a boolean (B, S_k) key mask (False = never attended, e.g. padded text).
 MaskedAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Work a model hands to one attention call: callables that neither feed the attention nor read its output (FLUX.1's
+# single-stream block: the MLP input projection). A backend that moves data (sequence-parallel all-to-alls) runs
+# them while its transfers are in flight; any other backend after the attention (attend_beside).
+IndependentWork = Sequence[Callable[[], torch.Tensor]]
+
+
+def hides_work(attention) -> bool:
+    """Whether `attention` runs independent work under its own communication (a backend says so with a true
+    `hides_work` attribute). A model asks before cutting a fused projection into the pieces it hands over: where
+    nothing is in flight, one larger GEMM is at least as fast, so the projection stays whole."""
+    return bool(getattr(attention, "hides_work", False))
+
+
+def attend_beside(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  work: IndependentWork) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """attention(q, k, v), and every callable of `work` called once, in order: (attention output, their results).
+    The same bits as calling them one after the other: the work reads nothing the attention writes. A backend that
+    hides work does it in its `attend_beside(q, k, v, work)`, with the same contract."""
+    if hides_work(attention):
+        return attention.attend_beside(q, k, v, work)
+    return attention(q, k, v), [w() for w in work]
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

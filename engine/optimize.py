@@ -54,6 +54,11 @@ class OptimizeSpec:
     # Capture the denoiser forward in a CUDA graph per input shape and replay it (engine/cuda_graphs.py): removes
     # the launch gaps (~5.5 ms of a compiled FLUX.1 forward on an H100). CUDA only.
     cuda_graphs: bool = False
+    # Under sequence parallelism with Ulysses: a model's work that does not depend on attention (FLUX.1's single-
+    # stream MLP input projection) runs while the all-to-alls are in flight, its fused projection cut by rows into
+    # GEMMs of their own (engine.attention.attend_beside). The same bits on CPU; nothing changes on one device or
+    # without Ulysses. Off by default until a GPU A/B (tools/sp_bench.py +overlap configs) shows it is never slower.
+    sp_overlap: bool = False
 
     def check(self, device: str | torch.device, quant: str | None = None) -> None:
         """Raise if this spec cannot run on `device` with quant mode `quant` (None: not known yet); preflight calls

@@ -16,4 +16,4 @@ def open_runner(cfg: RunConfig, components: Mapping[str, Any] | None = None) -> 
     pipeline = fam.pipeline(cfg) if components is None else fam.pipeline(cfg, components=components)
     for name in fam.denoisers:
         setattr(pipeline, name, optimize(getattr(pipeline, name), cfg.optimize))
-    return apply_parallel(pipeline, cfg.parallel, fam)
+    return apply_parallel(pipeline, cfg.parallel, fam, overlap=cfg.optimize.sp_overlap)

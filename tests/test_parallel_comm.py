@@ -101,8 +101,10 @@ def _inplace_ring_text(tq, tk, tv, image_k, image_v, axis, text_first, lse_atten
     return out
 
 
-def inplace_ulysses_attention(qkv, sizes, axis, chunks, attend):
-    """Ulysses as it was before the pipeline: every head in one in-place all-to-all each way (chunks ignored)."""
+def inplace_ulysses_attention(qkv, sizes, axis, chunks, attend, beside=None):
+    """Ulysses as it was before the pipeline: every head in one in-place all-to-all each way (chunks ignored; no
+    independent work is handed to these tests' calls, so `beside` is None)."""
+    assert beside is None
     received = inplace_heads_to_sequence(torch.stack(qkv), sizes, axis)
     out, side = attend(0, received.shape[3], received)
     return inplace_sequence_to_heads(out, sizes, axis), None if side is None else _inplace_all_gather_heads(side, axis)

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default mode does)")
     parser.add_argument("--ulysses-chunks", type=int, default=None,
                         help="pieces of each rank's heads for the Ulysses pipeline (default: the wrapper's)")
+    parser.add_argument("--sp-overlap", action="store_true", help="OptimizeSpec.sp_overlap: the model's work "
+                        "independent of attention under the Ulysses all-to-alls (as the bench's +sp_overlap)")
     parser.add_argument("--replicate-text-on-ring", action="store_true",
                         help="keep the text whole on every ring rank (default: cut, where the family allows it)")
     parser.add_argument("--out", default="reports/sp-profile")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = transformer_config(args.family, args.size, denoiser)
     sd = synthesize_transformer_state_dict(args.family, args.size, seed=0, device=device, dtype=dtype,
                                            denoiser=denoiser)
-    spec = OptimizeSpec(compile_blocks=not args.no_compile, cuda_graphs=args.cuda_graphs)
+    spec = OptimizeSpec(compile_blocks=not args.no_compile, cuda_graphs=args.cuda_graphs, sp_overlap=args.sp_overlap)
     t0 = time.perf_counter()
     model, fwd = build_denoiser(args.family, denoiser, tcfg, sd, "none", spec, args.parallel, dtype, device)
     shape = bench_shape(height=args.height, width=args.width, text_tokens=args.text_tokens, batch=1, seed=0)
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                "compiled_blocks": not args.no_compile, "cuda_graphs": args.cuda_graphs,
                "shard_text": getattr(model, "shard_text", None),
                "ulysses_chunks": getattr(getattr(model, "sp_attention", None), "ulysses_chunks", None),
+               "sp_overlap": args.sp_overlap,
                "build_and_warmup_s": round(build_s, 1), **compiled,
                "new_graphs_while_profiled": unique_after - compiled["unique_graphs"],
                "output_cosine_vs_one_device": cosine, **analyse(prof, args.iters, args.device), **kernel_check,

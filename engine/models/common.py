@@ -6,6 +6,7 @@ a bf16 parity gate sees every reordering. Where we deliberately differ, the comm
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def linear_rows(linear: nn.Module, lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x -> linear(x)[..., lo:hi], computed as its own GEMM over weight rows lo:hi (a fused projection cut so that
+    one part can run while another part's consumer waits). Each output element is the same dot product as in the
+    whole GEMM: the same bits on CPU (tests/test_parallel_overlap.py); a GPU library may pick another kernel for the
+    narrower GEMM, so there the last bits may differ. None for anything but a plain nn.Linear (a quantized linear
+    keeps its packed weight whole): the caller then runs the linear whole."""
+    if type(linear) is not nn.Linear:
+        return None
+    weight, bias = linear.weight[lo:hi], None if linear.bias is None else linear.bias[lo:hi]
+    return lambda x: F.linear(x, weight, bias)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

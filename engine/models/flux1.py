@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.attention import AttentionFn, sdpa_attention
+from engine.attention import AttentionFn, attend_beside, hides_work, sdpa_attention
 from engine.models.common import (
-    GeluMLP, MLPEmbedder, RMSNorm, apply_rope, layer_norm, modulate, rope_frequencies, timestep_embedding,
+    GeluMLP, MLPEmbedder, RMSNorm, apply_rope, layer_norm, linear_rows, modulate, rope_frequencies, timestep_embedding,
 )
 
 TIMESTEP_SCALE = 1000.0  # the model is trained on t in [0, 1000]; pipelines pass sigma in [0, 1]
@@ -119,17 +119,34 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.attention_head_dim)
         self.linear2 = nn.Linear(dim + cfg.mlp_hidden, dim)
 
+    # Pieces the MLP rows of linear1 are cut into when the attention hides work under its communication: a backend
+    # runs the first part while the attention's inputs travel and the rest while its output travels back.
+    MLP_PIECES = 2
+
     def forward(self, x, vec, rope, attention: AttentionFn):
         shift, scale, gate = self.mod(nn.functional.silu(vec)).chunk(3, dim=-1)
-        qkv, mlp = self.linear1(modulate(layer_norm(x), shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        qkv, mlp_work = self._projections(modulate(layer_norm(x), shift, scale), hides_work(attention))
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
         q, k = apply_rope(self.norm.query_norm(q), *rope), apply_rope(self.norm.key_norm(k), *rope)
-        attn = attention(q, k, v).flatten(2).to(q.dtype)
-        out = self.linear2(torch.cat([attn, nn.functional.gelu(mlp, approximate="tanh")], dim=-1))
+        # The MLP half of the block does not depend on attention: handed to the call as independent work.
+        attn, mlp = attend_beside(attention, q, k, v, mlp_work)
+        out = self.linear2(torch.cat([attn.flatten(2).to(q.dtype), *mlp], dim=-1))
         x = x + gate[:, None] * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
+
+    def _projections(self, h: torch.Tensor, cut: bool):
+        """linear1's QKV rows, and its MLP rows with their GELU as a list of callables. With `cut` (the attention
+        hides work) QKV is its own GEMM and the MLP rows MLP_PIECES more, computed when the attention calls them;
+        else one GEMM as the checkpoint fuses it. The same bits either way (engine.models.common.linear_rows)."""
+        d = 3 * self.dim
+        bounds = [d + self.mlp_hidden * i // self.MLP_PIECES for i in range(self.MLP_PIECES + 1)]
+        rows = [linear_rows(self.linear1, lo, hi) for lo, hi in zip([0] + bounds[:-1], bounds)] if cut else [None]
+        if None in rows:
+            qkv, mlp = self.linear1(h).split([d, self.mlp_hidden], dim=-1)
+            return qkv, [lambda: nn.functional.gelu(mlp, approximate="tanh")]
+        return rows[0](h), [lambda f=f: nn.functional.gelu(f(h), approximate="tanh") for f in rows[1:]]
 
 
 class Flux1Transformer(nn.Module):

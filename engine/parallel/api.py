@@ -15,8 +15,9 @@ from engine.parallel.config import ParallelSpec, parse_parallel
 from engine.parallel.mesh import get_mesh, init_distributed
 
 
-def apply_parallel(pipeline, name: str, family):
-    """family: the engine.family.Family record (its denoisers and sequence_parallel wrapper)."""
+def apply_parallel(pipeline, name: str, family, overlap: bool = False):
+    """family: the engine.family.Family record (its denoisers and sequence_parallel wrapper); overlap: the run's
+    OptimizeSpec.sp_overlap (SequenceParallelTransformer.set_overlap)."""
     spec: ParallelSpec = parse_parallel(name)
     if spec.is_serial:
         return pipeline
@@ -26,7 +27,10 @@ def apply_parallel(pipeline, name: str, family):
     init_distributed(spec, pipeline.device)
     mesh = get_mesh(spec)
     for denoiser in family.denoisers:
-        setattr(pipeline, denoiser, family.sequence_parallel(getattr(pipeline, denoiser), mesh))
+        wrapped = family.sequence_parallel(getattr(pipeline, denoiser), mesh)
+        if overlap:
+            wrapped.set_overlap(True)
+        setattr(pipeline, denoiser, wrapped)
     if spec.cfg > 1:
         pipeline.cfg_executor = ParallelCFG(mesh.cfg)
     return pipeline

@@ -14,6 +14,9 @@ the attention output for the same tokens in the same order, equal to what one de
   step only, never in a travelling block. Text queries do not travel: each ring rank attends them to its own image
   block (the text keys joined to the first block for a prefix, the last for a suffix), and the R partials are
   all-gathered and merged in ring order, so every rank ends with the same bits.
+- Independent work (attend_beside, with overlap on: OptimizeSpec.sp_overlap): a model may hand its attention call
+  work that neither feeds nor reads it (a block's MLP input GEMM beside its attention); Ulysses runs it under the two
+  transfers its pipeline leaves exposed, the first piece's all-to-all and the last inverse one (BesideWork).
 - Lengths that do not divide are moved exactly (uneven all_to_all_single splits, ring receive buffers sized for
   the sender's block): no padding, so no mask is needed.
 - Text sharded like the image (`configure(..., text_plan)`, for families whose text is never masked): each rank
@@ -73,8 +76,32 @@ def usable_chunks(heads_per_rank: int, requested: int) -> int:
     return max(c for c in range(1, min(requested, heads_per_rank) + 1) if heads_per_rank % c == 0)
 
 
+class BesideWork:
+    """The independent work handed to one attention call (engine.attention.attend_beside), run in two parts where
+    Ulysses leaves its transfers exposed: `run_first` while the first head piece's all-to-all is in flight (nothing
+    else can run then: every piece's attention needs its received q, k, v), `run_rest` while the last piece's inverse
+    all-to-all is (the attention is done; nothing else is left to run). The first part takes the larger half: the
+    inputs carry q, k and v, the output one tensor. Results come back in the work's order, whatever ran where."""
+
+    def __init__(self, work):
+        self.work = list(work)
+        self.results: list[torch.Tensor] = []
+        self.first = (len(self.work) + 1) // 2
+
+    def _run_to(self, n: int) -> None:
+        while len(self.results) < n:
+            self.results.append(self.work[len(self.results)]())
+
+    def run_first(self) -> None:
+        self._run_to(self.first)
+
+    def run_rest(self) -> None:
+        self._run_to(len(self.work))
+
+
 def ulysses_attention(qkv: tuple[torch.Tensor, ...], sizes: tuple[int, ...], axis: Axis, chunks: int,
-                      attend: UlyssesAttendFn) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      attend: UlyssesAttendFn, beside: BesideWork | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ulysses over `axis`: each of q, k, v (B, S_local, H, D) trades heads for sequence (rank j receives every
     rank's tokens for heads j*H/U:(j+1)*H/U), `attend` runs on them, and the inverse all-to-all brings each rank its
     own tokens back with all heads. Returns (out (B, S_local, H, D), side gathered to (B, T, H, D) or None).
@@ -83,7 +110,8 @@ def ulysses_attention(qkv: tuple[torch.Tensor, ...], sizes: tuple[int, ...], axi
     before piece c's attention, piece c's inverse all-to-all right after it, and a result is waited for only where
     it is needed, so the transfers run under the attention of the neighbouring pieces. q, k and v travel in one
     all-to-all per piece (one NCCL launch instead of three), its send buffer built by one copy.
-    Head index h = j * H/U + c * H/(U C) + i (rank j, piece c): the same heads, in the same order, as unchunked."""
+    Head index h = j * H/U + c * H/(U C) + i (rank j, piece c): the same heads, in the same order, as unchunked.
+    `beside`: the caller's independent work, run under the two transfers nothing else hides (BesideWork)."""
     b, s, h, d = qkv[0].shape
     u, n = axis.size, len(qkv)
     hu = h // u
@@ -99,12 +127,16 @@ def ulysses_attention(qkv: tuple[torch.Tensor, ...], sizes: tuple[int, ...], axi
     pending = start_piece(0)
     for c in range(chunks):
         following = start_piece(c + 1) if c + 1 < chunks else None
+        if c == 0 and beside is not None:
+            beside.run_first()
         received = wait(pending).permute(1, 2, 0, 3, 4)  # (n, b, S_group, hc, d)
         out, side = attend(c * hc, (c + 1) * hc, received)
         outs.append(start_all_to_all(out.permute(1, 0, 2, 3), [s] * u, list(sizes), axis.group_name))
         if side is not None:
             sides.append(start_all_gather(side, axis.group_name, u))
         pending = following
+    if beside is not None:
+        beside.run_rest()
     out = heads_from_pieces([wait(o).view(u, s, b, hc, d).transpose(1, 2) for o in outs])
     if not sides:
         return out, None
@@ -187,8 +219,10 @@ class JointSequenceParallelAttention:
 
     def __init__(self, mesh: Mesh, local_attention: AttentionFn, lse_attention: LseAttentionFn = fused_attention_lse,
                  local_masked_attention: MaskedAttentionFn = masked_sdpa_attention,
-                 ulysses_chunks: int = ULYSSES_CHUNKS):
+                 ulysses_chunks: int = ULYSSES_CHUNKS, overlap: bool = False):
         self.mesh = mesh
+        # Run a model's independent work under the Ulysses all-to-alls (attend_beside; OptimizeSpec.sp_overlap).
+        self.overlap = overlap
         usable_chunks(1, ulysses_chunks)  # a count below 1 fails here, not at the first forward
         # Pieces each rank's heads are cut into for the Ulysses pipeline (ULYSSES_CHUNKS says why); fewer where the
         # heads per rank do not divide. Any count gives the same bits.
@@ -225,16 +259,33 @@ class JointSequenceParallelAttention:
             raise ValueError("sequence-parallel attention masks text keys only; this call masks image keys")
         self._checked_mask = weakref.ref(key_mask)
 
+    @property
+    def hides_work(self) -> bool:
+        """engine.attention.hides_work: only Ulysses leaves transfers that nothing else hides (a ring-only mesh
+        overlaps each hop with the previous block's attention already)."""
+        return self.overlap and self.mesh.ulysses.size > 1
+
+    def attend_beside(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      work) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """engine.attention.attend_beside: the attention, with `work` run under its all-to-alls (BesideWork)."""
+        beside = BesideWork(work)
+        out = self._attend(q, k, v, None, beside)
+        beside.run_rest()  # a path without windows (no Ulysses) runs it all here
+        return out, beside.results
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """key_mask: None, or boolean (B, T + S_local) over this rank's joint sequence, True on every image key."""
+        return self._attend(q, k, v, key_mask, None)
+
+    def _attend(self, q, k, v, key_mask, beside: BesideWork | None) -> torch.Tensor:
         if self.plan is None:
             raise RuntimeError("sequence-parallel attention called before configure(): wrap the transformer "
                                "with engine.parallel.apply_parallel instead of setting the backend by hand")
         if self.text_plan is not None:
             if key_mask is not None:
                 raise ValueError("sharded text takes no key mask: a family whose text is masked keeps it replicated")
-            return self.sharded_text_attention(q, k, v)
+            return self.sharded_text_attention(q, k, v, beside)
         mesh, plan, t, first = self.mesh, self.plan, self.text_len, self.text_first
         local_len = plan.sizes[mesh.sp.index]
         if q.shape[1] != t + local_len:
@@ -257,7 +308,7 @@ class JointSequenceParallelAttention:
             tq_c, tk_c, tv_c = (x[:, :, own + lo:own + hi] for x in (tq, tk, tv))
             t_out, i_out = self._joint_attention(tq_c, tk_c, tv_c, *qkv.unbind(0), text_mask)
             return i_out, (t_out if t else None)
-        i_out, t_out = ulysses_attention((iq, ik, iv), ulysses_sizes, u_axis, self._chunks(heads), attend)
+        i_out, t_out = ulysses_attention((iq, ik, iv), ulysses_sizes, u_axis, self._chunks(heads), attend, beside)
         return join_joint(t_out if t else q[:, :0], i_out, first)
 
     def _check_heads(self, heads: int) -> int:
@@ -295,7 +346,8 @@ class JointSequenceParallelAttention:
         t_out = ring_text_attention(tq, tk, tv, ik, iv, r_axis, first, self.lse_attention, **masked)
         return t_out.to(tq.dtype), i_out.to(iq.dtype)
 
-    def sharded_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def sharded_text_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               beside: BesideWork | None = None) -> torch.Tensor:
         """Text cut across the ranks like the image: each rank holds (B, t_i + s_i, H, D), its text shard and image
         shard in model order, and no token is computed twice. The Ulysses all-to-all gathers the group's shards,
         which are put in model order ([all text | all image] for a prefix) before the local kernel: without a ring
@@ -318,7 +370,7 @@ class JointSequenceParallelAttention:
             out = self._sharded_block_attention(*to_model_order(qkv, lead, trail, dim=2).unbind(0))
             return to_rank_order(out, lead, trail, dim=1), None
         out, _ = ulysses_attention((q, k, v), joint[group], u_axis, self._chunks(self._check_heads(q.shape[2])),
-                                   attend)
+                                   attend, beside)
         return out
 
     def _sharded_block_attention(self, q, k, v):

@@ -35,6 +35,11 @@ REPLICATION_CHECK_EVERY = 16
 # attention 1, out0, out1), which undoes the Ulysses pipeline; without it the compiled block keeps the traced order
 # (in0, in1, attention 0, out0, attention 1, out1), eager's. tests/test_parallel_ulysses_chunks.py reads that order.
 COMPILE_CONFIG = {"reorder_for_peak_memory": False}
+# With overlap on (set_overlap) also without the post-grad pass that moves every producer right before its first
+# consumer: it moved the MLP GEMMs handed to the attention as independent work from under the all-to-alls to after
+# the last wait, where linear2 reads them (seen in the generated code), so nothing overlapped.
+# tests/test_parallel_overlap.py reads that order. Only with overlap on: without it the pass is inductor's default.
+OVERLAP_COMPILE_CONFIG = {**COMPILE_CONFIG, "reorder_for_locality": False}
 
 
 def shard_tokens(plan: ShardPlan, x: torch.Tensor, dim: int, index: int) -> torch.Tensor:
@@ -98,6 +103,12 @@ class SequenceParallelTransformer(nn.Module):
                                                                ulysses_chunks=self.ulysses_chunks)
             inner.attention = self.sp_attention
 
+    def set_overlap(self, on: bool) -> None:
+        """Let the model's independent work run under the Ulysses all-to-alls (OptimizeSpec.sp_overlap; the same
+        bits, engine.parallel.attention.BesideWork says where it runs). Nothing to overlap without a sequence axis."""
+        if self.mesh.sp.size > 1:
+            self.sp_attention.overlap = on
+
     @property
     def attention(self):
         return self.inner.attention
@@ -143,6 +154,6 @@ class SequenceParallelTransformer(nn.Module):
         else:
             self.sp_attention.configure(text_len, self.text_first, plan)
             args = (*shards, *text)
-        with torch._inductor.config.patch(COMPILE_CONFIG):
+        with torch._inductor.config.patch(OVERLAP_COMPILE_CONFIG if self.sp_attention.hides_work else COMPILE_CONFIG):
             out = call(*args)
         return plan.gather(out, 1, sp.group)
