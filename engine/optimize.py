@@ -49,7 +49,10 @@ class OptimizeSpec:
     # FP4 weight-only linears (nvfp4-wo, mxfp4-wo) run a W4A16 Triton GEMM that dequantizes each weight tile in
     # registers (engine/quant/w4a16.py) instead of writing the whole dequantized weight every call. Its tiles equal
     # the eager weight bitwise: only the summation order differs. CUDA, or CPU under Triton's interpreter
-    # (TRITON_INTERPRET=1, how the tests run it). Refused for other quant modes.
+    # (TRITON_INTERPRET=1, how the tests run it). Refused for other quant modes. Slower than the default today: on an
+    # H100 the kernel reaches 230-390 TFLOP/s against cuBLAS bf16's 720-830 (its per-element decode is ALU-bound),
+    # and full-size FLUX.1 nvfp4-wo compiled + graphs takes 271 ms with it, 164 ms without (inductor's fused dequant
+    # to bf16, then cuBLAS), bf16 131 ms (2026-11-28, one run). Kept, gated, as the base for a cheaper decode.
     fp4_wo_kernel: bool = False
     # Capture the denoiser forward in a CUDA graph per input shape and replay it (engine/cuda_graphs.py): removes
     # the launch gaps (~5.5 ms of a compiled FLUX.1 forward on an H100). CUDA only.
@@ -57,7 +60,8 @@ class OptimizeSpec:
     # Under sequence parallelism with Ulysses: a model's work that does not depend on attention (FLUX.1's single-
     # stream MLP input projection) runs while the all-to-alls are in flight, its fused projection cut by rows into
     # GEMMs of their own (engine.attention.attend_beside). The same bits on CPU; nothing changes on one device or
-    # without Ulysses. Off by default until a GPU A/B (tools/sp_bench.py +overlap configs) shows it is never slower.
+    # without Ulysses. Off: the A/B on 4 x H200 (tools/sp_bench.py +overlap configs, full-size FLUX.1 1024px, one run,
+    # 2026-11-28) measured it slower: ulysses2 82.1 vs 80.3 ms, ulysses4 46.6 vs 45.3, usp2x2 49.7 vs 48.0.
     sp_overlap: bool = False
 
     def check(self, device: str | torch.device, quant: str | None = None) -> None:
