@@ -75,6 +75,28 @@ def start_ranks():
     return start
 
 
+class RankResults(list):
+    """What each rank of a world saved (rank{r}.pt), in rank order; entries(kind) flattens the cases of one kind."""
+
+    def entries(self, kind: str) -> dict:
+        """{(rank, *rest of the key): value} for every saved key (kind, *rest)."""
+        return {(rank,) + key[1:]: value for rank, res in enumerate(self) for key, value in res.items()
+                if key[0] == kind}
+
+
+@pytest.fixture(scope="session")
+def rank_results(start_ranks, tmp_path_factory):
+    """rank_results(worker, world): start `world` ranks of worker(rank, world, store, out_dir) (each saves its dict
+    of results to out_dir/rank{rank}.pt) and return those dicts as RankResults."""
+
+    def run(worker, world: int) -> RankResults:
+        tmp = tmp_path_factory.mktemp(f"{worker.__module__.rsplit('.', 1)[-1]}-{world}")
+        start_ranks(worker, (world, str(tmp / "store"), str(tmp)), world)
+        return RankResults(torch.load(tmp / f"rank{r}.pt") for r in range(world))
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def launched_cfg2(tiny_flux_dir, tmp_path_factory):
     """One FLUX.1 tiny cfg2 cell through a fresh torchrun (harness.launch.run_engine_distributed), and the one-device

@@ -45,6 +45,14 @@ def whole(tmp_path_factory, zoo_root):
     return out / "whole"
 
 
+@pytest.fixture(scope="module")
+def shard1(tmp_path_factory, zoo_root):
+    """`--shard 1/2` of the suite, clean: merged with a clean and with a failing second shard below."""
+    out = tmp_path_factory.mktemp("shard1")
+    assert sweep(out, zoo_root, "s1", "--shard", "1/2") == 0
+    return out / "s1"
+
+
 HANG = """\
 import os
 if os.environ.get("PARITY_TEST_HANG_MARKER"):
@@ -126,31 +134,29 @@ def test_shards_are_a_deterministic_partition():
             Shard.parse(bad)
 
 
-def test_two_shards_merged_give_the_whole_suites_gated_report(tmp_path, zoo_root, whole):
-    assert sweep(tmp_path, zoo_root, "s1", "--shard", "1/2") == 0
+def test_two_shards_merged_give_the_whole_suites_gated_report(tmp_path, zoo_root, whole, shard1):
     assert sweep(tmp_path, zoo_root, "s2", "--shard", "2/2") == 0
-    assert set(rows(tmp_path / "s1").dtype) == {"fp32"} and set(rows(tmp_path / "s2").dtype) == {"bf16"}
-    assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")]) == 0
+    assert set(rows(shard1).dtype) == {"fp32"} and set(rows(tmp_path / "s2").dtype) == {"bf16"}
+    assert main(["merge", str(tmp_path / "s2"), str(shard1), "--out", str(tmp_path / "merged")]) == 0
     merged = tmp_path / "merged"
     pd.testing.assert_frame_equal(rows(merged), rows(whole), check_exact=True)
     assert gate_section(merged) == gate_section(whole)
     assert len(list((merged / "images").rglob("*.png"))) == len(list((whole / "images").rglob("*.png")))
 
     # A merge that is not one whole sweep is an error, and writes nothing.
-    assert main(["merge", str(tmp_path / "s1"), "--out", str(tmp_path / "half")]) == 2
-    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s1"), "--out", str(tmp_path / "twice")]) == 2
-    assert main(["merge", str(tmp_path / "s1"), str(whole), "--out", str(tmp_path / "mixed")]) == 2
+    assert main(["merge", str(shard1), "--out", str(tmp_path / "half")]) == 2
+    assert main(["merge", str(shard1), str(shard1), "--out", str(tmp_path / "twice")]) == 2
+    assert main(["merge", str(shard1), str(whole), "--out", str(tmp_path / "mixed")]) == 2
     assert not any((tmp_path / n).exists() for n in ("half", "twice", "mixed", ".tmp-half"))
 
 
-def test_a_merged_report_with_a_failing_shard_fails_its_gate(tmp_path, zoo_root, monkeypatch):
-    assert sweep(tmp_path, zoo_root, "s1", "--shard", "1/2") == 0
+def test_a_merged_report_with_a_failing_shard_fails_its_gate(tmp_path, zoo_root, monkeypatch, shard1):
     import engine.models.flux1 as flux1_model
 
     monkeypatch.setattr(flux1_model, "TIMESTEP_SCALE", 1.0)  # the planted bug of tests/test_sweep.py
     assert sweep(tmp_path, zoo_root, "s2", "--shard", "2/2") == 1
     monkeypatch.undo()
-    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged")]) == 1
+    assert main(["merge", str(shard1), str(tmp_path / "s2"), "--out", str(tmp_path / "merged")]) == 1
     assert "single_step_cosine" in gate_section(tmp_path / "merged")
 
 

@@ -211,28 +211,20 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
-def world_results(request, tmp_path_factory, start_ranks):
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"comm{world}")
-    start_ranks(_worker, (world, str(tmp / "store"), str(tmp)), world)
-    return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
-
-
-def _entries(results, kind):
-    return {(rank,) + key[1:]: value for rank, res in enumerate(results) for key, value in res.items()
-            if key[0] == kind}
+def world_results(request, rank_results):
+    return request.param, rank_results(_worker, request.param)
 
 
 def test_functional_collectives_are_bitwise_equal_to_the_inplace_ones(world_results):
     world, results = world_results
-    cases = _entries(results, "bitwise")
+    cases = results.entries("bitwise")
     assert len(cases) == world * len({(world, 1), (1, world), (2, world // 2)}) * 2 * 2 * 2
     assert all(cases.values()), [k for k, ok in cases.items() if not ok]
 
 
 def test_planted_ring_order_and_stale_block_are_caught(world_results):
     world, results = world_results
-    plants = _entries(results, "plant")
+    plants = results.entries("plant")
     assert {key[1] for key in plants} == ({"stale_block", "reversed"} if world > 2 else {"stale_block"})
     for key, (err, equal) in plants.items():
         print(f"\nplant {key}: max abs diff {err:.2e}")
@@ -243,14 +235,14 @@ def test_planted_ring_order_and_stale_block_are_caught(world_results):
 
 def test_sp_attention_compiles_without_graph_breaks(world_results):
     world, results = world_results
-    breaks, twin = _entries(results, "breaks"), _entries(results, "twin_breaks")
+    breaks, twin = results.entries("breaks"), results.entries("twin_breaks")
     if world > 2:  # traced at world 2 only (see _worker): nothing was traced here
         assert not breaks and not twin
         return
     assert breaks and all(n == 0 for n in breaks.values()), breaks
     # The control: the batch_isend_irecv ring it replaced broke the graph, so this check can fail.
     assert twin and all(n > 0 for n in twin.values()), twin
-    assert all(_entries(results, "compiled_bitwise").values())
+    assert all(results.entries("compiled_bitwise").values())
 
 
 def test_ring_shift_moves_uneven_blocks(tmp_path, start_ranks):

@@ -138,16 +138,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str):
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
-def world_results(request, tmp_path_factory, start_ranks):
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"chunks{world}")
-    start_ranks(_worker, (world, str(tmp / "store"), str(tmp)), world)
-    return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
-
-
-def _entries(results, kind):
-    return {(rank,) + key[1:]: value for rank, res in enumerate(results) for key, value in res.items()
-            if key[0] == kind}
+def world_results(request, rank_results):
+    return request.param, rank_results(_worker, request.param)
 
 
 def test_usable_chunks():
@@ -164,10 +156,10 @@ def test_pipeline_order():
 
 def test_pieces_are_bitwise_equal_to_whole_heads(world_results):
     world, results = world_results
-    cases = _entries(results, "bitwise")
+    cases = results.entries("bitwise")
     assert len(cases) == world * len({(world, 1), (2, world // 2)}) * len(TEXT_MODES) * 2 * 2 * 3
     assert all(cases.values()), [k for k, ok in cases.items() if not ok]
-    used = _entries(results, "used")
+    used = results.entries("used")
     # The pipeline really ran: 2 and 4 pieces on ulysses2 (4 heads a rank; 3 asked gives 2), 2 on ulysses4 (2 heads),
     # none with a ring.
     assert {n for k, n in used.items() if k[2] == 1} == ({2, 4} if world == 2 else {2})
@@ -177,13 +169,13 @@ def test_pieces_are_bitwise_equal_to_whole_heads(world_results):
 def test_pieces_move_the_same_bytes_in_pipeline_order(world_results):
     _, results = world_results
     for kind in ("bytes", "order"):
-        cases = _entries(results, kind)
+        cases = results.entries(kind)
         assert cases and all(cases.values()), (kind, [k for k, ok in cases.items() if not ok])
 
 
 def test_plant_pieces_put_back_in_swapped_order_is_caught(world_results):
     _, results = world_results
-    plants = _entries(results, "plant")
+    plants = results.entries("plant")
     print(f"\nplanted swapped pieces: {plants}")
     for key, err in plants.items():
         if key[2] == 1:  # one piece: nothing to swap, the plant is inert (so the catch below is the pipeline's)

@@ -81,11 +81,13 @@ def _writer(root: str, fill: float, rounds: int) -> None:
         cache.put(CFG, "h", artifacts(fill, n=65536))  # ~30 MB an entry: a write takes a while
 
 
-def test_two_concurrent_writers_never_show_a_reader_a_torn_entry(tmp_path):
+def test_two_concurrent_writers_never_show_a_reader_a_torn_entry(tmp_path, start_ranks):
     """Two processes write the same key with different payloads while this one reads: every read is one
-    writer's whole entry (never unreadable, never a mix), and no temporary file is left."""
-    spawn = multiprocessing.get_context("spawn")
-    writers = [spawn.Process(target=_writer, args=(str(tmp_path), fill, 6)) for fill in (1.0, 2.0)]
+    writer's whole entry (never unreadable, never a mix), and no temporary file is left. The writers fork from
+    the session's fork server (conftest.start_ranks), which has imported torch and the engine already: spawned,
+    each paid those imports first (~10 s on 2 cores) and then raced this reader as they do now."""
+    forkserver = multiprocessing.get_context("forkserver")
+    writers = [forkserver.Process(target=_writer, args=(str(tmp_path), fill, 6)) for fill in (1.0, 2.0)]
     for w in writers:
         w.start()
     log: list[str] = []
