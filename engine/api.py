@@ -367,14 +367,11 @@ def build_denoiser(family: str, denoiser: str, config: dict, state_dict: Mapping
     model = load_model(build, key_map, state_dict, dtype, device)
     model = apply_optimize(quantize_model(model, QuantSpec(quant), key_map, shapes), optimize)
     if world_size(parallel) > 1:
+        from engine.parallel.api import parallel_mesh, parallelize
         from engine.parallel.config import parse_parallel
-        from engine.parallel.mesh import get_mesh, init_distributed
 
-        spec = parse_parallel(parallel)
-        init_distributed(spec, torch.device(device))
-        model = fam.sequence_parallel(model, get_mesh(spec))
-        if optimize.sp_overlap:
-            model.set_overlap(True)
+        mesh = parallel_mesh(parse_parallel(parallel), torch.device(device))
+        model = parallelize(fam, model, mesh, optimize.sp_overlap)
     return model, lambda inputs: fam.denoiser_forward(model, inputs)
 
 

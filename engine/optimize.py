@@ -3,7 +3,9 @@ switch is a field of OptimizeSpec, which RunConfig holds, so each is a suite axi
 
 optimize() applies them in one order: the quantized linears' switches (fp8 fast accumulation, fp8 weight-only output
 scaling, the FP4 weight-only kernel: properties of the quantized linears, set before anything traces them), the
-attention kernel, block compilation, then the CUDA graph around the whole forward (last: it captures what the earlier steps left, compiled kernels too).
+attention kernel, block compilation, then the CUDA graph around the whole forward (last: it captures what the earlier
+steps left, compiled kernels too). sp_overlap is read by the parallel wrapper, applied after optimize()
+(engine.parallel.api.parallelize).
 
 Compilation is regional: each transformer block is compiled on its own and the conditioning path (timestep,
 guidance and pooled-text embeddings) stays eager (why: the comment below).

@@ -210,8 +210,8 @@ class Ideogram4Transformer(nn.Module):
         if text is None:  # read on the host: a caller that knows the layout passes it (see packed_forward)
             text = bool((indicator == TEXT_INDICATOR).any())
         if text:
-            text = (indicator == TEXT_INDICATOR).to(hidden_states.dtype)[..., None]
-            x = x + self.llm_cond_proj(self.llm_cond_norm(encoder_hidden_states * text)) * text
+            is_text = (indicator == TEXT_INDICATOR).to(hidden_states.dtype)[..., None]
+            x = x + self.llm_cond_proj(self.llm_cond_norm(encoder_hidden_states * is_text)) * is_text
         return x + self.image_indicator[(indicator == IMAGE_INDICATOR).long()]
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -220,7 +220,8 @@ class Ideogram4Transformer(nn.Module):
         """hidden_states (B, L, in_channels) and encoder_hidden_states (B, L, llm_features_dim) in the model dtype,
         timestep (B,) in [0, 1] (1 = clean), position_ids (B, L, 3), segment_ids and indicator (B, L). Returns
         (B, L, in_channels); only image positions carry a prediction. `layout`: what the batch holds, when the caller
-        already knows it (the pipeline reads it from its host-side ids); else it is read here, a host synchronisation."""
+        already knows it (the pipeline reads it from its host-side ids); else it is read here, a host
+        synchronisation."""
         layout = layout or packed_layout(segment_ids, indicator)
         return self.packed_forward(hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids,
                                    indicator, layout.text, layout.padded)
@@ -255,9 +256,8 @@ class PackedLayout:
 def packed_layout(segment_ids: torch.Tensor, indicator: torch.Tensor) -> PackedLayout:
     """Read (and check) a batch's layout; on a CUDA tensor this waits for the device, so the pipeline calls it once per
     generation on its host-side ids, not once per step."""
-    segment_key_mask(segment_ids)  # the check: one sample per row
     return PackedLayout(text=bool((indicator == TEXT_INDICATOR).any()),
-                        padded=not bool((segment_ids != PADDING_INDICATOR).all()))
+                        padded=segment_key_mask(segment_ids) is not None)  # which also checks one sample per row
 
 
 def segment_key_mask(segment_ids: torch.Tensor) -> torch.Tensor | None:

@@ -24,13 +24,24 @@ def apply_parallel(pipeline, name: str, family, overlap: bool = False):
     if family.sequence_parallel is None:
         raise ValueError(f"model family {family.name!r} declares no sequence-parallel layout; "
                          f"it runs only with parallel 'sp1'")
-    init_distributed(spec, pipeline.device)
-    mesh = get_mesh(spec)
+    mesh = parallel_mesh(spec, pipeline.device)
     for denoiser in family.denoisers:
-        wrapped = family.sequence_parallel(getattr(pipeline, denoiser), mesh)
-        if overlap:
-            wrapped.set_overlap(True)
-        setattr(pipeline, denoiser, wrapped)
+        setattr(pipeline, denoiser, parallelize(family, getattr(pipeline, denoiser), mesh, overlap))
     if spec.cfg > 1:
         pipeline.cfg_executor = ParallelCFG(mesh.cfg)
     return pipeline
+
+
+def parallel_mesh(spec: ParallelSpec, device):
+    """Join the run's process group (collective: every rank) and return the mesh of `spec`."""
+    init_distributed(spec, device)
+    return get_mesh(spec)
+
+
+def parallelize(family, model, mesh, overlap: bool = False):
+    """One denoiser in the family's sequence-parallel layout on `mesh`; `overlap`: OptimizeSpec.sp_overlap
+    (SequenceParallelTransformer.set_overlap). The pipeline's denoisers and the bench's one denoiser both come here."""
+    wrapped = family.sequence_parallel(model, mesh)
+    if overlap:
+        wrapped.set_overlap(True)
+    return wrapped

@@ -206,7 +206,8 @@ class Ideogram4Pipeline:
 
     # --- the denoisers ------------------------------------------------------------------------------------------
     def branches(self, cond: Mapping[str, torch.Tensor], max_text: int,
-                 layouts: tuple[PackedLayout, PackedLayout] = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+                 layouts: tuple[PackedLayout | None, PackedLayout | None] = (None, None)
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_pos, v_neg) float32 on the image tokens: the conditional transformer on the packed sequence, the
         unconditional one on the image region with zero text. `layouts`: each branch's, when known on the host."""
         uncond = unconditional_inputs(cond, max_text)

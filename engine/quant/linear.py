@@ -309,7 +309,6 @@ class MXFP4Linear(QuantLinear):
             x = mxfp4.quantize_dequantize(x).to(x.dtype)
         return F.linear(x, self._weight_in(x.dtype), self.bias)
 
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w4a16={self.w4a16}"
 
