@@ -32,7 +32,7 @@ def cmd_zoo_build(args) -> int:
     from harness.zoo import build
 
     path = build(args.family, args.out, size=args.size, seed=args.seed, overwrite=args.overwrite,
-                 sensitive_layer=args.sensitive_layer)
+                 sensitive_layer=args.sensitive_layer, draw_device=args.draw_device)
     print(f"wrote {args.family} ({args.size}, seed {args.seed}) to {path}")
     return EXIT_PASS
 
@@ -346,6 +346,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     b.add_argument("--sensitive-layer", metavar="NAME", help="plant a massive input activation on this layer "
                    "(diffusers name): a deliberately quantization-sensitive model")
+    b.add_argument("--draw-device", metavar="DEVICE", help="draw the weights on this GPU (cuda, cuda:N): seconds "
+                   "instead of minutes at full size, other values than the CPU's (default: cpu)")
     b.set_defaults(func=cmd_zoo_build)
 
     s = verbs.add_parser("sweep", help="run a suite and gate it")

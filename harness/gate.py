@@ -112,7 +112,8 @@ def gate(results: pd.DataFrame, thresholds: Thresholds, baseline: pd.DataFrame |
                        "thresholds keyed by the engine's switches cannot be told apart")
     device = _labels(rows, "device", thresholds.keyed_by_device, errors,
                      "thresholds keyed by device kind cannot be told apart")
-    keys = list(zip(rows[list(GATE_KEY)].itertuples(index=False, name=None), optimize, device))
+    size = _labels(rows, "size", thresholds.keyed_by_size, errors, "thresholds keyed by zoo size cannot be told apart")
+    keys = list(zip(rows[list(GATE_KEY)].itertuples(index=False, name=None), optimize, device, size))
     rules, missing = _lookup_all({k for k, g in zip(keys, gated[rows.index]) if g}, thresholds, errors)
     if missing:
         where = thresholds.path or "the thresholds"
@@ -158,6 +159,7 @@ def _judge_exact(rows: pd.DataFrame, values: pd.Series, thresholds: Thresholds, 
     floor_passed = pd.array([pd.NA] * len(rows), dtype="boolean")
     hits, whys = [], []  # positions judged by a tier, and their verdicts: written back in one assignment per column
     columns = ["metric", "status", "model", "dtype", "quant", "parallel", "device", "optimize", "comparison"]
+    columns += ["size"] if "size" in rows.columns else []  # results from before the column: rules for any size
     for pos, (metric, status, *key) in enumerate(rows[columns].itertuples(index=False, name=None)):
         spec = METRICS.get(metric)
         if spec is None or spec.identical is None or not spec.gated or status != OK:
@@ -202,20 +204,22 @@ def _labels(rows: pd.DataFrame, column: str, keyed: bool, errors: list[str], why
 
 
 def _lookup_all(keys: set, thresholds: Thresholds, errors: list[str]) -> tuple[dict, list[str]]:
-    """One lookup per distinct (key, optimize, device). Ambiguities go to errors; unmatched keys come back as
-    'missing', with the device named where the thresholds key on it (a cuda run may lack rules a cpu run has)."""
+    """One lookup per distinct (key, optimize, device, size). Ambiguities go to errors; unmatched keys come back as
+    'missing', with the device and size named where the thresholds key on them (a cuda run may lack rules a cpu run
+    has)."""
     rules, missing = {}, []
-    for key, optimize, device in sorted(keys, key=lambda k: (format_key(k[0]), str(k[1]), str(k[2]))):
+    for key, optimize, device, size in sorted(keys, key=lambda k: (format_key(k[0]), *map(str, k[1:]))):
         try:
-            rule = thresholds.lookup(key, optimize, device)
+            rule = thresholds.lookup(key, optimize, device, size)
         except ThresholdError as e:
             errors.append(str(e))
             continue
         if rule is None:
             missing.append(format_key(key) + ("" if optimize in (None, "eager") else f" optimize={optimize}")
-                           + (f" device={device}" if thresholds.keyed_by_device and device is not None else ""))
+                           + (f" device={device}" if thresholds.keyed_by_device and device is not None else "")
+                           + (f" size={size}" if thresholds.keyed_by_size and size is not None else ""))
         else:
-            rules[key, optimize, device] = rule
+            rules[key, optimize, device, size] = rule
     return rules, missing
 
 

@@ -164,7 +164,7 @@ def control_snr_db(cell) -> tuple[float, str]:
     for metric in ("single_step_sqnr_db", "final_latent_sqnr_db"):
         rule = _default_thresholds().lookup((cell.model, cell.dtype, cell.quant, cell.parallel,
                                              schema.ENGINE_VS_REFERENCE, metric), optimize_label(cell.optimize),
-                                            cell.device)
+                                            cell.device, cell.size)
         if rule is not None:
             floors.append(rule.value)
     if not floors:
@@ -265,7 +265,7 @@ def judge_controls(controls: pd.DataFrame, thresholds) -> tuple[pd.DataFrame, li
     for _, r in controls.iterrows():
         key = (r["model"], r["dtype"], r["quant"], r["parallel"], schema.ENGINE_VS_REFERENCE, r["metric"])
         try:
-            labels = (r[c] if c in r and pd.notna(r[c]) else None for c in ("optimize", "device"))
+            labels = (r[c] if c in r and pd.notna(r[c]) else None for c in ("optimize", "device", "size"))
             rule = thresholds.lookup(key, *labels)
         except ThresholdError as e:
             errors.append(str(e))

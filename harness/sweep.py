@@ -73,7 +73,10 @@ class SweepContext:
     def model_dir(self, cell: Cell) -> Path:
         if cell.model in self.model_dirs:
             return Path(self.model_dirs[cell.model])
-        return cached_build(cell.model, cell.size, seed=0, root=self.zoo_root)
+        # A GPU cell of a model bigger than the tiny zoo draws its weights on that GPU: a full-size model drawn on
+        # the CPU takes minutes (harness.zoo.synth). Tiny cells keep the CPU's values, on every device.
+        draw = cell.device if cell.size != "tiny" and torch.device(cell.device).type == "cuda" else None
+        return cached_build(cell.model, cell.size, seed=0, root=self.zoo_root, draw_device=draw)
 
     def engine_model_dir(self, cell: Cell, model_dir: Path) -> Path:
         """The folder the engine loads: the model itself, or (quant_source = checkpoint) a quantized copy written

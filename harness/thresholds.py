@@ -3,8 +3,9 @@
 A threshold is keyed like a result row (schema.GATE_KEY), plus an optional `optimize` (the engine's speed-up switches,
 the results' `optimize` label: a compiled cell sums differently from eager and is measured on its own) and an optional
 `device` (a device kind, "cpu" or "cuda": GPU kernels sum in other orders than CPU ones, so a floor measured on one
-kind may be too loose or too tight on the other; "cuda" matches the rows of every card, cuda:N). model/dtype/quant/
-parallel/optimize/device may be "*" (optimize and device are "*" when left out); a lookup takes the most specific
+kind may be too loose or too tight on the other; "cuda" matches the rows of every card, cuda:N), and an optional `size`
+(the zoo size, "tiny" or "full": a floor measured on a 2-layer model of width 32 says nothing about a 57-layer one).
+model/dtype/quant/parallel/optimize/device/size may be "*" (the last three are "*" when left out); a lookup takes the most specific
 match, and two equally specific matches are an error rather than a silent pick. There is no default: a gated metric without a
 threshold is the caller's error to report.
 """
@@ -26,8 +27,9 @@ WILDCARD = "*"
 WILDCARD_FIELDS = ("model", "dtype", "quant", "parallel")
 OPS = {">=": operator.ge, "<=": operator.le}
 REQUIRED = GATE_KEY + ("op", "value", "source")
-OPTIONAL = ("note", "optimize", "device")
+OPTIONAL = ("note", "optimize", "device", "size")
 DEVICE_KINDS = ("cpu", "cuda")  # what a rule's device may name: a kind, never one card (cuda:N)
+ZOO_SIZES = ("tiny", "full")  # what a rule's size may name: every size of harness/zoo's families (a test checks)
 PLACEHOLDER = "PLACEHOLDER"
 
 
@@ -62,6 +64,7 @@ class Threshold:
     note: str = ""
     optimize: str = WILDCARD  # the engine switches' label ("eager", "compile_blocks"...) this floor was measured with
     device: str = WILDCARD  # the device kind ("cpu", "cuda") this floor was measured on; "*": any
+    size: str = WILDCARD  # the zoo size ("tiny", "full") of the model this floor was measured on; "*": any
     index: int = 0  # 1-based position of the [[threshold]] table in the file, so messages can point at it
 
     @property
@@ -71,7 +74,7 @@ class Threshold:
     @property
     def specificity(self) -> int:
         return (sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS) + (self.optimize != WILDCARD)
-                + (self.device != WILDCARD))
+                + (self.device != WILDCARD) + (self.size != WILDCARD))
 
     @property
     def placeholder(self) -> bool:
@@ -80,17 +83,21 @@ class Threshold:
     def label(self) -> str:
         switches = "" if self.optimize == WILDCARD else f" optimize={self.optimize}"
         switches += "" if self.device == WILDCARD else f" device={self.device}"
+        switches += "" if self.size == WILDCARD else f" size={self.size}"
         return f"threshold #{self.index} ({format_key(self.key)}{switches})"
 
-    def matches(self, key: tuple, optimize: str | None = None, device: str | None = None) -> bool:
-        """optimize, device: the row's label and device ("cpu", "cuda:1"...); None (results without the column)
-        matches only rules for any optimize / any device."""
+    def matches(self, key: tuple, optimize: str | None = None, device: str | None = None, size: str | None = None
+                ) -> bool:
+        """optimize, device, size: the row's label, device ("cpu", "cuda:1"...) and zoo size; None (results without
+        the column) matches only rules for any optimize / any device / any size."""
         cell, comparison, metric = key[:4], key[4], key[5]
         if (self.comparison, self.metric) != (comparison, metric):
             return False
         if self.optimize != WILDCARD and self.optimize != optimize:
             return False
         if self.device != WILDCARD and (device is None or not _same_device(self.device, device)):
+            return False
+        if self.size != WILDCARD and self.size != size:
             return False
         return all(getattr(self, f) in (WILDCARD, v) for f, v in zip(WILDCARD_FIELDS, cell))
 
@@ -116,18 +123,21 @@ class ExactRule:
     optimize: str  # the engine's speed-up switches (results' `optimize` label): "eager" when none is on
     comparison: str
     source: str
+    size: str = WILDCARD  # the zoo size it was measured on, as for Threshold; "*": any
     index: int = 0
 
     @property
     def specificity(self) -> int:
-        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS)
+        return sum(getattr(self, f) != WILDCARD for f in WILDCARD_FIELDS) + (self.size != WILDCARD)
 
     def label(self) -> str:
+        size = "" if self.size == WILDCARD else f" size={self.size}"
         return f"exact tier #{self.index} ({'/'.join((self.model, self.dtype, self.quant, self.parallel))} " \
-               f"{self.device} {self.optimize} {self.comparison})"
+               f"{self.device} {self.optimize} {self.comparison}{size})"
 
-    def matches(self, cell: tuple, device: str, optimize: str, comparison: str) -> bool:
+    def matches(self, cell: tuple, device: str, optimize: str, comparison: str, size: str | None = None) -> bool:
         return (self.comparison == comparison and _same_device(self.device, device) and self.optimize == optimize
+                and self.size in (WILDCARD, size)
                 and all(getattr(self, f) in (WILDCARD, v) for f, v in zip(WILDCARD_FIELDS, cell)))
 
 
@@ -142,10 +152,11 @@ class Thresholds:
     path: Path | None = field(default=None, compare=False)
     exact: tuple[ExactRule, ...] = ()
 
-    def exact_rule(self, cell: tuple, device: str, optimize: str, comparison: str) -> ExactRule | None:
+    def exact_rule(self, cell: tuple, device: str, optimize: str, comparison: str, size: str | None = None
+                   ) -> ExactRule | None:
         """The exactness tier for a (model, dtype, quant, parallel) cell on `device` with the engine's `optimize`
-        switches, if one was measured."""
-        matches = [r for r in self.exact if r.matches(cell, device, optimize, comparison)]
+        switches (and of zoo `size`), if one was measured."""
+        matches = [r for r in self.exact if r.matches(cell, device, optimize, comparison, size)]
         if not matches:
             return None
         best = max(r.specificity for r in matches)
@@ -172,11 +183,16 @@ class Thresholds:
     def keyed_by_device(self) -> bool:
         return any(t.device != WILDCARD for t in self.rules)
 
-    def lookup(self, key: tuple, optimize: str | None = None, device: str | None = None) -> Threshold | None:
-        """The most specific rule for a GATE_KEY-ordered key, the row's optimize label and its device, None if none
-        matches; raises on a tie."""
+    @property
+    def keyed_by_size(self) -> bool:
+        return any(t.size != WILDCARD for t in self.rules)
+
+    def lookup(self, key: tuple, optimize: str | None = None, device: str | None = None, size: str | None = None
+               ) -> Threshold | None:
+        """The most specific rule for a GATE_KEY-ordered key, the row's optimize label, its device and its zoo size,
+        None if none matches; raises on a tie."""
         matches = [t for t in self._by_comparison_metric.get((key[4], key[5]), ())
-                   if t.matches(key, optimize, device)]
+                   if t.matches(key, optimize, device, size)]
         if not matches:
             return None
         best = max(t.specificity for t in matches)
@@ -229,10 +245,11 @@ def parse_thresholds(data: dict, path: Path | None = None) -> Thresholds:
             continue
         fields = {k: row[k] for k in REQUIRED + OPTIONAL if k in row}
         rule = Threshold(**{**fields, "value": float(fields["value"])}, index=i)  # TOML ints become floats
-        if (rule.key, rule.optimize, rule.device) in seen:
-            problems.append(f"{rule.label()}: duplicate of {seen[rule.key, rule.optimize, rule.device].label()}")
+        ident = (rule.key, rule.optimize, rule.device, rule.size)
+        if ident in seen:
+            problems.append(f"{rule.label()}: duplicate of {seen[ident].label()}")
             continue
-        seen[rule.key, rule.optimize, rule.device] = rule
+        seen[ident] = rule
         rules.append(rule)
     if problems:
         raise ThresholdError(f"{where}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -255,10 +272,10 @@ def _exact_rules(groups: list[dict]) -> tuple[tuple[ExactRule, ...], list[str]]:
         if any(k in g for k in GROUP_OPS):
             problems.append(f"{where}: an exact group takes no {list(GROUP_OPS)}: every metric must equal its "
                             f"identical-input value (harness/metrics.py MetricSpec.identical)")
-        unknown = sorted(set(g) - set(EXACT_FIELDS) - {"exact"})
+        unknown = sorted(set(g) - set(EXACT_FIELDS) - {"exact", "size"})
         missing = [k for k in EXACT_FIELDS if k not in g]
         if unknown:
-            problems.append(f"{where}: unknown field(s) {unknown}; valid: {list(EXACT_FIELDS) + ['exact']}")
+            problems.append(f"{where}: unknown field(s) {unknown}; valid: {list(EXACT_FIELDS) + ['exact', 'size']}")
         if missing:
             problems.append(f"{where}: missing field(s) {missing} (an exactness measurement holds on one device "
                             f"kind with one set of engine switches, and says where it was measured)")
@@ -274,8 +291,11 @@ def _exact_rules(groups: list[dict]) -> tuple[tuple[ExactRule, ...], list[str]]:
             problems.append(f"{where}: device must be one device kind, one of {list(DEVICE_KINDS)}, "
                             f"got {g['device']!r}")
             continue
-        rule = ExactRule(**{k: g[k] for k in EXACT_FIELDS}, index=i)
-        key = tuple(getattr(rule, k) for k in EXACT_FIELDS[:-1])
+        if g.get("size", WILDCARD) not in (WILDCARD,) + ZOO_SIZES:
+            problems.append(f"{where}: size must be a zoo size, one of {[WILDCARD, *ZOO_SIZES]}, got {g['size']!r}")
+            continue
+        rule = ExactRule(**{k: g[k] for k in EXACT_FIELDS}, size=g.get("size", WILDCARD), index=i)
+        key = tuple(getattr(rule, k) for k in EXACT_FIELDS[:-1]) + (rule.size,)
         if key in seen:
             problems.append(f"{rule.label()}: duplicate of {seen[key].label()}")
             continue
@@ -328,6 +348,8 @@ def _check_row(row) -> list[str]:
     if "device" in row and row["device"] not in (WILDCARD,) + DEVICE_KINDS:
         problems.append(f"device must be a device kind, one of {[WILDCARD, *DEVICE_KINDS]} ('cuda' matches every "
                         f"card), got {row['device']!r}")
+    if "size" in row and row["size"] not in (WILDCARD,) + ZOO_SIZES:
+        problems.append(f"size must be a zoo size, one of {[WILDCARD, *ZOO_SIZES]}, got {row['size']!r}")
     if metric not in METRICS:
         close = difflib.get_close_matches(metric, METRICS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -88,6 +88,8 @@ def serve(folder: Path, owner: int) -> None:
         # and would fall back to eager once its recompile limit is reached) and its memory.
         torch._dynamo.reset()
         gc.collect()
+        if torch.cuda.is_initialized():  # and hand the freed blocks back: another pool's ranks share these GPUs
+            torch.cuda.empty_cache()
         n += 1
 
 

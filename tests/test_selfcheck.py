@@ -44,7 +44,7 @@ def test_a_bitwise_groups_control_is_capped_where_a_float64_cosine_still_sees_it
     from types import SimpleNamespace
 
     cell = SimpleNamespace(model="wan", dtype="fp32", quant="none", parallel="cfg2", optimize=OptimizeSpec(),
-                           device="cuda")
+                           device="cuda", size="tiny")
     snr, why = selfcheck.control_snr_db(cell)
     assert snr == selfcheck.CONTROL_MAX_DB and "capped" in why
     ref = torch.randn(2, 4, 4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -245,3 +245,36 @@ def test_full_size_folder_has_flux1_dev_components(tmp_path, monkeypatch):
     assert counts["vae"] == pytest.approx(83.8e6, rel=1e-3)
     for sub in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         assert (tmp_path / sub / "config.json").is_file()
+
+
+def test_drawing_on_the_cpu_is_the_default_and_changes_nothing(tiny_dir, tmp_path):
+    """`draw_device` (a GPU draws a full-size model in seconds) must leave every CPU build as it was: same bytes,
+    same cache name, so the goldens' model hashes still hold."""
+    again = zoo.build("flux1", tmp_path / "cpu", "tiny", seed=0, draw_device="cpu")
+    assert _files(again) == _files(tiny_dir)
+    assert zoo.cache_key("flux1", "tiny", 0, draw_device="cpu") == zoo.cache_key("flux1", "tiny", 0)
+
+
+def test_drawing_on_routes_the_writers_draws_and_hands_tensors_back_on_the_cpu(monkeypatch):
+    seen = []
+
+    def fake(spec, seed, namespace, device="cpu", dtype=torch.float32):
+        seen.append(str(device))
+        return torch.zeros(spec.shape, dtype=dtype)
+
+    monkeypatch.setattr(synth, "synth_tensor", fake)
+    specs = [synth.ParamSpec("a.weight", (2, 3), synth.LINEAR)]
+    with synth.drawing_on("cuda:1"):
+        out = synth.synthesize(specs, 0, "t")
+        kept = synth.synthesize(specs, 0, "t", device="cpu")  # an explicit device wins
+    synth.synthesize(specs, 0, "t")
+    assert seen == ["cuda:1", "cpu", "cpu"] and out["a.weight"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda"])
+def test_drawing_on_a_device_that_cannot_draw_is_refused(device, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="cannot draw zoo weights") as e:
+        zoo.build("flux1", tmp_path / "x", "tiny", draw_device=device)
+    assert ("valid: cpu, cuda, cuda:N" if device == "mps" else "no CUDA device") in str(e.value)
+    assert not any(tmp_path.iterdir())  # nothing half-written

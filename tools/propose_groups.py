@@ -2,7 +2,7 @@
 on a device kind (a GPU run's `device = "cuda"` groups) come from the numbers and not from hand edits.
 
     python tools/propose_groups.py RUN_DIR --device cuda --comparisons optimized_vs_eager --measured-on "4 x H200" \
-        [--name-parallel wan wan-ti2v] > groups.toml
+        [--name-parallel wan wan-ti2v] [--size full] [--seeds 0 1] > groups.toml
 
 One group per (model, dtype, quant, parallel, optimize, comparison) key present in the run's ok rows (per-sample rows,
 not per-step curves); `parallel` is "*" (one group over the run's parallel configs) unless the model is named in
@@ -87,11 +87,13 @@ def _fmt(v: float) -> str:
     return repr(float(v)) if not float(v).is_integer() or abs(v) < 1 else f"{v:.1f}"
 
 
-def to_toml(group: dict, device: str, measured_on: str, run: str) -> str:
+def to_toml(group: dict, device: str, measured_on: str, run: str, size: str | None = None) -> str:
     lines = ["[[group]]"]
     for k in ("model", "dtype", "quant", "parallel"):
         lines.append(f'{k} = "{group[k]}"')
     lines.append(f'device = "{device}"')
+    if size:
+        lines.append(f'size = "{size}"')
     if group["optimize"] != "eager" or group["exact"]:  # a tier names its switches; eager groups judge any
         lines.append(f'optimize = "{group["optimize"]}"')
     lines.append(f'comparison = "{group["comparison"]}"')
@@ -100,7 +102,7 @@ def to_toml(group: dict, device: str, measured_on: str, run: str) -> str:
     if group["exact"]:  # the tier, then the same key's ordinary thresholds (every gated metric needs one)
         tier = lines + ["exact = true", f'source = "measured bitwise equal on {measured_on} ({run}, {group["n"]} '
                         f'samples, over {over}): every tensor and image metric at its identical-input value"']
-        return "\n".join(tier) + "\n\n" + to_toml({**group, "exact": False}, device, measured_on, run)
+        return "\n".join(tier) + "\n\n" + to_toml({**group, "exact": False}, device, measured_on, run, size)
     lines.append(f'source = "measured on {measured_on} ({run}, {group["n"]} samples, worst over {over}): {worst}. '
                  'Margins (tools/propose_groups.py): 5x the worst 1 - cosine / 1 - SSIM, 7 dB below the worst '
                  'SQNR / PSNR, sqrt(5)x the worst relative error, 4x the worst MAD and |CLIP delta|; a metric '
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", help="only these models (default: every model in the run)")
     p.add_argument("--name-parallel", nargs="*", default=[], metavar="MODEL")
     p.add_argument("--measured-on", required=True, help='the cards, e.g. "4 x H200"')
+    p.add_argument("--size", help="only rows of this zoo size, and the groups name it (tiny floors say nothing "
+                   "about a full-size model)")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds (measure on some, check the others)")
     args = p.parse_args(argv)
     frame = pd.read_parquet(args.run_dir / "results.parquet")
     kind = frame.device.astype(str).str.split(":").str[0]
@@ -127,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
                   & frame.comparison.isin(args.comparisons)]
     if args.models:
         frame = frame[frame.model.isin(args.models)]
+    if args.size:
+        frame = frame[frame["size"] == args.size]
+    if args.seeds:
+        frame = frame[frame.seed.isin(args.seeds) | frame.seed.isna()]  # per-cell rows (weights) have no seed
     if frame.empty:
         raise SystemExit(f"{args.run_dir}: no ok {args.device} rows of {args.comparisons}")
     frame = frame.assign(parallel_config=frame.parallel)
     run = f"run {frame.run_id.iloc[0]}"
     for group in groups(frame, set(args.name_parallel)):
-        print(to_toml(group, args.device, args.measured_on, run))
+        print(to_toml(group, args.device, args.measured_on, run, args.size))
         print()
     return 0
 

@@ -88,7 +88,21 @@ def pipeline_components(family: str, size: str, seed: int = 0, device="cpu", dty
     return fam.pipeline_components(size, seed, device, dtype)
 
 
-def _provenance(family: str, size: str, seed: int, dtype, sensitive_layer: str | None = None) -> dict:
+def drawn_on(draw_device: str | None) -> str | None:
+    """What decides the values of a folder drawn on `draw_device`: None for the CPU (the reference values), else
+    the GPU model (CUDA generators give other values than the CPU's, and may differ between GPU models)."""
+    if draw_device is None or torch.device(draw_device).type == "cpu":
+        return None
+    device = torch.device(draw_device)
+    if device.type != "cuda":
+        raise ValueError(f"cannot draw zoo weights on {draw_device!r}; valid: cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"cannot draw zoo weights on {draw_device!r}: no CUDA device is visible to torch")
+    return f"cuda:{torch.cuda.get_device_name(device)}"
+
+
+def _provenance(family: str, size: str, seed: int, dtype, sensitive_layer: str | None = None,
+                drawn: str | None = None) -> dict:
     import diffusers
     import transformers
 
@@ -100,6 +114,7 @@ def _provenance(family: str, size: str, seed: int, dtype, sensitive_layer: str |
         "transformers_version": transformers.__version__,
         # Only when planted, so that every plain folder (and its hash, which goldens record) stays as it was.
         **({"sensitive_layer": sensitive_layer} if sensitive_layer else {}),
+        **({"drawn_on": drawn} if drawn else {}),
     }
 
 
@@ -108,13 +123,17 @@ def _nonempty(path: Path) -> bool:
 
 
 def build(family: str, out_dir, size: str = "tiny", seed: int = 0, *, overwrite: bool = False,
-          dtype: torch.dtype | None = None, sensitive_layer: str | None = None) -> Path:
+          dtype: torch.dtype | None = None, sensitive_layer: str | None = None, draw_device: str | None = None
+          ) -> Path:
     """Write a complete diffusers-format folder for (family, size, seed) at `out_dir` and return its path.
 
     The folder is written into a temp dir next to `out_dir` and renamed into place, so `out_dir` either does not
     exist or is complete; a failure removes the temp dir. An existing non-empty `out_dir` raises FileExistsError
-    unless overwrite=True. `dtype` overrides the family's storage dtype for that size."""
+    unless overwrite=True. `dtype` overrides the family's storage dtype for that size. `draw_device` (a GPU) draws
+    the weights there: seconds instead of minutes for a full-size model, but other values than the CPU's (the
+    GPU's name goes into the folder's marker, so the model hash tells the two apart)."""
     fam = _sized(family, size)
+    drawn = drawn_on(draw_device)  # refuses a device that cannot draw before anything is written
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
@@ -124,8 +143,10 @@ def build(family: str, out_dir, size: str = "tiny", seed: int = 0, *, overwrite:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder should read like any other
-        fam.write(tmp, size, seed, dtype, **({"sensitive_layer": sensitive_layer} if sensitive_layer else {}))
-        meta = _provenance(family, size, seed, dtype or getattr(fam, "STORAGE_DTYPE", {}).get(size), sensitive_layer)
+        with synth.drawing_on(draw_device or "cpu"):
+            fam.write(tmp, size, seed, dtype, **({"sensitive_layer": sensitive_layer} if sensitive_layer else {}))
+        meta = _provenance(family, size, seed, dtype or getattr(fam, "STORAGE_DTYPE", {}).get(size), sensitive_layer,
+                           drawn)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _publish(tmp, out_dir, overwrite)
     except BaseException:
@@ -147,24 +168,27 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(trash)
 
 
-def cache_key(family: str, size: str, seed: int, sensitive_layer: str | None = None) -> str:
-    """The cached folder's name: family, size, seed (and the planted sensitive layer) and a short hash of
-    ZOO_VERSION."""
+def cache_key(family: str, size: str, seed: int, sensitive_layer: str | None = None, draw_device: str | None = None
+              ) -> str:
+    """The cached folder's name: family, size, seed (the planted sensitive layer, the GPU model it was drawn on) and
+    a short hash of ZOO_VERSION."""
     _sized(family, size)
     version = hashlib.sha256(ZOO_VERSION.encode()).hexdigest()[:8]
     planted = f"-sensitive-{sensitive_layer}" if sensitive_layer else ""
-    return f"{family}-{size}-seed{seed}{planted}-{version}"
+    drawn = drawn_on(draw_device)
+    gpu = "-drawn-" + hashlib.sha256(drawn.encode()).hexdigest()[:8] if drawn else ""
+    return f"{family}-{size}-seed{seed}{planted}{gpu}-{version}"
 
 
-def cached_build(family: str, size: str = "tiny", seed: int = 0, root=".zoo", sensitive_layer: str | None = None
-                 ) -> Path:
+def cached_build(family: str, size: str = "tiny", seed: int = 0, root=".zoo", sensitive_layer: str | None = None,
+                 draw_device: str | None = None) -> Path:
     """Build (family, size, seed) into root/<cache_key> once and reuse it. Safe against concurrent callers: the
     loser of a race discards its copy and returns the winner's."""
-    path = Path(root).absolute() / cache_key(family, size, seed, sensitive_layer)
+    path = Path(root).absolute() / cache_key(family, size, seed, sensitive_layer, draw_device)
     if (path / MARKER).is_file():
         return path
     try:
-        return build(family, path, size, seed, sensitive_layer=sensitive_layer)
+        return build(family, path, size, seed, sensitive_layer=sensitive_layer, draw_device=draw_device)
     except (FileExistsError, OSError):
         if (path / MARKER).is_file():  # another process published the same build first
             return path

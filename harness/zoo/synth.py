@@ -18,9 +18,11 @@ and CUDA-built weights with each other. CPU values do not depend on the thread c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -162,12 +164,32 @@ def plant_massive_activation(specs: list[ParamSpec], producer: str, consumer: st
     return [replace(s, edits=s.edits + (planted[s.name],)) if s.name in planted else s for s in specs]
 
 
-def synthesize(specs: list[ParamSpec], seed: int, namespace: str, device="cpu", dtype=torch.float32) -> dict:
-    """A full state dict, one tensor per spec, in spec order."""
+# Where the folder writers draw their tensors (harness.zoo.build's `draw_device`, set with `drawing_on`). It decides
+# the values (see the module docstring), not where the tensors end up: synthesize() without a device hands them back on
+# the CPU, ready to be written. A full-size model drawn on the CPU takes minutes (~75M values/s on two cores).
+_DRAW_DEVICE: ContextVar[str] = ContextVar("draw_device", default="cpu")
+
+
+@contextlib.contextmanager
+def drawing_on(device):
+    """Within the block, synthesize() calls that name no device draw on `device` ("cpu", "cuda", "cuda:N")."""
+    token = _DRAW_DEVICE.set(str(torch.device(device)))
+    try:
+        yield
+    finally:
+        _DRAW_DEVICE.reset(token)
+
+
+def synthesize(specs: list[ParamSpec], seed: int, namespace: str, device=None, dtype=torch.float32) -> dict:
+    """A full state dict, one tensor per spec, in spec order. `device`: where the tensors are drawn and kept; None:
+    drawn where `drawing_on` says (the CPU unless set) and returned on the CPU."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in specs")
-    return {s.name: synth_tensor(s, seed, namespace, device, dtype) for s in specs}
+    if device is not None:
+        return {s.name: synth_tensor(s, seed, namespace, device, dtype) for s in specs}
+    draw = _DRAW_DEVICE.get()
+    return {s.name: synth_tensor(s, seed, namespace, draw, dtype).cpu() for s in specs}
 
 
 def _kind(module: nn.Module, param_name: str, full_name: str) -> str:
