@@ -157,14 +157,20 @@ def _default_thresholds():
 
 def control_snr_db(cell) -> tuple[float, str]:
     """The control's SNR for a cell and where it comes from."""
-    from harness import schema
     from harness.suites import optimize_label
+
+    return _control_snr(_default_thresholds(), (cell.model, cell.dtype, cell.quant, cell.parallel),
+                        (optimize_label(cell.optimize), cell.device, cell.size))
+
+
+def _control_snr(thresholds, cell: tuple, labels: tuple) -> tuple[float, str]:
+    """The SNR a control of `cell` (model, dtype, quant, parallel) must have under `thresholds`; labels: the rows'
+    (optimize, device, size)."""
+    from harness import schema
 
     floors = []
     for metric in ("single_step_sqnr_db", "final_latent_sqnr_db"):
-        rule = _default_thresholds().lookup((cell.model, cell.dtype, cell.quant, cell.parallel,
-                                             schema.ENGINE_VS_REFERENCE, metric), optimize_label(cell.optimize),
-                                            cell.device, cell.size)
+        rule = thresholds.lookup((*cell, schema.ENGINE_VS_REFERENCE, metric), *labels)
         if rule is not None:
             floors.append(rule.value)
     if not floors:
@@ -255,6 +261,22 @@ def split(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return results[~control], results[control]
 
 
+def _remade(r, thresholds, labels: tuple) -> tuple[float, str] | None:
+    """(value, note) of a control row re-made for `thresholds`, or None when it was made for them. A run gated
+    under floors other than the ones its sweep made its controls for (thresholds measured from that very run, or a
+    --thresholds file) would otherwise judge controls at the wrong SNR, and report "cannot fail" for floors that can.
+    The control's value at the SNR those floors ask for is exact_values(): the run's self_check rows showed the metric
+    functions read exactly that (to ~1e-14) on its real tensors."""
+    made = r.get("control_snr_db")
+    if made is None or pd.isna(made) or r["status"] != "ok":
+        return None
+    snr, _ = _control_snr(thresholds, (r["model"], r["dtype"], r["quant"], r["parallel"]), labels)
+    name = next((r["metric"][len(p):] for p in ("single_step_", "final_latent_") if r["metric"].startswith(p)), None)
+    if abs(snr - float(made)) < 1e-9 or name not in ("cosine", "rel_error", "sqnr_db"):
+        return None
+    return exact_values(snr)[name], f"re-made at {snr:.2f} dB for the thresholds in use (the run made it at {made:.2f} dB)"
+
+
 def judge_controls(controls: pd.DataFrame, thresholds) -> tuple[pd.DataFrame, list[str]]:
     """Each control row passes (as a control) only if the cell's engine threshold rejects it."""
     from harness import schema
@@ -262,14 +284,18 @@ def judge_controls(controls: pd.DataFrame, thresholds) -> tuple[pd.DataFrame, li
 
     out = controls.copy()
     thresholds_used, ops, passed, why, errors = [], [], [], [], []
-    for _, r in controls.iterrows():
+    for i, r in controls.iterrows():
         key = (r["model"], r["dtype"], r["quant"], r["parallel"], schema.ENGINE_VS_REFERENCE, r["metric"])
+        labels = tuple(r[c] if c in r and pd.notna(r[c]) else None for c in ("optimize", "device", "size"))
         try:
-            labels = (r[c] if c in r and pd.notna(r[c]) else None for c in ("optimize", "device", "size"))
             rule = thresholds.lookup(key, *labels)
+            remade = _remade(r, thresholds, labels)
         except ThresholdError as e:
             errors.append(str(e))
-            rule = None
+            rule = remade = None
+        if remade is not None:
+            out.loc[i, "value"], out.loc[i, "reason"] = remade[0], f"{remade[1]}; {r['reason']}"
+            r = out.loc[i]
         value = float(r["value"]) if pd.notna(r["value"]) else math.nan
         thresholds_used.append(rule.value if rule else math.nan)
         ops.append(rule.op if rule else None)

@@ -105,3 +105,61 @@ def test_sweep_with_the_engine_as_reference_exits_2_saying_so(tmp_path, zoo_root
         undo()
     assert code == 2
     assert "did not come from the reference backend 'diffusers'" in capsys.readouterr().out
+
+
+def _stale_controls(made_db: float, floors: dict, **extra) -> tuple[pd.DataFrame, object]:
+    """Control rows of one full-size cell made at made_db (the run's floors), and thresholds whose SQNR floors (and
+    `extra` metrics) are `floors`: what a run re-gated after its own groups were measured looks like."""
+    from harness.schema import ENGINE_VS_REFERENCE, NEGATIVE_CONTROL
+    from harness.thresholds import parse_thresholds
+    from tests.test_gate import frame, row
+
+    key = dict(model="ideogram4", dtype="bf16", quant="fp8-wo", parallel="sp1")
+    exact = selfcheck.exact_values(made_db)
+    rows = [row(f"{p}_{n}", exact[n], comparison=NEGATIVE_CONTROL, device="cuda:0", size="full", **key)
+            for p in ("single_step", "final_latent") for n in ("cosine", "rel_error", "sqnr_db")]
+    controls = frame(*rows).assign(control_snr_db=made_db)
+    group = {**key, "comparison": ENGINE_VS_REFERENCE, "device": "cuda", "size": "full", "source": "test",
+             "at_least": {**floors, **extra.get("at_least", {})}, "at_most": extra.get("at_most", {})}
+    return controls, parse_thresholds({"group": [group]})
+
+
+FULL_FLOORS = {"single_step_sqnr_db": 18.0, "final_latent_sqnr_db": 23.0, "single_step_cosine": 0.9931,
+               "final_latent_cosine": 0.9977}
+FULL_CEILINGS = {"single_step_rel_error": 0.12, "final_latent_rel_error": 0.068}
+
+
+def test_controls_made_for_other_floors_are_remade_at_the_snr_the_floors_in_use_ask_for():
+    """A run's controls were made 3 dB under the floors of its day (33.44 dB); its own full-size groups were then
+    measured at 18 / 23 dB. Judged as made, every control passes the looser floors ("cannot fail"), which says
+    nothing about those floors; re-made at 15 dB (3 dB under 18) each is rejected, and its row says so."""
+    controls, t = _stale_controls(33.44, FULL_FLOORS, at_most=FULL_CEILINGS)
+    judged, errors = selfcheck.judge_controls(controls, t)
+    assert not errors and judged.passed.all(), judged[["metric", "value", "why"]]
+    assert (judged.value[judged.metric.str.endswith("sqnr_db")] == 15.0).all()
+    assert judged.reason.str.startswith("re-made at 15.00 dB for the thresholds in use (the run made it at 33.44").all()
+
+    # Planted: judge them as made (no re-making): the stale controls pass every floor and the gate cries wolf.
+    original = selfcheck._remade
+    try:
+        selfcheck._remade = lambda *a: None
+        as_made, _ = selfcheck.judge_controls(controls, t)
+    finally:
+        selfcheck._remade = original
+    assert not as_made.passed.any() and as_made.why.str.contains("cannot fail").all()
+
+
+def test_a_remade_control_still_catches_a_floor_that_cannot_fail():
+    """Re-making moves the control to the floors in use; a floor looser than the control (a cosine of 0.98 beside
+    an 18 dB SQNR floor) is still reported as one that cannot fail."""
+    controls, t = _stale_controls(33.44, {**FULL_FLOORS, "single_step_cosine": 0.98}, at_most=FULL_CEILINGS)
+    judged, _ = selfcheck.judge_controls(controls, t)
+    bad = judged[~judged.passed.astype(bool)]
+    assert list(bad.metric) == ["single_step_cosine"] and "cannot fail" in bad.why.iloc[0]
+
+
+def test_controls_made_for_the_floors_in_use_are_judged_as_made():
+    controls, t = _stale_controls(15.0, FULL_FLOORS, at_most=FULL_CEILINGS)
+    judged, _ = selfcheck.judge_controls(controls, t)
+    assert judged.passed.all() and (judged.value == controls.value).all()
+    assert not judged.reason.fillna("").str.startswith("re-made").any()
