@@ -74,3 +74,22 @@ def test_no_rows_is_an_error(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as e:
         propose(run_dir(tmp_path, frame))
     assert "no ok cuda rows" in e.value.stderr
+
+
+def test_size_and_seeds_select_rows_and_the_size_is_named(tmp_path):
+    """--size full: only full-size rows, and the groups say size = "full" (they must not judge the tiny zoo);
+    --seeds 0: groups from seed 0 only, so that seed 1 is a held-out check (per-cell rows without a seed stay)."""
+    tiny = pd.DataFrame(rows("compile_blocks", {"single_step_cosine": 0.9}))
+    full = pd.DataFrame(rows("compile_blocks", {"single_step_cosine": 0.99998}))
+    full.loc[full.seed == 1, "value"] = 0.99  # seed 1 is worse: left out by --seeds 0
+    frame = pd.concat([tiny.assign(size="tiny"), full.assign(size="full")], ignore_index=True)
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "propose_groups.py"), str(run_dir(tmp_path, frame)),
+                          "--device", "cuda", "--comparisons", "optimized_vs_eager", "--name-parallel", "flux1",
+                          "--measured-on", "a test", "--size", "full", "--seeds", "0"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    (group,) = tomllib.loads(out)["group"]
+    assert group["size"] == "full" and group["at_least"] == {"single_step_cosine": 0.9999}
+    assert "1 samples" in group["source"]
+    assert parse_thresholds({"group": [group]}).lookup(
+        ("flux1", "bf16", "none", "sp1", "optimized_vs_eager", "single_step_cosine"), "compile_blocks", "cuda",
+        "tiny") is None

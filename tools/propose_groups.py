@@ -74,7 +74,7 @@ def groups(frame: pd.DataFrame, name_parallel: set[str]) -> list[dict]:
             continue
         exactable = [m for m in metrics if METRICS[m].identical is not None]
         bitwise = bool(exactable) and all(is_identical(m, metrics[m]) for m in exactable)
-        out.append({**fields, "n": len(rows.groupby(["seed", "prompt_idx"])), "exact": bitwise,
+        out.append({**fields, "n": _count(rows), "exact": bitwise,
                     "configs": sorted(set(rows.parallel_config)),
                     "limits": {m: threshold(m, v) for m, v in metrics.items()},
                     "worst": {m: (float(v.abs().max()) if METRICS[m].absolute else
@@ -85,6 +85,12 @@ def groups(frame: pd.DataFrame, name_parallel: set[str]) -> list[dict]:
 
 def _fmt(v: float) -> str:
     return repr(float(v)) if not float(v).is_integer() or abs(v) < 1 else f"{v:.1f}"
+
+
+def _count(rows: pd.DataFrame) -> str:
+    """'4 samples' (prompt x seed), or for rows of no sample (per layer, per cell) '340 rows'."""
+    samples = len(rows.dropna(subset=["seed", "prompt_idx"]).groupby(["seed", "prompt_idx"]))
+    return f"{samples} samples" if samples else f"{len(rows)} rows"
 
 
 def to_toml(group: dict, device: str, measured_on: str, run: str, size: str | None = None) -> str:
@@ -100,10 +106,10 @@ def to_toml(group: dict, device: str, measured_on: str, run: str, size: str | No
     over = ", ".join(group["configs"])
     worst = ", ".join(f"{m} {v:.7g}" for m, v in sorted(group["worst"].items()))
     if group["exact"]:  # the tier, then the same key's ordinary thresholds (every gated metric needs one)
-        tier = lines + ["exact = true", f'source = "measured bitwise equal on {measured_on} ({run}, {group["n"]} '
-                        f'samples, over {over}): every tensor and image metric at its identical-input value"']
+        tier = lines + ["exact = true", f'source = "measured bitwise equal on {measured_on} ({run}, {group["n"]}, '
+                        f'over {over}): every tensor and image metric at its identical-input value"']
         return "\n".join(tier) + "\n\n" + to_toml({**group, "exact": False}, device, measured_on, run, size)
-    lines.append(f'source = "measured on {measured_on} ({run}, {group["n"]} samples, worst over {over}): {worst}. '
+    lines.append(f'source = "measured on {measured_on} ({run}, {group["n"]}, worst over {over}): {worst}. '
                  'Margins (tools/propose_groups.py): 5x the worst 1 - cosine / 1 - SSIM, 7 dB below the worst '
                  'SQNR / PSNR, sqrt(5)x the worst relative error, 4x the worst MAD and |CLIP delta|; a metric '
                  'measured at its identical-input value keeps it"')
