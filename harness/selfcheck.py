@@ -103,7 +103,7 @@ def expected_rows(cells, n_seeds: int, n_prompts: int, *, golden: bool, clip: bo
                 out[f"{cell.name}|{schema.QUANT_LAYERS}|layer_set_mismatch"] = 1
         if cell.parallel != "sp1":
             plan[schema.PARALLEL_VS_SINGLE] = no_clip
-        elif optimize_label(cell.optimize) != "eager":  # harness.sweep.baselines: the same engine eager
+        if optimize_label(cell.optimize) != "eager":  # harness.sweep.baselines: the same engine eager
             plan[schema.OPTIMIZED_VS_EAGER] = no_clip
         if golden and cell.golden and n_golden_seeds != 0:
             plan[schema.REFERENCE_VS_GOLDEN] = ("final_latent_cosine", "psnr_db")

@@ -308,17 +308,18 @@ def _no_quantized_layers(cell: Cell):
 
 def baselines(engine_cfg: RunConfig, bf16_cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     """What else a cell is compared with, to separate the causes of its error from the reference: the same
-    engine unquantized (from the bf16 folder, on one device), the same engine on one device, and a single-device
-    cell with speed switches (engine.optimize) against the same engine eager, so that each switch's own error is
-    gated apart from the reference's (a parallel cell's one-device twin keeps its switches: that comparison already
-    isolates the parallelism)."""
+    engine unquantized (from the bf16 folder, on one device), the same engine on one device, and a cell with speed
+    switches (engine.optimize) against the same engine eager, so that each switch's own error is gated apart from the
+    reference's. A parallel cell's one-device twin keeps its switches (that comparison isolates the parallelism); its
+    eager twin keeps the parallel config, so a switch that acts only across ranks (sp_overlap) is compared with the
+    same ranks without it."""
     out = []
     if engine_cfg.quant != "none":
         out.append((schema.ENGINE_VS_UNQUANTIZED, bf16_cfg.replace(quant="none", quant_ignored=(), parallel="sp1",
                                                                    optimize=OptimizeSpec())))
     if engine_cfg.parallel != "sp1":
         out.append((schema.PARALLEL_VS_SINGLE, engine_cfg.replace(parallel="sp1")))
-    elif engine_cfg.optimize != OptimizeSpec():
+    if engine_cfg.optimize != OptimizeSpec():
         out.append((schema.OPTIMIZED_VS_EAGER, engine_cfg.replace(optimize=OptimizeSpec())))
     return out
 

@@ -93,3 +93,21 @@ def test_size_and_seeds_select_rows_and_the_size_is_named(tmp_path):
     assert parse_thresholds({"group": [group]}).lookup(
         ("flux1", "bf16", "none", "sp1", "optimized_vs_eager", "single_step_cosine"), "compile_blocks", "cuda",
         "tiny") is None
+
+
+def test_quant_policy_and_any_device(tmp_path):
+    """--policy quant: issue #3's margins (2x 1 - cosine, 3 dB, 1.5x errors, |CLIP delta| at least 0.5); --any-device
+    leaves `device` out of the ordinary groups, so they judge every device kind."""
+    frame = pd.DataFrame(rows("eager", {"single_step_cosine": 0.9927, "psnr_db": 29.36, "single_step_rel_error": 0.12,
+                                        "mean_abs_diff": 5.4, "clip_score_delta": -0.12}))
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "propose_groups.py"), str(run_dir(tmp_path, frame)),
+                          "--device", "cuda", "--comparisons", "optimized_vs_eager", "--name-parallel", "flux1",
+                          "--measured-on", "a test", "--policy", "quant", "--any-device"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    [group] = tomllib.loads(out)["group"]
+    assert "device" not in group and "issue #3's quant margins" in group["source"]
+    assert group["at_least"] == {"single_step_cosine": 0.985, "psnr_db": 26.36}  # 2x 0.0073 -> 0.015; 3 dB
+    assert group["at_most"] == {"single_step_rel_error": 0.18, "mean_abs_diff": 8.1, "clip_score_delta": 0.5}
+    thresholds = parse_thresholds({"group": [group]})
+    key = ("flux1", "bf16", "none", "sp1", "optimized_vs_eager", "single_step_cosine")
+    assert thresholds.lookup(key, "eager", "cpu") is thresholds.lookup(key, "eager", "cuda:0") is not None

@@ -73,6 +73,8 @@ def test_every_online_mode_passes_the_oracle(quant, bf16_cfg, step0, tiny_flux_d
     ("nvfp4", "nvfp4_activations_not_quantized"),
     ("fp8-wo", "fp8_as_e5m2"),
     ("mxfp4", "mxfp4_exponent_off_by_one"),
+    ("mxfp4-wo", "mxfp4_exponent_off_by_one"),
+    ("mxfp4-wo", "mxfp4_wo_activations_quantized"),  # inside the end-to-end floors: only the oracle sees it
 ])
 def test_planted_quant_bugs_fail_the_oracle(quant, plant, bf16_cfg, step0, tiny_flux_dir, tmp_path):
     result, _ = _gate(quant, _cell(quant), bf16_cfg.replace(quant=quant), tiny_flux_dir, step0, tmp_path, plant)

@@ -53,3 +53,25 @@ def test_planted_parallel_bug_fails_the_gate(tmp_path, zoo_root, monkeypatch, pl
     assert code == 1, (run / "summary.md").read_text()
     summary = (run / "summary.md").read_text()
     assert "FAIL" in summary and (schema.PARALLEL_VS_SINGLE in summary or "ReplicationError" in summary)
+
+
+def test_planted_overlap_bug_fails_against_the_ranks_without_it(tmp_path, zoo_root, monkeypatch):
+    """The smoke suite's sp_overlap cell (bf16 ulysses2, one seed): a bug in the overlap path only (the MLP row GEMMs
+    cut one row early) fails optimized_vs_eager, which compares the cell with the same ranks without the switch."""
+    from harness.gate import gate
+    from harness.report import load_results
+    from harness.thresholds import load_thresholds
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(sitecustomize_source("sp_overlap_mlp_rows_off_by_one", str(TESTS.parent)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    code = main(["sweep", "--suite", "smoke", "--cells", "sp_overlap", "--seeds", "0", "--no-golden", "--out",
+                 str(tmp_path), "--run-id", "run", "--zoo-root", str(zoo_root)])
+    assert code == 1, (tmp_path / "run" / "summary.md").read_text()
+    rows = gate(load_results(tmp_path / "run"), load_thresholds()).rows
+    failed = rows[rows.passed == False]  # noqa: E712 (nullable boolean)
+    assert schema.OPTIMIZED_VS_EAGER in set(failed.comparison), sorted(set(failed.comparison))
+    # ... by its floors too, not only by the CPU exactness tier (a GPU run judges by the floors)
+    floors = failed[(failed.comparison == schema.OPTIMIZED_VS_EAGER) & (failed.floor_passed == False)]  # noqa: E712
+    assert len(floors), failed[["comparison", "metric", "value", "threshold"]].to_string()

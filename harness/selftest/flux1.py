@@ -11,6 +11,7 @@ The mechanism (Plant, Patcher) is harness/selftest/plants.py; installing by name
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +50,7 @@ TARGETS = {
     "fp8_quantize_rows": "engine.quant.formats.fp8:quantize_rows",
     "fp8_linear_forward": "engine.quant.linear:Fp8Linear.forward",
     "mxfp4_shared_exponent": "engine.quant.formats.mxfp4:shared_exponent",
+    "quant_handlers": "engine.quant.api:HANDLERS",
     "nvfp4_act_qdq": "engine.quant.formats.nvfp4:quantize_dequantize",
     "nvfp4_from_checkpoint": "engine.quant.linear:NVFP4Linear.from_checkpoint",
     "prequantized_resolve_ignored": "engine.quant.prequantized:resolve_ignored",
@@ -57,6 +59,9 @@ TARGETS = {
     "plan_shards": "engine.parallel.transformer:plan_shards",
     "shard_plan": "engine.parallel.sharding:ShardPlan",
     "assert_replicated": "engine.parallel.transformer:assert_replicated",
+    # sp_overlap: the cut of the single-stream linear1 into row GEMMs, and the work handed to the Ulysses attention
+    "flux1_linear_rows": "engine.models.flux1:linear_rows",
+    "beside_work": "engine.parallel.attention:BesideWork",
     # the harness itself
     "metric_cosine": "harness.metrics:cosine",
     "metric_psnr": "harness.metrics:psnr_db",
@@ -211,6 +216,12 @@ def _input_scale_inverted(p: Patcher):
     p.set("nvfp4_from_checkpoint", classmethod(from_checkpoint))
 
 
+def _weight_only_quantizes_activations(mode: str) -> Callable[[Patcher], None]:
+    def install(p: Patcher):  # the mode's handler says W4A4: every linear it builds quantizes its input too
+        p.setitem("quant_handlers", mode, dataclasses.replace(p.get("quant_handlers")[mode], act=True))
+    return install
+
+
 def _ignored_layers_not_applied_on_load(p: Patcher):
     # The pre-quantized loader forgets --quant-ignored-layers (preflight still resolves them, so the run starts).
     p.set("prequantized_resolve_ignored", lambda patterns, linears, packed=None: set())
@@ -250,6 +261,15 @@ def _cfg_noise(p: Patcher):
 def _cfg_noise_unguarded(p: Patcher):
     _cfg_noise(p)
     p.set("assert_replicated", lambda *a, **k: None)  # also silence the guard, to see what the metrics see
+
+
+# ---------------------------------------------------------------- parallel schemes: the sp_overlap switch
+def _mlp_rows_off_by_one(p: Patcher):  # every MLP piece one row early: the last QKV row in, its own last row out
+    p.wrap("flux1_linear_rows", lambda f: lambda lin, lo, hi: f(lin, lo - 1, hi - 1) if lo else f(lin, lo, hi))
+
+
+def _beside_work_reversed(p: Patcher):  # the work handed to the attention back to front: results in the wrong order
+    p.wrap("beside_work", lambda cls: lambda work: cls(list(work)[::-1]))
 
 
 # ---------------------------------------------------------------- the harness itself
@@ -369,8 +389,11 @@ CATALOGUE: dict[str, Plant] = catalogue(
           ("/nvfp4-ckpt-static/",), _input_scale_inverted),
     Plant("ignored_layers_quantized_anyway", "quant", "pre-quantized loader ignores --quant-ignored-layers",
           ("/nvfp4-ckpt-static/",), _ignored_layers_not_applied_on_load),
-    Plant("mxfp4_exponent_off_by_one", "quant", "MXFP4 shared exponent one too small", ("/mxfp4/",),
+    Plant("mxfp4_exponent_off_by_one", "quant", "MXFP4 shared exponent one too small", ("/mxfp4/", "/mxfp4-wo/"),
           lambda p: p.wrap("mxfp4_shared_exponent", lambda f: lambda *a, **k: f(*a, **k) - 1)),
+    # Less weight-only than asked: inside the end-to-end floors (mxfp4's own W4A4 error is); caught by the oracle.
+    Plant("mxfp4_wo_activations_quantized", "quant", "MXFP4 weight-only silently quantizes activations (W4A4)",
+          ("/mxfp4-wo/",), _weight_only_quantizes_activations("mxfp4-wo")),
     # --- parallel schemes (installed in the torchrun ranks only)
     # ring_text_double_counted (replicated text counted once per ring rank) is Z-Image's (harness/selftest/
     # z_image.py): FLUX.1 cuts its text across the ring's ranks, so its ring cells never replicate text there.
@@ -382,6 +405,11 @@ CATALOGUE: dict[str, Plant] = catalogue(
           _cfg_noise, where="ranks"),
     Plant("cfg_noise_guard_silenced", "parallel", "CFG ranks draw different noise and the replication guard is off",
           ("/bf16/none/cfg2",), _cfg_noise_unguarded, where="ranks"),
+    # In the overlap path only (the eager twin never cuts linear1): optimized_vs_eager, bitwise on CPU, sees them.
+    Plant("sp_overlap_mlp_rows_off_by_one", "parallel", "sp_overlap's MLP row GEMMs cut one row early",
+          ("sp_overlap",), _mlp_rows_off_by_one, where="ranks"),
+    Plant("sp_overlap_work_reordered", "parallel", "sp_overlap's work results come back in reverse order",
+          ("sp_overlap",), _beside_work_reversed, where="ranks"),
     # --- the harness: metrics computed leniently, the gate, reference integrity, dropped rows
     Plant("metric_cosine_of_abs", "harness", "cosine computed on absolute values (hides sign errors)", FP32,
           _engine_bug_hidden_by(_cosine_of_abs)),
