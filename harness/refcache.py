@@ -49,10 +49,11 @@ def device_kind(device: str) -> str:
     """What decides a device's numerics: the CPU's vector instruction set and this process's intra-op thread count,
     or the GPU model and its compute capability (cuda:0 and cuda:1 of one host are the same kind).
 
-    The thread count splits CPU reductions differently: measured on the tiny FLUX.1 zoo model, diffusers decodes the
-    same final latents into images up to 2 levels apart with 4 or 8 threads against 1 or 2 (bf16: 15-19% of the
-    pixels; fp32: 1 pixel at 8 threads), so a cache shared by machines of other core counts would hand a bitwise-gated
-    cell a reference it cannot equal. The inter-op pool does not change eager results (measured: 1 and 4 equal)."""
+    The thread count splits CPU reductions differently: measured on the smoke suite's tiny zoo model, diffusers
+    decodes the same final latents into images up to 2 levels apart with 4 or 8 threads against 1 or 2 (bf16: 15-19%
+    of the pixels; fp32: 1 pixel at 8 threads), so a cache shared by machines of other core counts would hand a
+    bitwise-gated cell a reference it cannot equal. The inter-op pool does not change eager results (measured: 1 and
+    4 equal)."""
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         major, minor = torch.cuda.get_device_capability(index)
