@@ -9,6 +9,8 @@ Two kinds of scorer, and every report must say which one produced its numbers (s
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from harness.metrics import MetricError, check_finite, check_images, cosine
 TINY_NAME = "parity-tiny-clip"
 TINY_CONFIG = Path(__file__).with_name("clip_tiny.json")
 TINY_SEED = 0
+MEMO_SIZE = 256  # embeddings kept per scorer: a sweep's distinct image batches and prompt lists, bounded for long runs
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +71,20 @@ class ClipScorer:
     def __init__(self, model, preprocess, tokenizer, *, name: str, semantic: bool, device: str = "cpu"):
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
         self.name, self.semantic, self.device = name, semantic, device
+        # Embeddings by their exact input: a sweep scores the same prompts in every cell and the same reference
+        # images in every cell sharing a reference, each test batch twice (CLIPScore and image similarity). The same
+        # batch through the same model in one process gives the same embedding, so a hit changes no value.
+        self._memo: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def _memoized(self, key: tuple, embed) -> torch.Tensor:
+        key += (torch.get_num_threads(),)  # CPU results depend on it (harness.refcache.device_kind)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+        else:
+            self._memo[key] = embed()  # embed checks finiteness first: a refused input is never stored
+            if len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return self._memo[key].clone()
 
     @classmethod
     def default(cls, device: str = "cpu") -> "ClipScorer":
@@ -90,22 +107,31 @@ class ClipScorer:
     def embed_images(self, images, what: str = "images") -> torch.Tensor:
         """(B, F, H, W, 3) uint8 (or (B, H, W, 3)) -> (B, F, D) float64 frame embeddings (not normalised)."""
         imgs = check_images(images, what)
-        frames = imgs.reshape(-1, *imgs.shape[2:])
-        batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in frames]).to(self.device)
-        emb = self.model.encode_image(batch).double().cpu()
-        check_finite(emb, f"CLIP embedding of {what}")
-        return emb.reshape(imgs.shape[0], imgs.shape[1], -1)
+
+        def embed():
+            frames = imgs.reshape(-1, *imgs.shape[2:])
+            batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in frames]).to(self.device)
+            emb = self.model.encode_image(batch).double().cpu()
+            check_finite(emb, f"CLIP embedding of {what}")
+            return emb.reshape(imgs.shape[0], imgs.shape[1], -1)
+
+        data = np.ascontiguousarray(imgs)
+        return self._memoized(("images", data.shape, str(data.dtype), hashlib.sha256(data.tobytes()).digest()), embed)
 
     @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         """list of B prompts -> (B, D) float64 text embeddings (not normalised)."""
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise MetricError(f"prompts must be a list of str, got {type(prompts).__name__}")
-        # open_clip's tokenizer truncates to the context length (77), as CLIPScore does.
-        tokens = self.tokenizer(list(prompts)).to(self.device)
-        emb = self.model.encode_text(tokens).double().cpu()
-        check_finite(emb, "CLIP text embedding")
-        return emb
+
+        def embed():
+            # open_clip's tokenizer truncates to the context length (77), as CLIPScore does.
+            tokens = self.tokenizer(list(prompts)).to(self.device)
+            emb = self.model.encode_text(tokens).double().cpu()
+            check_finite(emb, "CLIP text embedding")
+            return emb
+
+        return self._memoized(("texts", tuple(prompts)), embed)
 
     # ------------------------------------------------------------ scores
 

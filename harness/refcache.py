@@ -4,8 +4,8 @@ An entry holds what the sweep takes from one diffusers run: its Artifacts (step-
 reference's single-step output on those inputs. It is keyed by everything that determines that output: the model's
 identity (the sweep's model hash, never its path, so machines sharing the cache over different mounts agree), the
 run config the reference sees (derived from RunConfig, so a new sampling field joins the key by itself), the kind
-of device (CPU instruction set, GPU model), the library versions and the source of our reference runners. An
-upgrade of torch, diffusers or transformers, or an edit to reference/, misses by construction.
+of device (CPU instruction set and thread count, GPU model), the library versions and the source of our reference
+runners. An upgrade of torch, diffusers or transformers, or an edit to reference/, misses by construction.
 
 Safe to share between concurrent writers (several sweeps, Ray tasks on many machines): each entry is written to a
 private temporary file in its final directory and published with os.replace, so a reader sees a whole entry or
@@ -46,13 +46,19 @@ def default_root() -> Path:
 
 
 def device_kind(device: str) -> str:
-    """What decides a device's numerics: the CPU's vector instruction set, or the GPU model and its compute
-    capability (cuda:0 and cuda:1 of one host are the same kind)."""
+    """What decides a device's numerics: the CPU's vector instruction set and this process's intra-op thread count,
+    or the GPU model and its compute capability (cuda:0 and cuda:1 of one host are the same kind).
+
+    The thread count splits CPU reductions differently: measured on the smoke suite's tiny zoo model, diffusers
+    decodes the same final latents into images up to 2 levels apart with 4 or 8 threads against 1 or 2 (bf16: 15-19%
+    of the pixels; fp32: 1 pixel at 8 threads), so a cache shared by machines of other core counts would hand a
+    bitwise-gated cell a reference it cannot equal. The inter-op pool does not change eager results (measured: 1 and
+    4 equal)."""
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         major, minor = torch.cuda.get_device_capability(index)
         return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
-    return f"{device}:{torch.backends.cpu.get_cpu_capability()}"
+    return f"{device}:{torch.backends.cpu.get_cpu_capability()}:threads{torch.get_num_threads()}"
 
 
 @lru_cache(maxsize=1)

@@ -259,6 +259,23 @@ def test_clip_text_image_score(scorer):
         scorer.image_image_similarity(a[0], a[0])
 
 
+def test_clip_memo_changes_no_value():
+    """A scorer reuses the embeddings of inputs it has seen (a sweep scores the same prompts and reference images in
+    every cell): each must equal a fresh scorer's first computation; another input of the same shape must miss."""
+    from harness import clip
+    memo, fresh = (clip.ClipScorer(*clip._tiny_parts(), name=clip.TINY_NAME, semantic=False) for _ in range(2))
+    a, b, prompts = images(2), images(2, seed=1), ["a red cube", "a photo of a cat"]
+    first = memo.text_image_score(a, prompts)
+    again, other = memo.text_image_score(a.copy(), prompts), memo.text_image_score(b, prompts)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(other, fresh.text_image_score(b, prompts))
+    assert not np.array_equal(other, first)
+    np.testing.assert_array_equal(memo.text_image_score(a, prompts[::-1]), fresh.text_image_score(a, prompts[::-1]))
+    emb = memo.embed_images(a)
+    emb.zero_()  # a caller writing into what it got back must not change the memo
+    np.testing.assert_array_equal(memo.embed_images(a), fresh.embed_images(a))
+
+
 def test_clip_from_pretrained_local_file(scorer, tmp_path):
     from harness.clip import ClipScorer, _register_tiny_config
     path = tmp_path / "tiny.pt"

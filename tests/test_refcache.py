@@ -75,6 +75,23 @@ def test_round_trip_is_exact(tmp_path):
     assert cache.get(CFG, "other-model") is None
 
 
+def test_an_entry_written_at_another_cpu_thread_count_misses(tmp_path):
+    """CPU results depend on the intra-op thread count (refcache.device_kind): a shared cache filled by a machine with
+    more cores must not serve this one."""
+    mine = torch.get_num_threads()
+    other = 1 if mine != 1 else 2
+    cache = RefCache(tmp_path)
+    torch.set_num_threads(other)
+    try:
+        cache.put(CFG, "h", artifacts(7.0))
+    finally:
+        torch.set_num_threads(mine)
+    assert cache.get(CFG, "h") is None and cache.misses == 1
+    cache.put(CFG, "h", artifacts(3.0))
+    assert fills(cache.get(CFG, "h")) == {3.0} and cache.hits == 1
+    assert len(cache.entries()) == 2  # two keys, neither overwrote the other
+
+
 def _writer(root: str, fill: float, rounds: int) -> None:
     cache = RefCache(root)
     for _ in range(rounds):
