@@ -274,7 +274,8 @@ def _remade(r, thresholds, labels: tuple) -> tuple[float, str] | None:
     name = next((r["metric"][len(p):] for p in ("single_step_", "final_latent_") if r["metric"].startswith(p)), None)
     if abs(snr - float(made)) < 1e-9 or name not in ("cosine", "rel_error", "sqnr_db"):
         return None
-    return exact_values(snr)[name], f"re-made at {snr:.2f} dB for the thresholds in use (the run made it at {made:.2f} dB)"
+    return exact_values(snr)[name], (f"re-made at {snr:.2f} dB for the thresholds in use (the run made it at "
+                                     f"{made:.2f} dB)")
 
 
 def judge_controls(controls: pd.DataFrame, thresholds) -> tuple[pd.DataFrame, list[str]]:

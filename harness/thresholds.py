@@ -5,9 +5,9 @@ the results' `optimize` label: a compiled cell sums differently from eager and i
 `device` (a device kind, "cpu" or "cuda": GPU kernels sum in other orders than CPU ones, so a floor measured on one
 kind may be too loose or too tight on the other; "cuda" matches the rows of every card, cuda:N), and an optional `size`
 (the zoo size, "tiny" or "full": a floor measured on a 2-layer model of width 32 says nothing about a 57-layer one).
-model/dtype/quant/parallel/optimize/device/size may be "*" (the last three are "*" when left out); a lookup takes the most specific
-match, and two equally specific matches are an error rather than a silent pick. There is no default: a gated metric without a
-threshold is the caller's error to report.
+model/dtype/quant/parallel/optimize/device/size may be "*" (the last three are "*" when left out); a lookup takes the
+most specific match, and two equally specific matches are an error rather than a silent pick. There is no default: a
+gated metric without a threshold is the caller's error to report.
 """
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ def _cell(quant, source="online", ignored=()):
 
 
 def _base(quant):
-    # Columns a sweep row carries; device and optimize let the gate look up exactness tiers.
+    # Columns a sweep row carries; device, optimize and size let the gate look up exactness tiers and keyed floors.
     return {"model": "flux1", "dtype": "bf16", "quant": quant, "parallel": "sp1", "device": "cpu", "optimize": "eager",
-            "cell": f"flux1/{quant}"}
+            "size": "tiny", "cell": f"flux1/{quant}"}
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,8 @@ def test_an_entry_written_at_another_cpu_thread_count_misses(tmp_path):
     assert len(cache.entries()) == 2  # two keys, neither overwrote the other
 
 
-def _writer(root: str, fill: float, rounds: int) -> None:
+def _writer(root: str, fill: float, rounds: int, threads: int) -> None:
+    torch.set_num_threads(threads)  # the CPU thread count is part of the key: write the key the reader reads
     cache = RefCache(root)
     for _ in range(rounds):
         cache.put(CFG, "h", artifacts(fill, n=65536))  # ~30 MB an entry: a write takes a while
@@ -104,7 +105,8 @@ def test_two_concurrent_writers_never_show_a_reader_a_torn_entry(tmp_path, start
     the session's fork server (conftest.start_ranks), which has imported torch and the engine already: spawned,
     each paid those imports first (~10 s on 2 cores) and then raced this reader as they do now."""
     forkserver = multiprocessing.get_context("forkserver")
-    writers = [forkserver.Process(target=_writer, args=(str(tmp_path), fill, 6)) for fill in (1.0, 2.0)]
+    writers = [forkserver.Process(target=_writer, args=(str(tmp_path), fill, 6, torch.get_num_threads()))
+               for fill in (1.0, 2.0)]
     for w in writers:
         w.start()
     log: list[str] = []
