@@ -5,6 +5,7 @@ and renamed when complete, so a crashed sweep never leaves a half-written report
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import tempfile
 import time
@@ -140,10 +141,23 @@ class SweepContext:
     def prefetch_distributed(self, cfgs: list[RunConfig], step0_inputs: list[dict], timeout_s: float) -> None:
         todo = [(c, x) for c, x in zip(cfgs, step0_inputs) if c not in self._engine_runs]
         if todo:
+            if frees_models(cfgs[0].device):  # the ranks' models need the memory this process's engine model holds
+                self.free_models(engine=True)
             results = self.run_distributed([c for c, _ in todo], [x for _, x in todo], timeout_s)
             for (cfg, _), (art, single_step) in zip(todo, results):
                 art.extras["single_step"] = single_step
                 self._engine_runs[cfg] = art
+
+    def free_models(self, reference: bool = False, engine: bool = False) -> None:
+        """Drop the loaded reference and/or engine model, keeping their runs (in this process, and the reference's in
+        the cache), and hand the freed device memory back so that other processes (the ranks) can use it."""
+        if reference:
+            self._references.clear()
+        if engine:
+            self._engine_runners.clear()
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def reference(self, cfg: RunConfig) -> tuple[object, dict[int, Artifacts]]:
         """diffusers runs depend on neither quant nor parallel: one runner and one run per seed, shared."""
@@ -172,6 +186,16 @@ class SweepContext:
                     self.ref_cache.put(run_cfg, model_hash, art)
             runs[cfg.seed] = art
         return runs[cfg.seed]
+
+
+def frees_models(device: str) -> bool:
+    """Whether a model is dropped as soon as its runs are in hand. On an accelerator: a full-size reference kept
+    beside the engine, and the engine's one-device model kept beside rank 0 of a parallel cell, needed about 102 GB
+    on the first GPU of the sp-full suite (measured on an H200), more than an 80 GB card holds, while the
+    runs they are kept for are already memoized (one reference run per seed, one engine run per config). On the CPU
+    models are kept: the tiny zoo's reload costs more time than its memory is worth, and the selftest shares one
+    reference model between all its sweeps."""
+    return torch.device(device).type != "cpu"
 
 
 def ref_key(cell: Cell) -> str:
@@ -368,6 +392,8 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     if cell.quant != "none":
         out += weight_rows(cell, ctx, model_dir, engine_cfg0, images_dir.parent)
     ref_runs = {seed: ctx.reference_run(cfg0.replace(seed=seed), base["model_hash"]) for seed in suite.seeds}
+    if frees_models(cell.device):  # every seed's reference run is in hand: the engine gets the memory
+        ctx.free_models(reference=True)
     # issue 16: each quantized linear against torchao, and the layers left unquantized. Single-device cells only: the
     # probe builds the model on one device in this process, so on a parallel cell it would repeat its sp1 twin.
     if cell.quant != "none" and cell.parallel == "sp1":
