@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serve", type=Path, help="a pool's folder: run its numbered jobs until DIR/stop appears")
     parser.add_argument("--owner", type=int, help="with --serve: exit when this process is gone")
     args = parser.parse_args(argv)
+    from harness.quiet import quiet_loading
+
+    quiet_loading()  # each rank loads the engine's diffusers components (the VAE): as quiet as the sweep's own loads
     if args.serve is not None:
         if args.job or args.out or args.owner is None:
             parser.error("--serve takes --owner and neither --job nor --out")
