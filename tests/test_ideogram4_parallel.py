@@ -25,18 +25,31 @@ def _cfg(model_dir: str, parallel: str = "sp1"):
 
 def _worker(rank: int, tmp: str, model_dir: str):
     torch.set_num_threads(1)
+    import engine.pipelines.ideogram4 as ipipe
     from engine.runner import open_runner
 
+    # Whether generate() hands each wrapped forward its PackedLayout (without one the forward reads it back from
+    # the device every step: tests/test_ideogram4_sp_layout.py).
+    forward, given = ipipe.Ideogram4Parallel.forward, []
+
+    def recording(self, *args, layout=None):
+        given.append(layout is not None)
+        return forward(self, *args, layout=layout)
     for i, parallel in enumerate(SCHEMES):
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store{i}", rank=rank, world_size=2)
         try:
             runner = open_runner(_cfg(model_dir, parallel))
-            art = runner.generate(_cfg(model_dir, parallel))
+            given.clear()
+            ipipe.Ideogram4Parallel.forward = recording
+            try:
+                art = runner.generate(_cfg(model_dir, parallel))
+            finally:
+                ipipe.Ideogram4Parallel.forward = forward
             single = runner.transformer_forward(art.step0_inputs)
         finally:
             dist.destroy_process_group()
-        torch.save({"final": art.final_latents, "steps": art.step_outputs, "single": single},
-                   f"{tmp}/{parallel}.rank{rank}.pt")
+        torch.save({"final": art.final_latents, "steps": art.step_outputs, "single": single,
+                    "layout_given": list(given)}, f"{tmp}/{parallel}.rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +78,8 @@ def test_parallel_matches_one_device(results, parallel):
     runs, single = results
     rank0, rank1 = runs[parallel]
     assert torch.equal(rank0["final"], rank1["final"]), "ranks disagree"
+    for rank in (rank0, rank1):  # every wrapped forward of generate() got its layout
+        assert rank["layout_given"] and all(rank["layout_given"]), rank["layout_given"]
     assert single.step0_inputs["indicator"].eq(-0).any()  # left padding in the conditional sequence
     cos = min(_cosine(a, b) for a, b in zip(rank0["final"], single.final_latents))
     steps = min(_cosine(a, b) for a, b in zip(rank0["steps"], single.step_outputs))

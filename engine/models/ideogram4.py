@@ -248,16 +248,25 @@ class Ideogram4Transformer(nn.Module):
 @dataclass(frozen=True)
 class PackedLayout:
     """What a packed batch holds, read once on the host: whether any token is text (the conditional sequence; the
-    unconditional one is image tokens only) and whether any key is padding. The forward branches on both."""
+    unconditional one is image tokens only), whether any key is padding, and how many tokens precede the image
+    (text and left padding, the most over the batch: the region a sequence-parallel forward keeps whole on every
+    rank). The forward branches on all three."""
     text: bool
     padded: bool
+    text_len: int
 
 
 def packed_layout(segment_ids: torch.Tensor, indicator: torch.Tensor) -> PackedLayout:
     """Read (and check) a batch's layout; on a CUDA tensor this waits for the device, so the pipeline calls it once per
     generation on its host-side ids, not once per step."""
+    image = indicator == IMAGE_INDICATOR
+    text_len = int((~image).sum(1).max())
+    if not bool(image[:, text_len:].all()):
+        raise ValueError("a packed sequence must hold its image tokens last, after every text and pad token "
+                         "([left-pad | text | image]); the sequence-parallel forward cuts it there")
     return PackedLayout(text=bool((indicator == TEXT_INDICATOR).any()),
-                        padded=segment_key_mask(segment_ids) is not None)  # which also checks one sample per row
+                        padded=segment_key_mask(segment_ids) is not None,  # which also checks one sample per row
+                        text_len=text_len)
 
 
 def segment_key_mask(segment_ids: torch.Tensor) -> torch.Tensor | None:

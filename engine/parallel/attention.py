@@ -259,6 +259,12 @@ class JointSequenceParallelAttention:
             raise ValueError("sequence-parallel attention masks text keys only; this call masks image keys")
         self._checked_mask = weakref.ref(key_mask)
 
+    def vouch_for(self, key_mask: torch.Tensor) -> None:
+        """A caller whose mask is True on every image key by construction (built so, not read from data) says so
+        before the forward: the check would otherwise read each new mask on the host, which for a mask built anew
+        every forward is a synchronisation per forward."""
+        self._checked_mask = weakref.ref(key_mask)
+
     @property
     def hides_work(self) -> bool:
         """engine.attention.hides_work: only Ulysses leaves transfers that nothing else hides (a ring-only mesh

@@ -26,7 +26,7 @@ from engine.denoisers import load_denoiser, summary
 from engine.family import BenchShape, Family, QuantizedComponent
 from engine.models.ideogram4 import (IMAGE_INDICATOR, IMAGE_POSITION_OFFSET, PADDING_INDICATOR, TEXT_INDICATOR,
                                      Ideogram4Config, Ideogram4Transformer, PackedLayout, diffusers_key_map,
-                                     packed_layout, rope_tables, segment_key_mask)
+                                     packed_layout, rope_tables)
 from engine.parallel.transformer import SequenceParallelTransformer
 from engine.pipeline import denoise_loop, serial_cfg, to_uint8_images
 from engine.quant.api import QuantSpec
@@ -325,18 +325,16 @@ class Ideogram4Parallel(SequenceParallelTransformer):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, position_ids, segment_ids, indicator,
                 layout: PackedLayout | None = None):
-        del layout  # the sharded forward reads its own (text length, mask) per call, eagerly around the graph
-        inner = self.inner
-        key_mask = segment_key_mask(segment_ids)
-        image = indicator == IMAGE_INDICATOR
-        text_len = int((~image).sum(1).max())
-        if not bool(image[:, text_len:].all()):
-            raise ValueError("sequence parallelism needs the image tokens last, after every text and pad token")
+        # The layout (text length, mask or none) decides shapes and branches, so it is read on the host: once per
+        # generation by the pipeline, which passes it; here, a synchronisation per call, only when nobody did.
+        layout = layout or packed_layout(segment_ids, indicator)
+        inner, text_len = self.inner, layout.text_len
+        key_mask = (segment_ids != PADDING_INDICATOR) if layout.padded else None
         # The whole sequence is embedded on every rank exactly as the unwrapped model embeds it (per token, cheap;
         # a separately embedded window rounds differently in bf16). The embedded image tokens travel with their RoPE
         # rows through the shard plan; the raw latents are what run_sharded checks to be the same on every rank (both
         # CFG branches see the same latents; their embeddings differ).
-        x = inner.embed(hidden_states, encoder_hidden_states, indicator)
+        x = inner.embed(hidden_states, encoder_hidden_states, indicator, layout.text)
         adaln = inner.embed_time(timestep)
         cos, sin = rope_tables(position_ids, inner.config, x.dtype)
         head = cos.shape[-1]
@@ -350,6 +348,8 @@ class Ideogram4Parallel(SequenceParallelTransformer):
             cs = torch.cat([text_rows, window_rows[..., :2 * head]], 1)
             mask = None if text_mask is None else torch.cat(
                 [text_mask, text_mask.new_ones(text_mask.shape[0], window_rows.shape[1])], 1)
+            if mask is not None and self.mesh.sp.size > 1:  # every image key True, as built
+                self.sp_attention.vouch_for(mask)
             out = inner.core(torch.cat([text_x, window_rows[..., 2 * head:]], 1), cs[..., :head], cs[..., head:],
                              mask, adaln)
             text_out.append(out[:, :text_len])
