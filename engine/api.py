@@ -268,8 +268,6 @@ def checkpoint_formats() -> dict[str, tuple[str, str]]:
     return dict(FORMATS)
 
 
-
-
 def calibration_formats() -> list[str]:
     """Checkpoint formats that carry a calibrated static input scale."""
     from engine.quant.export import INPUT_SCALE

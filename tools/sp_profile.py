@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"summary_rank{rank}.json").write_text(json.dumps(summary, indent=1))
     sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    (out_dir / f"kernels_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+    # Every kernel, not the top 40: a cut table hid most of the small copies whose sum is the 'other' kind.
+    (out_dir / f"kernels_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=-1))
     if rank == 0:
         prof.export_chrome_trace(str(out_dir / "trace_rank0.json.gz"))
         print(json.dumps(summary, indent=1), flush=True)
