@@ -150,3 +150,22 @@ def test_cpu_ranks_use_this_processs_thread_count(monkeypatch):
     assert "OMP_NUM_THREADS" not in _job_env(None, cpu=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert _job_env(None, cpu=True)["OMP_NUM_THREADS"] == "3"
+
+
+def test_oversubscribed_cpu_ranks_wait_passively(monkeypatch):
+    """Ranks x threads beyond the cores: OpenMP threads sleep instead of spinning (a user's own policy is kept); within
+    the cores, and on CUDA, the default stays."""
+    from harness import launch
+    from harness.launch import _job_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    assert _job_env(None, cpu=True, nproc=2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in _job_env(None, cpu=True, nproc=1)
+    assert "OMP_WAIT_POLICY" not in _job_env(None, cpu=False, nproc=4)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
+    assert "OMP_WAIT_POLICY" not in _job_env(None, cpu=True, nproc=4)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    assert _job_env(None, cpu=True, nproc=2)["OMP_WAIT_POLICY"] == "ACTIVE"
