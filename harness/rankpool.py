@@ -105,7 +105,8 @@ class RankPools:
     def run(self, cfgs: list[RunConfig], step0_inputs: list[dict[str, torch.Tensor]], timeout_s: float,
             extra_env: Mapping[str, str] | None = None) -> list[tuple[Artifacts, torch.Tensor]]:
         nproc = nproc_for(cfgs[0].parallel)
-        env = _job_env(extra_env, _on_cpu(cfgs[0]), nproc)  # read now: a plant may have changed os.environ since the last cell
+        # Read now: a plant may have changed os.environ since the last cell.
+        env = _job_env(extra_env, _on_cpu(cfgs[0]), nproc)
         key = (nproc, torch.device(cfgs[0].device).type, tuple(sorted(env.items())))
         pool = self._pools.get(key)
         if pool is None or not pool.alive:
