@@ -112,6 +112,15 @@ def _failure_reason(agent_log: Path, log_dir: Path, rc: int) -> str:
     return f"torchrun exited with code {rc}; agent log tail:\n{agent[-LOG_TAIL_CHARS:]}\n{tails}"
 
 
+def _outer_threads(value: str) -> int:
+    """The outermost thread count of an OMP_NUM_THREADS value, which may list one count per nesting level ("4,2");
+    a value OpenMP would not take counts as 1 here (the ranks' own OpenMP reports it)."""
+    try:
+        return max(int(value.split(",")[0]), 1)
+    except ValueError:
+        return 1
+
+
 def _job_env(extra_env: Mapping[str, str] | None, cpu: bool = False, nproc: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     extra = dict(extra_env or {})
@@ -128,7 +137,7 @@ def _job_env(extra_env: Mapping[str, str] | None, cpu: bool = False, nproc: int 
         # core a working thread of another rank needs. Measured on 2 cores, 2 ranks x 2 threads, the smoke suite's
         # tiny jobs: 1.2-11.2 s and erratic by default, 0.7-1.5 s passive. Sleeping instead of spinning changes
         # when threads wake, not how work is split: the same bits (the smoke suite's values are identical).
-        if nproc * int(env["OMP_NUM_THREADS"]) > (os.cpu_count() or 1):
+        if nproc * _outer_threads(env["OMP_NUM_THREADS"]) > (os.cpu_count() or 1):
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 

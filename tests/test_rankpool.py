@@ -166,6 +166,11 @@ def test_oversubscribed_cpu_ranks_wait_passively(monkeypatch):
     assert "OMP_WAIT_POLICY" not in _job_env(None, cpu=False, nproc=4)
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
     assert "OMP_WAIT_POLICY" not in _job_env(None, cpu=True, nproc=4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # one count per nesting level: the outer one counts, 3 x 4 > 8
+    assert _job_env(None, cpu=True, nproc=4)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: no crash here, OpenMP itself will say so
+    assert "OMP_WAIT_POLICY" not in _job_env(None, cpu=True, nproc=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
     assert _job_env(None, cpu=True, nproc=2)["OMP_WAIT_POLICY"] == "ACTIVE"
