@@ -66,7 +66,7 @@ class QuantizedComponent:
     tensors."""
 
     folder: str  # the component folder, also the pipeline attribute that holds it (e.g. "text_encoder")
-    model_class: type  # a transformers PreTrainedModel class: from_pretrained for a plain folder, meta build else
+    model_class: str  # a transformers PreTrainedModel class name: from_pretrained for a plain folder, meta build else
     select: Callable[[str], bool]  # linear module name (the checkpoint's) -> whether the release quantizes it
     formats: tuple[str, ...]  # the checkpoint formats (engine.quant.export.FORMATS) the release stores it in
 

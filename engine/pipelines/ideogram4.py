@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from diffusers import AutoencoderKLFlux2
 from torch import nn
-from transformers import AutoTokenizer, Qwen3VLModel
 
 from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
@@ -140,6 +138,10 @@ class Ideogram4Pipeline:
             raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
         self.model_cfg = cfg
         self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
+        # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.
+        from diffusers import AutoencoderKLFlux2
+        from transformers import AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         spec = QuantSpec(cfg.quant, cfg.quant_ignored)
         # A plain folder: transformers' own load. The FP8 release layout: its decoder linears in e4m3 (see TEXT_ENCODER).
@@ -365,7 +367,7 @@ def _release_quantizes(name: str) -> bool:
     return name.startswith("language_model.layers.")
 
 
-TEXT_ENCODER = QuantizedComponent(folder="text_encoder", model_class=Qwen3VLModel, select=_release_quantizes,
+TEXT_ENCODER = QuantizedComponent(folder="text_encoder", model_class="Qwen3VLModel", select=_release_quantizes,
                                   formats=("fp8-wo",))
 
 FAMILY = Family(name="ideogram4", diffusers_pipeline="Ideogram4Pipeline", sampling=Ideogram4Sampling,

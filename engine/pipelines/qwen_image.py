@@ -17,10 +17,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLQwenImage
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from torch import nn
 
@@ -139,6 +136,11 @@ class QwenImagePipeline:
         self.model_cfg = cfg
         self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
         self.load_text(root)
+        # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.
+        from diffusers import AutoencoderKLQwenImage
+        from diffusers.image_processor import VaeImageProcessor
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
         self.text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             root / "text_encoder", dtype=self.dtype).to(self.device).eval()
         self.vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", dtype=self.dtype).to(self.device).eval()
@@ -152,6 +154,8 @@ class QwenImagePipeline:
         self.load_seconds = time.perf_counter() - t0
 
     def load_text(self, root: Path) -> None:
+        from transformers import AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
 
     @classmethod
@@ -297,6 +301,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     template, drop = EDIT_TEMPLATE, EDIT_DROP
 
     def load_text(self, root: Path) -> None:
+        from transformers import AutoProcessor
+
         self.processor = AutoProcessor.from_pretrained(root / "processor")
         self._conditions: dict[int, tuple] = {}
 

@@ -25,11 +25,8 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.video_processor import VideoProcessor
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, UMT5EncoderModel
 
 from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
@@ -165,6 +162,11 @@ class WanPipeline:
             raise ValueError(f"{root}: boundary_ratio {self.boundary_ratio} does not fit the denoisers "
                              f"{list(self.denoisers)} of family {family.name!r}")
         self.dtype, self.device = cfg.torch_dtype, torch.device(cfg.device)
+        # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.
+        from diffusers import AutoencoderKLWan
+        from diffusers.video_processor import VideoProcessor
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         self.text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=self.dtype).to(
             self.device).eval()

@@ -21,9 +21,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
-from transformers import AutoTokenizer, Qwen3Model
 
 from engine.api import Artifacts, RunConfig, guided_inputs, split_guided
 from engine.denoisers import load_denoiser, summary
@@ -123,6 +121,10 @@ class ZImagePipeline:
     denoisers = ("transformer",)
 
     def __init__(self, cfg: RunConfig):
+        # Deferred: the registry imports this module, and text encoders and the VAE are needed only to run.
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, Qwen3Model
+
         t0 = time.perf_counter()
         root = Path(cfg.model_dir)
         if not (root / "model_index.json").is_file():

@@ -28,11 +28,23 @@ from engine.quant.names import set_submodule
 WEIGHTS_NAME = "model.safetensors"  # transformers' single-file name
 
 
+def model_class(component) -> type:
+    """The component's transformers class, imported now: the family registry names it without importing it."""
+    import transformers
+
+    try:
+        return getattr(transformers, component.model_class)
+    except AttributeError:
+        raise ValueError(f"component {component.folder!r}: transformers {transformers.__version__} has no class "
+                         f"{component.model_class!r}") from None
+
+
 def meta_build(component, folder: Path) -> nn.Module:
     """The component's module from the config in `folder`, on the meta device (no memory, no init)."""
-    config = component.model_class.config_class.from_pretrained(folder)
+    cls = model_class(component)
+    config = cls.config_class.from_pretrained(folder)
     with torch.device("meta"):
-        return component.model_class._from_config(config)
+        return cls._from_config(config)
 
 
 def selected_linears(component, model: nn.Module) -> list[str]:
@@ -56,7 +68,7 @@ def quantize_component(component, folder: Path, fmt: str) -> tuple[dict[str, tor
     tensors = quantized_tensors(folder, chosen, QuantSpec(mode))
     if missing := sorted(m for m in chosen if f"{m}.weight_scale" not in tensors):
         raise CheckpointError(f"{folder}: no checkpoint weight for {missing[:5]} (key names differ from "
-                              f"{component.model_class.__name__}'s)")
+                              f"{component.model_class}'s)")
     return tensors, release_config(algo, linears - chosen)
 
 
@@ -68,7 +80,7 @@ def load_component(component, folder: Path, spec: QuantSpec, dtype: torch.dtype,
     folder = Path(folder)
     fmt, config = prequantized.folder_format(folder)
     if fmt is None:
-        return component.model_class.from_pretrained(folder, dtype=dtype).to(device).eval()
+        return model_class(component).from_pretrained(folder, dtype=dtype).to(device).eval()
     handler = spec.handler
     if handler is None or handler.checkpoint_format != fmt:
         fits = [m for m, h in HANDLERS.items() if h.checkpoint_format == fmt]
