@@ -111,13 +111,14 @@ def trajectory_plot(curves: pd.DataFrame, title: str) -> str | None:
     styles = {c: (svgplot.PALETTE[i % len(svgplot.PALETTE)], svgplot.DASHES[i % len(svgplot.DASHES)])
               for i, c in enumerate(comparisons)}
     steps, err = ok["step"].to_numpy(dtype=float), np.clip(1.0 - ok["value"].to_numpy(dtype=float), 1e-16, None)
-    series = []
+    series, labelled = [], set()
     # Groups in sorted order: each comparison's first is its first (seed, prompt), the curve that carries the label.
     samples = ok.groupby(["comparison", "seed", "prompt_idx"], sort=True, dropna=False).indices
     for (comparison, _, _), at in samples.items():
         at = at[np.argsort(steps[at], kind="stable")]
         colour, dash = styles[comparison]
-        label = comparison if not any(s.label == comparison for s in series) else None
+        label = None if comparison in labelled else comparison
+        labelled.add(comparison)
         series.append(svgplot.Series(steps[at], err[at], colour, dash, label=label))  # exact steps sit at 1e-16
     return svgplot.data_uri(svgplot.log_lines(series, title, "denoising step", "1 - trajectory cosine"))
 
