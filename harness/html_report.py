@@ -1,11 +1,12 @@
 """report.html: one self-contained page per run (no network): the verdict first, then per cell its thresholds
 with margins, engine and reference images side by side with an amplified difference map, the per-step trajectory
-curves, and for quant cells the per-layer weight SQNR worst first. Images and plots are inlined as base64 PNG;
-an image file too large to inline is linked by its path inside the run folder instead.
+curves, and for quant cells the per-layer weight SQNR worst first. Images are inlined as base64 PNG and plots as
+base64 SVG; an image file too large to inline is linked by its path inside the run folder instead.
 
 Media are (B, H, W, 3) images or (B, F, H, W, 3) videos. On disk a run stores one PNG per sample side, or one
-per frame (`..._f<j>_engine.png`); frames are laid out side by side. Plots use matplotlib's Agg canvas directly
-(no pyplot, so importing or rendering changes no global state)."""
+per frame (`..._f<j>_engine.png`); frames are laid out side by side. Plots are SVG text written by
+harness/svgplot.py (a smoke report's 24 plots take ~0.1 s; matplotlib's took 4-8 s), the difference map's
+colours a table: rendering imports no plotting library and changes no global state."""
 from __future__ import annotations
 
 import base64
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from harness import tables
+from harness import svgplot, tables
 from harness.gate import GateResult
 from harness.runfiles import IMAGES_DIR, REPORT_HTML, WEIGHTS_CSV, atomic_write, cell_label, fmt, load_meta
 
@@ -43,13 +44,23 @@ def as_frames(media: np.ndarray) -> list[list[np.ndarray]]:
 
 def diff_map(engine: np.ndarray, reference: np.ndarray, gain: int = DIFF_GAIN) -> np.ndarray:
     """|engine - reference|, max over channels, times gain, through the magma colour map: (H, W, 3) uint8."""
-    from matplotlib import colormaps
-
     if engine.shape != reference.shape:
         raise ValueError(f"engine {engine.shape} and reference {reference.shape} images differ in shape")
     d = np.abs(engine.astype(np.int16) - reference.astype(np.int16)).max(axis=-1)
-    level = np.clip(d * gain, 0, 255) / 255.0
-    return (colormaps["magma"](level)[..., :3] * 255).round().astype(np.uint8)
+    return _MAGMA[np.clip(d * gain, 0, 255)]
+
+
+def _magma_table() -> np.ndarray:
+    stops = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in _MAGMA_STOPS.split()], dtype=float)
+    at = np.linspace(0, 255, len(stops))
+    return np.stack([np.interp(np.arange(256), at, stops[:, c]) for c in range(3)], -1).round().astype(np.uint8)
+
+
+# matplotlib's magma at 17 even stops, interpolated to 256 levels (within 3/255 of the full map): importing
+# matplotlib for it took 0.4 s, as long as the rest of a smoke report's render once the plots were SVG.
+_MAGMA_STOPS = ("000004 0a0822 1d1147 36106b 51127c 6a1c81 832681 9c2e7f b73779 d0416f e75263 f56b5c fc8961 fea772 "
+                "fec488 fde2a3 fcfdbf")
+_MAGMA = _magma_table()
 
 
 def find_media(cell_dir: Path) -> dict[str, list[dict[str, Path]]]:
@@ -86,93 +97,38 @@ def _file_src(path: Path, run_dir: Path) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _figure(width: float = 6.4, height: float = 3.2):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _fig_b64(fig) -> str:
-    buf = io.BytesIO()
-    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.16, top=0.9)  # fixed: tight_layout cost seconds a plot
-    fig.savefig(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _drawn_once(*columns: str):
-    """Memoize a plot on the data it draws: a sweep writes report.html before the gate and again after it, and the
-    plots (most of a render's time) do not depend on the verdict. The key is the text of the columns the plot reads
-    (the frame before the gate and the one read back from results.parquet differ in dtypes, not in values)."""
-    def wrap(plot):
-        cache: dict[tuple, str | None] = {}
-
-        def cached(frame: pd.DataFrame, *args):
-            key = ("\x1f".join(map(str, frame[list(columns)].itertuples(index=False))), args)
-            if key not in cache:
-                if len(cache) >= 256:  # a long-lived process (a test session) renders many runs
-                    cache.clear()
-                cache[key] = plot(frame, *args)
-            return cache[key]
-        return cached
-    return wrap
-
-
-@_drawn_once("status", "value", "comparison", "seed", "prompt_idx", "step")
 def trajectory_plot(curves: pd.DataFrame, title: str) -> str | None:
-    """1 - trajectory_cosine per step (log scale), one line per sample, one colour per comparison. None when
-    every value is exact (nothing to draw on a log axis; the caller says 'bitwise equal')."""
-    ok = curves[curves["status"].eq("ok") & curves["value"].notna()]
+    """1 - trajectory_cosine per step (log scale), one line per sample, one colour per comparison, as an SVG data
+    URI. None when every value is exact (nothing to draw on a log axis; the caller says 'bitwise equal')."""
+    # Only the columns drawn: a results frame is ~40 columns wide, and grouping it whole cost 50 ms a plot.
+    ok = curves.loc[curves["status"].eq("ok") & curves["value"].notna(),
+                    ["comparison", "seed", "prompt_idx", "step", "value"]]
     if ok.empty or (1.0 - ok["value"]).max() <= 0:
         return None
-    fig = _figure()
-    ax = fig.add_subplot()
-    from matplotlib.ticker import MaxNLocator
-
     # Colour and dash per comparison: equal curves (an unquantized engine bitwise equal to diffusers makes
     # engine_vs_reference and engine_vs_unquantized coincide) stay visible on top of each other.
-    styles = {c: (f"C{i}", ("-", "--", ":", "-.")[i % 4]) for i, c in enumerate(sorted(ok["comparison"].unique()))}
-    first = _first_samples(ok)
-    for (comparison, seed, prompt), grp in ok.groupby(["comparison", "seed", "prompt_idx"], sort=True, dropna=False):
-        grp = grp.sort_values("step")
-        err = np.clip(1.0 - grp["value"].to_numpy(dtype=float), 1e-16, None)
+    comparisons = sorted(ok["comparison"].unique())
+    styles = {c: (svgplot.PALETTE[i % len(svgplot.PALETTE)], svgplot.DASHES[i % len(svgplot.DASHES)])
+              for i, c in enumerate(comparisons)}
+    steps, err = ok["step"].to_numpy(dtype=float), np.clip(1.0 - ok["value"].to_numpy(dtype=float), 1e-16, None)
+    series, labelled = [], set()
+    # Groups in sorted order: each comparison's first is its first (seed, prompt), the curve that carries the label.
+    samples = ok.groupby(["comparison", "seed", "prompt_idx"], sort=True, dropna=False).indices
+    for (comparison, _, _), at in samples.items():
+        at = at[np.argsort(steps[at], kind="stable")]
         colour, dash = styles[comparison]
-        ax.plot(grp["step"].to_numpy(dtype=float), err, marker="o", ms=3, lw=1.2, color=colour, ls=dash,
-                alpha=0.8, label=comparison if (seed, prompt) == first[comparison] else None)
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("denoising step")
-    ax.set_ylabel("1 - trajectory cosine")
-    # y given: matplotlib then skips placing the title above the y axis' offset text, which costs a layout of every
-    # tick label (a third of a plot's time) and never moves it here: a log axis has no offset text.
-    ax.set_title(title, fontsize=9, y=1.0)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    return _fig_b64(fig)
+        label = None if comparison in labelled else comparison
+        labelled.add(comparison)
+        series.append(svgplot.Series(steps[at], err[at], colour, dash, label=label))  # exact steps sit at 1e-16
+    return svgplot.data_uri(svgplot.log_lines(series, title, "denoising step", "1 - trajectory cosine"))
 
 
-def _first_samples(frame: pd.DataFrame) -> dict[str, tuple]:
-    """comparison -> its first (seed, prompt_idx), the curve that carries the legend label."""
-    first = frame.sort_values(["seed", "prompt_idx"], kind="stable").drop_duplicates("comparison")
-    return {c: (s, p) for c, s, p in zip(first["comparison"], first["seed"], first["prompt_idx"])}
-
-
-@_drawn_once("layer", "sqnr_db")
 def weight_plot(layers: pd.DataFrame, floor: float | None, title: str) -> str:
-    """Per-layer weight SQNR, worst first (lowest dB on the left), with the gate's floor."""
-    layers = layers.sort_values("sqnr_db")
-    fig = _figure(6.4, 3.0)
-    ax = fig.add_subplot()
-    ax.bar(range(len(layers)), layers["sqnr_db"].to_numpy(), color="C0", width=1.0)
-    if floor is not None and math.isfinite(floor):
-        ax.axhline(floor, color="C3", lw=1, ls="--", label=f"floor {floor:g} dB")
-        ax.legend(fontsize=7)
-    ax.set_xlabel(f"layer, worst first ({len(layers)} quantized linears)")
-    ax.set_ylabel("weight SQNR (dB)")
-    ax.set_title(title, fontsize=9)
-    return _fig_b64(fig)
+    """Per-layer weight SQNR, worst first (lowest dB on the left), with the gate's floor, as an SVG data URI."""
+    values = layers.sort_values("sqnr_db")["sqnr_db"].to_numpy(dtype=float)
+    label = f"floor {floor:g} dB" if floor is not None and math.isfinite(floor) else None
+    return svgplot.data_uri(svgplot.bars(values, title, f"layer, worst first ({len(layers)} quantized linears)",
+                                         "weight SQNR (dB)", reference=floor, reference_label=label, height=300))
 
 
 # ---------------------------------------------------------------- page
