@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import os
 import tempfile
 import time
 import traceback
@@ -438,14 +439,22 @@ def engine_config(cell: Cell, ctx: SweepContext, cfg: RunConfig) -> RunConfig:
     return cfg.replace(model_dir=str(ctx.engine_model_dir(cell, Path(cfg.model_dir))))
 
 
+def cores_to_spare(nproc: int) -> bool:
+    """Whether this machine has a core for each of nproc starting ranks beside this process's threads. A rank's
+    start-up (~12 s of imports and model load, each single-threaded) only overlaps other work on a free core: on 2
+    cores a smoke sweep's pool started ahead took its ~14 s from the cells it ran beside, which slowed by as much."""
+    return (os.cpu_count() or 1) >= torch.get_num_threads() + nproc
+
+
 def prestart_first_pool(cells: Sequence[Cell], ctx: SweepContext, pools: RankPools) -> None:
     """Start the ranks of the first multi-rank cell now, opening its model, so that their start-up overlaps the
-    single-device cells before it (a smoke sweep's first pool took ~15 s when started by its cell, on 2 cores).
-    Not on an accelerator, where the ranks' model would sit beside this process's (frees_models), and not for
-    another backend (its cells never reach the pool). A cell whose config cannot be made is left to report that
-    itself: the prestart is skipped, never the sweep."""
+    single-device cells before it, where cores are free for it (cores_to_spare). Not on an accelerator, where the
+    ranks' model would sit beside this process's (frees_models), and not for another backend (its cells never reach
+    the pool). A cell whose config cannot be made is left to report that itself: the prestart is skipped, never
+    the sweep."""
     first = next((c for c in cells if nproc_for(c.parallel) > 1), None)
-    if first is None or frees_models(first.device) or ctx.backend != "engine":
+    if (first is None or frees_models(first.device) or ctx.backend != "engine"
+            or not cores_to_spare(nproc_for(first.parallel))):
         return
     try:
         cfg = engine_config(first, ctx, run_config(first, ctx.suite, ctx.model_dir(first)))

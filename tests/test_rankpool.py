@@ -213,3 +213,41 @@ def test_oversubscribed_cpu_ranks_wait_passively(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
     assert _job_env(None, cpu=True, nproc=2)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_sweep_starts_its_first_pool_ahead_only_where_cores_are_free(monkeypatch):
+    """harness.sweep.prestart_first_pool: the smoke suite's first multi-rank cell gets its ranks started with the
+    sweep when the machine has a core per rank beside this process's threads, and not otherwise (on 2 cores they only
+    slowed the cells they ran beside), nor for cells on an accelerator."""
+    import dataclasses
+    import os
+    from types import SimpleNamespace
+
+    from harness import sweep
+    from harness.suites import load_suite
+
+    suite = load_suite("smoke")
+    ctx = SimpleNamespace(backend="engine", suite=suite, model_dir=lambda cell: Path("/zoo/flux1-tiny"),
+                          engine_model_dir=lambda cell, model_dir: model_dir, log=print)
+
+    class Recorded:
+        def __init__(self):
+            self.cfgs = []
+
+        def prestart(self, cfg):
+            self.cfgs.append(cfg)
+
+    def started(cells, cores: int) -> list[RunConfig]:
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        pools = Recorded()
+        sweep.prestart_first_pool(cells, ctx, pools)
+        return pools.cfgs
+
+    first = next(c for c in suite.cells if c.parallel != "sp1")
+    threads = torch.get_num_threads()
+    (cfg,) = started(suite.cells, threads + 2)
+    assert cfg.parallel == first.parallel and cfg.model_dir == "/zoo/flux1-tiny" and cfg.device == "cpu"
+    assert started(suite.cells, threads + 1) == []
+    on_gpu = [dataclasses.replace(c, device="cuda") for c in suite.cells]
+    assert started(on_gpu, 256) == []
+    assert started([c for c in suite.cells if c.parallel == "sp1"], 256) == []
