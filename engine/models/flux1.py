@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.attention import AttentionFn, attend_beside, hides_work, sdpa_attention
 from engine.models.common import (
-    GeluMLP, MLPEmbedder, RMSNorm, apply_rope, layer_norm, linear_rows, modulate, rope_frequencies, timestep_embedding,
+    GeluMLP, MLPEmbedder, RMSNorm, apply_rope, layer_norm, linear_pieces, linear_rows, modulate, rope_frequencies, timestep_embedding,
 )
 
 TIMESTEP_SCALE = 1000.0  # the model is trained on t in [0, 1000]; pipelines pass sigma in [0, 1]
@@ -83,7 +83,8 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = GeluMLP(dim, cfg.mlp_hidden)
 
     def _qkv(self, x: torch.Tensor, linear: nn.Linear, norm: QKNorm):
-        q, k, v = linear(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        d = linear.out_features // 3
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in linear_pieces(linear, x, (d, d, d)))
         return norm.query_norm(q), norm.key_norm(k), v
 
     def forward(self, img, txt, vec, rope, attention: AttentionFn):
@@ -144,7 +145,7 @@ class SingleStreamBlock(nn.Module):
         bounds = [d + self.mlp_hidden * i // self.MLP_PIECES for i in range(self.MLP_PIECES + 1)]
         rows = [linear_rows(self.linear1, lo, hi) for lo, hi in zip([0] + bounds[:-1], bounds)] if cut else [None]
         if None in rows:
-            qkv, mlp = self.linear1(h).split([d, self.mlp_hidden], dim=-1)
+            qkv, mlp = linear_pieces(self.linear1, h, (d, self.mlp_hidden))
             return qkv, [lambda: nn.functional.gelu(mlp, approximate="tanh")]
         return rows[0](h), [lambda f=f: nn.functional.gelu(f(h), approximate="tanh") for f in rows[1:]]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
-from engine.models.common import RoundedRMSNorm
+from engine.models.common import RoundedRMSNorm, linear_pieces
 
 PADDING_INDICATOR = -1
 IMAGE_INDICATOR = 2
@@ -132,7 +132,8 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):
-        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        d = self.to_qkv.out_features // 3
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in linear_pieces(self.to_qkv, x, (d, d, d)))
         q, k = apply_rope(self.norm_q(q), cos, sin), apply_rope(self.norm_k(k), cos, sin)
         out = attention(q, k, v) if key_mask is None else masked_attention(q, k, v, key_mask)
         return self.to_out(out.flatten(2).to(q.dtype))
@@ -147,7 +148,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x3 = self.w13(x).chunk(2, dim=-1)
+        x1, x3 = linear_pieces(self.w13, x, (self.w2.in_features,) * 2)
         return self.w2(F.silu(x1) * x3)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, sdpa_attention
-from engine.models.common import timestep_embedding
+from engine.models.common import linear_pieces, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, x, cos, sin, attention: AttentionFn):
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = linear_pieces(self.to_qkv, x, (self.to_out.in_features,) * 3)
         q, k = self.norm_q(q).unflatten(2, (self.heads, -1)), self.norm_k(k).unflatten(2, (self.heads, -1))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(q, k, v.unflatten(2, (self.heads, -1)))
@@ -144,7 +144,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, x, text, attention: AttentionFn):
-        k, v = self.to_kv(text).chunk(2, dim=-1)
+        k, v = linear_pieces(self.to_kv, text, (self.to_out.in_features,) * 2)
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
         out = attention(q, self.norm_k(k).unflatten(2, (self.heads, -1)), v.unflatten(2, (self.heads, -1)))
         return self.to_out(out.flatten(2).type_as(q))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
-from engine.models.common import RoundedRMSNorm, layer_norm
+from engine.models.common import RoundedRMSNorm, layer_norm, linear_pieces
 
 SEQ_MULTI_OF = 32  # both segments are padded to a multiple of this many tokens
 ADALN_EMBED_DIM = 256
@@ -153,7 +153,8 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, freqs, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):
-        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        d = self.to_qkv.out_features // 3
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in linear_pieces(self.to_qkv, x, (d, d, d)))
         q, k = apply_rope(self.norm_q(q), freqs), apply_rope(self.norm_k(k), freqs)
         out = attention(q, k, v) if key_mask is None else masked_attention(q, k, v, key_mask)
         return self.to_out(out.flatten(2).to(q.dtype))
@@ -168,7 +169,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x3 = self.w13(x).chunk(2, dim=-1)
+        x1, x3 = linear_pieces(self.w13, x, (self.w2.in_features,) * 2)
         return self.w2(F.silu(x1) * x3)
 
 
