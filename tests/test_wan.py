@@ -145,3 +145,17 @@ def test_unipc_is_not_euler_and_refuses_what_it_does_not_implement():
         UniPCConfig.from_scheduler_config(dict(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                use_karras_sigmas=True))
     assert flow_schedule(2, UniPCConfig(flow_shift=12.0))[1].tolist() == [999, 923]
+
+
+def test_rope_stores_each_half_in_the_inputs_dtype_with_the_float32_products_bits():
+    """engine.models.wan.apply_rope writes its float32 products straight into x's dtype (one conversion per half,
+    as the reference) instead of stacking them in float32 first: the same bits, in bf16 and fp32."""
+    torch.manual_seed(0)
+    cos, sin = (t.float() for t in torch.randn(2, 6, 8))
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(2, 6, 3, 8, dtype=dtype)
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[None, :, None, 0::2], sin[None, :, None, 1::2]
+        want = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(dtype)
+        got = W.apply_rope(x, cos, sin)
+        assert got.dtype == dtype and torch.equal(got, want)

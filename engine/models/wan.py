@@ -105,7 +105,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     the tables promote, stored in x's dtype."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[None, :, None, 0::2], sin[None, :, None, 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+    # Each float32 half stored straight into x's dtype, as the reference does. Stacking the halves in float32 and
+    # converting after wrote and read the whole tensor twice more: eager on an H200 (480 x 832, 81 frames) the engine
+    # ran 160 strided copies and 80 conversions a forward more than diffusers, ~37 ms of a 49 ms gap (2026-11-28;
+    # the forward after this change not yet timed on a GPU).
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
 
 
 def fp32_layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
