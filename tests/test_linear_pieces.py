@@ -49,3 +49,25 @@ def test_compiled_code_keeps_one_gemm():
     calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
     assert len(calls) == 1, graphs[0].code
     assert all(torch.equal(p, w) for p, w in zip(out, linear(x).split(SIZES, dim=-1)))
+
+
+def test_a_hooked_linear_is_called_whole():
+    """Calibration, the quant oracle and the sensitivity probes watch a linear's input with forward hooks: a linear
+    with a hook (its own or a global one) runs whole, so the hook sees every call (a static-calibration checkpoint
+    once recorded no input for the cut linears)."""
+    linear = _linear()
+    x = torch.randn(2, 7, 32)
+    seen = []
+    handle = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    try:
+        pieces = linear_pieces(linear, x, SIZES)
+    finally:
+        handle.remove()
+    assert seen == [x.shape]
+    assert all(torch.equal(p, w) for p, w in zip(pieces, linear(x).split(SIZES, dim=-1)))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+    try:
+        linear_pieces(linear, x, SIZES)
+    finally:
+        handle.remove()
+    assert seen[-1] is nn.Linear

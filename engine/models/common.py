@@ -47,13 +47,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as M
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or M._global_forward_pre_hooks
+                or M._global_forward_hooks)
+
+
 def linear_rows(linear: nn.Module, lo: int, hi: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """x -> linear(x)[..., lo:hi], computed as its own GEMM over weight rows lo:hi (a fused projection cut so that
     one part can run while another part's consumer waits). Each output element is the same dot product as in the
     whole GEMM: the same bits on CPU (tests/test_parallel_overlap.py); a GPU library may pick another kernel for the
     narrower GEMM, so there the last bits may differ. None for anything but a plain nn.Linear (a quantized linear
-    keeps its packed weight whole): the caller then runs the linear whole."""
-    if type(linear) is not nn.Linear:
+    keeps its packed weight whole), and for a linear with forward hooks, its own or global ones (calibration, the
+    quant oracle and sensitivity probes watch linears' inputs with them; a cut GEMM never calls the module): the
+    caller then runs the linear whole."""
+    if type(linear) is not nn.Linear or _hooked(linear):
         return None
     weight, bias = linear.weight[lo:hi], None if linear.bias is None else linear.bias[lo:hi]
     return lambda x: F.linear(x, weight, bias)
