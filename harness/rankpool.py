@@ -35,15 +35,11 @@ STOP_GRACE_S = 30.0
 class RankPool:
     """One torchrun world of `nproc` ranks serving jobs in order. Not thread-safe: one job at a time."""
 
-    def __init__(self, nproc: int, env: Mapping[str, str], warm: RunConfig | None = None):
-        """Starts the ranks and returns at once. `warm`: the config the first job will likely run; the ranks open
-        its runner while they wait for that job (harness.worker.warm_up)."""
+    def __init__(self, nproc: int, env: Mapping[str, str]):
         self.nproc = nproc
         self.folder = Path(tempfile.mkdtemp(prefix="parity-pool-"))
         self.log_dir, self.agent_log = self.folder / "logs", self.folder / "torchrun.log"
         self.next = 0
-        if warm is not None:
-            torch.save(warm.to_dict(), self.folder / "warm.pt")  # before the ranks start: they read it first
         with open(self.agent_log, "w") as agent_out:
             self.proc = subprocess.Popen(
                 torchrun_command(nproc, self.log_dir, ["--serve", str(self.folder), "--owner", str(os.getpid())]),
@@ -106,26 +102,15 @@ class RankPools:
     def __init__(self):
         self._pools: dict[tuple, RankPool] = {}
 
-    @staticmethod
-    def _key(cfg: RunConfig, extra_env: Mapping[str, str] | None) -> tuple[tuple, dict[str, str]]:
-        nproc = nproc_for(cfg.parallel)
-        # Read now: a plant may have changed os.environ since the last cell.
-        env = _job_env(extra_env, _on_cpu(cfg), nproc)
-        return (nproc, torch.device(cfg.device).type, tuple(sorted(env.items()))), env
-
-    def prestart(self, cfg: RunConfig) -> None:
-        """Start the pool `cfg` will run in now, without waiting, its ranks opening cfg's runner: their start-up
-        (~10 s of imports on a 2-core CPU) then overlaps the cells before it. A no-op when that pool is up."""
-        key, env = self._key(cfg, None)
-        if key not in self._pools:
-            self._pools[key] = RankPool(key[0], env, warm=cfg)
-
     def run(self, cfgs: list[RunConfig], step0_inputs: list[dict[str, torch.Tensor]], timeout_s: float,
             extra_env: Mapping[str, str] | None = None) -> list[tuple[Artifacts, torch.Tensor]]:
-        key, env = self._key(cfgs[0], extra_env)
+        nproc = nproc_for(cfgs[0].parallel)
+        # Read now: a plant may have changed os.environ since the last cell.
+        env = _job_env(extra_env, _on_cpu(cfgs[0]), nproc)
+        key = (nproc, torch.device(cfgs[0].device).type, tuple(sorted(env.items())))
         pool = self._pools.get(key)
         if pool is None or not pool.alive:
-            pool = self._pools[key] = RankPool(key[0], env)
+            pool = self._pools[key] = RankPool(nproc, env)
         try:
             return pool.run(cfgs, step0_inputs, timeout_s)
         except BaseException:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import os
 import tempfile
 import time
 import traceback
@@ -389,7 +388,7 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     base = {**cell_columns(cell, ctx), "model_hash": ctx.model_hash(model_dir)}
     out: list[dict] = []
     cfg0 = run_config(cell, suite, model_dir)
-    engine_cfg0 = engine_config(cell, ctx, cfg0)
+    engine_cfg0 = cfg0.replace(model_dir=str(ctx.engine_model_dir(cell, model_dir)))
     if cell.quant != "none":
         out += weight_rows(cell, ctx, model_dir, engine_cfg0, images_dir.parent)
     ref_runs = {seed: ctx.reference_run(cfg0.replace(seed=seed), base["model_hash"]) for seed in suite.seeds}
@@ -433,37 +432,6 @@ def run_cell(cell: Cell, ctx: SweepContext, images_dir: Path) -> list[dict]:
     return out
 
 
-def engine_config(cell: Cell, ctx: SweepContext, cfg: RunConfig) -> RunConfig:
-    """The cell's run config as the engine runs it: cfg with the engine's model folder (a quantized copy for a
-    checkpoint quant mode)."""
-    return cfg.replace(model_dir=str(ctx.engine_model_dir(cell, Path(cfg.model_dir))))
-
-
-def cores_to_spare(nproc: int) -> bool:
-    """Whether this machine has a core for each of nproc starting ranks beside this process's threads. A rank's
-    start-up (~12 s of imports and model load, each single-threaded) only overlaps other work on a free core: on 2
-    cores a smoke sweep's pool started ahead took its ~14 s from the cells it ran beside, which slowed by as much."""
-    return (os.cpu_count() or 1) >= torch.get_num_threads() + nproc
-
-
-def prestart_first_pool(cells: Sequence[Cell], ctx: SweepContext, pools: RankPools) -> None:
-    """Start the ranks of the first multi-rank cell now, opening its model, so that their start-up overlaps the
-    single-device cells before it, where cores are free for it (cores_to_spare). Not on an accelerator, where the
-    ranks' model would sit beside this process's (frees_models), and not for another backend (its cells never reach
-    the pool). A cell whose config cannot be made is left to report that itself: the prestart is skipped, never
-    the sweep."""
-    first = next((c for c in cells if nproc_for(c.parallel) > 1), None)
-    if (first is None or frees_models(first.device) or ctx.backend != "engine"
-            or not cores_to_spare(nproc_for(first.parallel))):
-        return
-    try:
-        cfg = engine_config(first, ctx, run_config(first, ctx.suite, ctx.model_dir(first)))
-    except Exception as e:  # noqa: BLE001 (the cell raises it again, as its own error rows)
-        ctx.log(f"ranks not started ahead of {first.name}: {type(e).__name__}: {e}")
-        return
-    pools.prestart(cfg)
-
-
 def golden_note(ctx: SweepContext) -> str:
     """Why some seeds were not compared with goldens (`--seeds` beyond the suite's own), '' when all were."""
     skipped = [s for s in ctx.suite.seeds if s not in ctx.suite.golden_seeds]
@@ -505,7 +473,6 @@ class LocalExecutor:
         progress = Progress(len(cells), ctx.log)
         with RankPools() as pools:
             ctx.rank_pools = pools
-            prestart_first_pool(cells, ctx, pools)
             try:
                 for cell in cells:
                     progress.start(cell.name)

@@ -9,8 +9,6 @@ other rank's; rank 0 writes them.
 The second form is a rank of a persistent pool (harness.rankpool): it runs DIR/job-0.pt, job-1.pt... in order,
 writing DIR/result-<n>.pt, until DIR/stop appears or the process PID that owns the pool is gone. Start-up (importing
 torch, diffusers and transformers in every rank) costs more than a tiny cell's work; a pool pays it once per sweep.
-A pool started ahead of its first job (RankPools.prestart) leaves DIR/warm.pt, the config that job will most likely
-run: the ranks open its runner while they wait (imports and model load), and job 0 uses it when its config is that.
 """
 from __future__ import annotations
 
@@ -34,28 +32,14 @@ def _check_same_on_every_rank(x: torch.Tensor, device: str, what: str) -> None:
     assert_replicated(x.to(device), what)
 
 
-def _open(cfg: RunConfig):
-    if cfg.device.startswith("cuda"):
-        # Before any weight is loaded: "cuda" must mean this rank's GPU (apply_parallel checks it did).
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return open_runner(cfg)
-
-
-def _same_model(a: RunConfig, b: RunConfig) -> bool:
-    return a.replace(seed=0) == b.replace(seed=0)
-
-
-def run(job_path: Path, out_path: Path, finish: bool = True, ready: tuple[RunConfig, object] | None = None) -> None:
-    """One job. finish=False (a pool rank) keeps the process group for the next job. `ready`: a (config, runner)
-    opened ahead of the job, used when the job's configs differ from it only in seed."""
+def run(job_path: Path, out_path: Path, finish: bool = True) -> None:
+    """One job. finish=False (a pool rank) keeps the process group for the next job."""
     job = torch.load(job_path, weights_only=True)
     cfgs = [RunConfig.from_dict(c) for c in job["cfgs"]]
-    # The configs differ only in seed: one model load for all.
-    if ready is not None and _same_model(ready[0], cfgs[0]):
-        print(f"{job_path.name}: runs on the runner opened ahead", flush=True)
-        runner = ready[1]
-    else:
-        runner = _open(cfgs[0])
+    if cfgs[0].device.startswith("cuda"):
+        # Before any weight is loaded: "cuda" must mean this rank's GPU (apply_parallel checks it did).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    runner = open_runner(cfgs[0])  # the configs differ only in seed: one model load for all
     runs = []
     for cfg, step0_inputs in zip(cfgs, job["step0_inputs"]):
         artifacts = runner.generate(cfg)
@@ -88,28 +72,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def warm_up(folder: Path) -> tuple[RunConfig, object] | None:
-    """The runner of the pool's warm.pt config, opened while the first job is being prepared; None without one.
-    A failure is printed to this rank's log and not raised: the first job opens its own runner and reports the
-    error as its cell's if it is real (a warm config is a guess at the next job, which may never come)."""
-    path = folder / "warm.pt"
-    if not path.is_file():
-        return None
-    cfg = RunConfig.from_dict(torch.load(path, weights_only=True))
-    t0 = time.perf_counter()
-    try:
-        ready = cfg, _open(cfg)
-    except Exception as e:  # noqa: BLE001 (logged; the job that needs this model opens it again)
-        print(f"warm-up of {cfg.parallel} failed, the first job opens its own runner: {type(e).__name__}: {e}",
-              flush=True)
-        return None
-    print(f"warm-up: runner for {cfg.parallel} open in {time.perf_counter() - t0:.1f}s", flush=True)
-    return ready
-
-
 def serve(folder: Path, owner: int) -> None:
     """Run the pool's jobs in order until told to stop; a rank whose owner died exits instead of waiting forever."""
-    n, ready = 0, warm_up(folder)
+    n = 0
     while True:
         job, stop = folder / f"job-{n}.pt", folder / "stop"
         while not job.exists():
@@ -118,8 +83,7 @@ def serve(folder: Path, owner: int) -> None:
                     dist.destroy_process_group()
                 return
             time.sleep(POLL_S)
-        run(job, folder / f"result-{n}.pt", finish=False, ready=ready)
-        ready = None  # its model is the job's: dropped with it
+        run(job, folder / f"result-{n}.pt", finish=False)
         # Each job builds its own model: drop the last one's compiled code (dynamo guards on module identity
         # and would fall back to eager once its recompile limit is reached) and its memory.
         torch._dynamo.reset()

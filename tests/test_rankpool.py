@@ -104,45 +104,6 @@ def test_pool_serves_cells_like_fresh_launches_and_survives_a_crashed_cell(tiny_
     assert not pools._pools
 
 
-def _stdout(pool: RankPool) -> str:
-    return "".join(p.read_text() for p in sorted(pool.log_dir.glob("*/attempt_*/*/stdout.log")))
-
-
-def test_a_prestarted_pool_opens_its_first_model_while_waiting(launched_cfg2):
-    """RankPools.prestart: the ranks open the warm config's runner before its job is written, the job runs on it,
-    and the result is a fresh launch's, bit for bit. Then a later job in the same world opens its own."""
-    cfg = launched_cfg2.cfg
-    with RankPools() as pools:
-        pools.prestart(cfg)
-        (pool,) = pools._pools.values()
-        pools.prestart(cfg)  # the pool is up: nothing new starts
-        assert list(pools._pools.values()) == [pool]
-        deadline = time.monotonic() + 120  # the model is opened ahead, before any job exists
-        while _stdout(pool).count("warm-up: runner for cfg2 open") < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not list(pool.folder.glob("job-*.pt"))
-        warm = pools.run([cfg], [launched_cfg2.single[0].step0_inputs], 120)[0]
-        later = pools.run([cfg.replace(seed=6)], [launched_cfg2.single[0].step0_inputs], 120)[0]
-        log = _stdout(pool)
-    assert log.count("warm-up: runner for cfg2 open") == 2, log[-2000:]
-    assert log.count("job-0.pt: runs on the runner opened ahead") == 2, log[-2000:]
-    assert "job-1.pt: runs on the runner opened ahead" not in log  # dropped with job 0's model
-    assert _same(warm, launched_cfg2.launched)
-    assert not torch.equal(later[0].final_latents, warm[0].final_latents)  # seed 6 ran, not a copy of seed 5
-
-
-def test_a_runner_opened_ahead_serves_only_its_own_model():
-    """Which job may use the runner opened ahead: the configs may differ in seed (generate takes it), nothing else
-    (quant, parallel, dtype, folder all shape the model)."""
-    from harness.worker import _same_model
-
-    cfg = RunConfig(model_dir="/m", **BASE, parallel="ulysses2")
-    assert _same_model(cfg, cfg.replace(seed=99))
-    for other in (cfg.replace(parallel="ring2"), cfg.replace(quant="fp8"), cfg.replace(dtype="bf16"),
-                  cfg.replace(model_dir="/other")):
-        assert not _same_model(cfg, other)
-
-
 def test_a_hung_job_is_killed_with_its_pool(tiny_flux_dir, single, tmp_path, monkeypatch):
     import harness.rankpool as rankpool
 
@@ -213,41 +174,3 @@ def test_oversubscribed_cpu_ranks_wait_passively(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
     assert _job_env(None, cpu=True, nproc=2)["OMP_WAIT_POLICY"] == "ACTIVE"
-
-
-def test_a_sweep_starts_its_first_pool_ahead_only_where_cores_are_free(monkeypatch):
-    """harness.sweep.prestart_first_pool: the smoke suite's first multi-rank cell gets its ranks started with the
-    sweep when the machine has a core per rank beside this process's threads, and not otherwise (on 2 cores they only
-    slowed the cells they ran beside), nor for cells on an accelerator."""
-    import dataclasses
-    import os
-    from types import SimpleNamespace
-
-    from harness import sweep
-    from harness.suites import load_suite
-
-    suite = load_suite("smoke")
-    ctx = SimpleNamespace(backend="engine", suite=suite, model_dir=lambda cell: Path("/zoo/flux1-tiny"),
-                          engine_model_dir=lambda cell, model_dir: model_dir, log=print)
-
-    class Recorded:
-        def __init__(self):
-            self.cfgs = []
-
-        def prestart(self, cfg):
-            self.cfgs.append(cfg)
-
-    def started(cells, cores: int) -> list[RunConfig]:
-        monkeypatch.setattr(os, "cpu_count", lambda: cores)
-        pools = Recorded()
-        sweep.prestart_first_pool(cells, ctx, pools)
-        return pools.cfgs
-
-    first = next(c for c in suite.cells if c.parallel != "sp1")
-    threads = torch.get_num_threads()
-    (cfg,) = started(suite.cells, threads + 2)
-    assert cfg.parallel == first.parallel and cfg.model_dir == "/zoo/flux1-tiny" and cfg.device == "cpu"
-    assert started(suite.cells, threads + 1) == []
-    on_gpu = [dataclasses.replace(c, device="cuda") for c in suite.cells]
-    assert started(on_gpu, 256) == []
-    assert started([c for c in suite.cells if c.parallel == "sp1"], 256) == []

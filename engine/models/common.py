@@ -5,6 +5,7 @@ a bf16 parity gate sees every reordering. Where we deliberately differ, the comm
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -78,13 +79,17 @@ def linear_pieces(linear: nn.Module, x: torch.Tensor, sizes: Sequence[int]) -> l
     (linear_rows): one GEMM, split; inductor fuses the strided reads into the kernels that consume them. The same
     bits either way on CPU."""
     if not torch.compiler.is_compiling():
-        bounds = [0]
-        for size in sizes:
-            bounds.append(bounds[-1] + size)
+        bounds = [0, *itertools.accumulate(sizes)]
         rows = [linear_rows(linear, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         if None not in rows:
             return [f(x) for f in rows]
     return list(linear(x).split(list(sizes), dim=-1))
+
+
+def qkv_heads(linear: nn.Module, x: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """q, k, v of a fused QKV projection (linear_pieces), each (..., heads, head_dim)."""
+    d = linear.out_features // 3
+    return [t.unflatten(-1, (heads, -1)) for t in linear_pieces(linear, x, (d, d, d))]
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

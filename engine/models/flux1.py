@@ -14,7 +14,8 @@ from torch import nn
 
 from engine.attention import AttentionFn, attend_beside, hides_work, sdpa_attention
 from engine.models.common import (
-    GeluMLP, MLPEmbedder, RMSNorm, apply_rope, layer_norm, linear_pieces, linear_rows, modulate, rope_frequencies, timestep_embedding,
+    GeluMLP, MLPEmbedder, RMSNorm, apply_rope, layer_norm, linear_pieces, linear_rows, modulate, qkv_heads,
+    rope_frequencies, timestep_embedding,
 )
 
 TIMESTEP_SCALE = 1000.0  # the model is trained on t in [0, 1000]; pipelines pass sigma in [0, 1]
@@ -83,8 +84,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = GeluMLP(dim, cfg.mlp_hidden)
 
     def _qkv(self, x: torch.Tensor, linear: nn.Linear, norm: QKNorm):
-        d = linear.out_features // 3
-        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in linear_pieces(linear, x, (d, d, d)))
+        q, k, v = qkv_heads(linear, x, self.heads)
         return norm.query_norm(q), norm.key_norm(k), v
 
     def forward(self, img, txt, vec, rope, attention: AttentionFn):

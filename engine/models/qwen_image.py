@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
-from engine.models.common import GeluMLP, MLPEmbedder, RoundedRMSNorm, layer_norm, linear_pieces, modulate
+from engine.models.common import GeluMLP, MLPEmbedder, RoundedRMSNorm, layer_norm, modulate, qkv_heads
 
 TIMESTEP_CHANNELS = 256
 TIMESTEP_SCALE = 1000.0
@@ -149,8 +149,7 @@ class DualStreamBlock(nn.Module):
         self.txt_mlp = GeluMLP(dim, 4 * dim)
 
     def _qkv(self, x, linear: nn.Linear, norm: QKNorm, freqs):
-        d = linear.out_features // 3
-        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in linear_pieces(linear, x, (d, d, d)))
+        q, k, v = qkv_heads(linear, x, self.heads)
         return apply_rope(norm.query_norm(q), freqs), apply_rope(norm.key_norm(k), freqs), v
 
     def forward(self, img, txt, temb, rope, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):

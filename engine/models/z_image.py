@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionFn, MaskedAttentionFn, masked_sdpa_attention, sdpa_attention
-from engine.models.common import RoundedRMSNorm, layer_norm, linear_pieces
+from engine.models.common import RoundedRMSNorm, layer_norm, linear_pieces, qkv_heads
 
 SEQ_MULTI_OF = 32  # both segments are padded to a multiple of this many tokens
 ADALN_EMBED_DIM = 256
@@ -153,8 +153,7 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, freqs, key_mask, attention: AttentionFn, masked_attention: MaskedAttentionFn):
-        d = self.to_qkv.out_features // 3
-        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in linear_pieces(self.to_qkv, x, (d, d, d)))
+        q, k, v = qkv_heads(self.to_qkv, x, self.heads)
         q, k = apply_rope(self.norm_q(q), freqs), apply_rope(self.norm_k(k), freqs)
         out = attention(q, k, v) if key_mask is None else masked_attention(q, k, v, key_mask)
         return self.to_out(out.flatten(2).to(q.dtype))
